@@ -1,0 +1,122 @@
+"""Explicit self-attention K/V caches, owned by the caller (the sampler) and passed into the model's forward.
+
+A ``KVCache`` holds, for every transformer block, the keys (after RoPE) and values of a set of latent frames at one
+resolution, plus the temporal RoPE position of each frame. Frames are kept in video order. The model reads it
+during every call and writes to it only when asked (the timestep-0 cache pass). ``DualResCache`` pairs a
+high-resolution and a low-resolution cache (the paper's KV_high / KV_low).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class KVCache:
+    num_layers: int
+    keys: list[torch.Tensor | None] = field(default_factory=list)    # per block  # [B, F*S, heads, head_dim]
+    values: list[torch.Tensor | None] = field(default_factory=list)  # per block  # [B, F*S, heads, head_dim]
+    positions: list[int] = field(default_factory=list)               # temporal RoPE position of each cached frame
+    tokens_per_frame: int | None = None                              # S, fixed by the cache's resolution
+
+    def __post_init__(self) -> None:
+        if not self.keys:
+            self.keys = [None] * self.num_layers
+            self.values = [None] * self.num_layers
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.positions)
+
+    @property
+    def num_tokens(self) -> int:
+        return 0 if self.tokens_per_frame is None else self.num_frames * self.tokens_per_frame
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if not self.positions:
+            return None
+        return self.keys[index], self.values[index]
+
+    def write(self, new_kv: list[tuple[torch.Tensor, torch.Tensor]], positions: list[int],
+              tokens_per_frame: int) -> None:
+        """Store K/V of ``len(positions)`` frames for every block; a position already held is overwritten in place.
+
+        new_kv[i] = (k, v) of block i  # each [B, len(positions)*S, heads, head_dim]; stored detached.
+        """
+        if len(new_kv) != self.num_layers:
+            raise ValueError(f"cache has {self.num_layers} layers but got K/V for {len(new_kv)}")
+        if self.tokens_per_frame not in (None, tokens_per_frame):
+            raise ValueError(f"cache holds {self.tokens_per_frame} tokens per frame, cannot add frames of "
+                             f"{tokens_per_frame}: use one cache per resolution")
+        self.tokens_per_frame = tokens_per_frame
+        merged = sorted(set(self.positions) | set(positions))
+        for i, (k, v) in enumerate(new_kv):
+            self.keys[i] = self._merge(self.keys[i], k.detach(), positions, merged)
+            self.values[i] = self._merge(self.values[i], v.detach(), positions, merged)
+        self.positions = merged
+
+    def _merge(self, old: torch.Tensor | None, new: torch.Tensor, new_positions: list[int],
+               merged: list[int]) -> torch.Tensor:
+        new = self._frames(new)
+        if old is None:
+            return new.flatten(1, 2)
+        old = self._frames(old)
+        if merged == self.positions + list(new_positions):
+            return torch.cat([old, new], dim=1).flatten(1, 2)  # the common case: append after the last frame
+        by_position = {p: old[:, j] for j, p in enumerate(self.positions)}
+        by_position.update({p: new[:, j] for j, p in enumerate(new_positions)})
+        return torch.stack([by_position[p] for p in merged], dim=1).flatten(1, 2)
+
+    def _frames(self, t: torch.Tensor) -> torch.Tensor:
+        return t.unflatten(1, (-1, self.tokens_per_frame))  # [B, F, S, heads, head_dim]
+
+    def keep(self, frame_indices: list[int]) -> None:
+        """Keep only the frames at these indices (into ``positions``), dropping the rest."""
+        if frame_indices == list(range(self.num_frames)):
+            return
+        index = torch.tensor(frame_indices, device=self.keys[0].device)
+        for i in range(self.num_layers):
+            self.keys[i] = self._frames(self.keys[i]).index_select(1, index).flatten(1, 2)
+            self.values[i] = self._frames(self.values[i]).index_select(1, index).flatten(1, 2)
+        self.positions = [self.positions[j] for j in frame_indices]
+
+    def slide_window(self, anchor_frames: int, local_frames: int) -> None:
+        """Anchor-guided sliding window: keep the first ``anchor_frames`` and the last ``local_frames`` frames."""
+        n = self.num_frames
+        keep = sorted(set(range(min(anchor_frames, n))) | set(range(max(n - local_frames, 0), n)))
+        self.keep(keep)
+
+    def reposition(self, new_positions: list[int], rotate) -> None:
+        """Give the cached frames new temporal RoPE positions, re-rotating their keys in place of recomputing them.
+
+        rotate(keys, delta_frames) -> keys turned by delta_frames along the time axis (``rope.shift_time``).
+        """
+        if len(new_positions) != self.num_frames:
+            raise ValueError(f"need {self.num_frames} new positions, got {len(new_positions)}")
+        deltas = [new - old for new, old in zip(new_positions, self.positions)]
+        if any(deltas):
+            for i in range(self.num_layers):
+                frames = self._frames(self.keys[i])
+                moved = [rotate(frames[:, j], d) if d else frames[:, j] for j, d in enumerate(deltas)]
+                self.keys[i] = torch.stack(moved, dim=1).flatten(1, 2)
+        self.positions = list(new_positions)
+
+    def clear(self) -> None:
+        self.keys = [None] * self.num_layers
+        self.values = [None] * self.num_layers
+        self.positions = []
+        self.tokens_per_frame = None
+
+
+@dataclass
+class DualResCache:
+    """KV_high and KV_low of the paper's dual-resolution caching; with DRC off only ``high`` is used."""
+
+    high: KVCache
+    low: KVCache
+
+    @classmethod
+    def empty(cls, num_layers: int) -> "DualResCache":
+        return cls(KVCache(num_layers), KVCache(num_layers))

@@ -1,0 +1,148 @@
+"""Command line: `python -m histream_core generate | flops | inspect`.
+
+`generate` with no checkpoint runs the embedded default (the `tiny` DiT and a small VAE, seeded random weights), so
+it works on any fresh machine; with `--checkpoint`, `--vae` and `--text-embeds` it runs the user's own files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from .config import MODEL_PRESETS
+from .flops import flops_table, format_table
+from .modes import MODES, mode_config
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+H100_BF16_TFLOPS = 798.0  # measured bf16 8192^3 matmul rate on the lent H100 (DESIGN.md section 7)
+
+
+def _sampler_config(args):
+    cfg = mode_config(args.mode)
+    changes = {}
+    if args.shift is not None:
+        changes["shift"] = args.shift
+    if args.low_res_scale is not None:
+        changes["low_res_scale"] = args.low_res_scale
+    if args.rope_positions is not None:
+        changes["rope_positions"] = args.rope_positions
+    if args.attention is not None:
+        changes["attention_backend"] = args.attention
+    if args.no_window:
+        changes["stream"] = replace(cfg.stream, window=False)
+    if args.chunk_frames is not None:
+        changes["stream"] = replace(changes.get("stream", cfg.stream), chunk_frames=args.chunk_frames)
+    return cfg.with_(**changes)
+
+
+def cmd_generate(args) -> int:
+    from .pipeline import embedded_default, generate_to_file, random_text_embedding
+    from .text import load_text_embeddings
+
+    device = torch.device(args.device)
+    compute_dtype = DTYPES[args.dtype]
+    if args.checkpoint is None:
+        model, vae = embedded_default(device)
+        width, height, frames = args.width or 512, args.height or 288, args.frames or 49
+        context = (load_text_embeddings(args.text_embeds) if args.text_embeds
+                   else random_text_embedding(args.prompt, model.cfg.text_dim))
+        print("embedded default: tiny random DiT + small random VAE (a plumbing check; pass --checkpoint for art)")
+    else:
+        from .checkpoints import load_wan_model
+        from .vae import load_vae
+        if args.vae is None or args.text_embeds is None:
+            raise SystemExit("with --checkpoint also pass --vae (wan_2.1_vae.safetensors) and --text-embeds "
+                             "(umT5 states of your prompt)")
+        model = load_wan_model(args.checkpoint, compute_dtype=compute_dtype, device=device)
+        vae = load_vae(args.vae, device=device, dtype=compute_dtype)
+        context = load_text_embeddings(args.text_embeds)
+        width, height, frames = args.width or 1920, args.height or 1088, args.frames or 81
+    model.compute_dtype = compute_dtype
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = generate_to_file(model, vae, context.to(device), out, width, height, frames, _sampler_config(args),
+                              args.seed, fps=args.fps, tile=args.tile)
+    print(json.dumps(report.as_dict(), indent=2) if args.json else report.table())
+    return 0
+
+
+def cmd_flops(args) -> int:
+    cfg = MODEL_PRESETS[args.model]
+    rows = flops_table(cfg, args.width, args.height, args.frames)
+    if args.json:
+        print(json.dumps({r.mode: r.as_dict() for r in rows}, indent=2))
+    else:
+        print(f"{args.model}, {args.width}x{args.height}, {args.frames} frames (transformer matmuls, 2 FLOP per MAC)")
+        print(format_table(rows, args.rate))
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .checkpoints import inspect_checkpoint
+    info = inspect_checkpoint(args.file)
+    print(json.dumps(info, indent=2, default=str))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m histream_core", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate a video into an mp4/webm, printing per-chunk timings")
+    gen.add_argument("--checkpoint", help="Wan2.1 causal DiT file (.safetensors/.pt); omit for the embedded default")
+    gen.add_argument("--vae", help="Wan2.1 VAE file (wan_2.1_vae.safetensors or Wan2.1_VAE.pth)")
+    gen.add_argument("--text-embeds", help="umT5 text states of the prompt (.safetensors key 'context' or .pt)")
+    gen.add_argument("--prompt", default="a red fox running through snow, cinematic",
+                     help="with the embedded default: seeds the stand-in text embedding")
+    gen.add_argument("--width", type=int, help="pixels (default 1920; 512 for the embedded default)")
+    gen.add_argument("--height", type=int, help="pixels (default 1088; 288 for the embedded default)")
+    gen.add_argument("--frames", type=int, help="4k+1 frames (default 81; 49 for the embedded default)")
+    gen.add_argument("--mode", default="histream", choices=list(MODES))
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--out", default="outputs/histream.mp4", help=".mp4 (H.264) or .webm (VP9)")
+    gen.add_argument("--fps", type=float, default=16.0)
+    gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    gen.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", choices=list(DTYPES))
+    gen.add_argument("--tile", type=int, help="decode in spatial tiles of this many latent pixels (saves memory)")
+    gen.add_argument("--shift", type=float, help="override the mode's timestep shift")
+    gen.add_argument("--low-res-scale", type=float, help="override the low-resolution scale (default 0.5)")
+    gen.add_argument("--no-window", action="store_true", help="keep every past frame in the cache (no AGSW)")
+    gen.add_argument("--chunk-frames", type=int, help="latent frames per chunk (default 3)")
+    gen.add_argument("--rope-positions", choices=["absolute", "window"])
+    gen.add_argument("--attention", choices=["sdpa", "flash_attn", "sage"])
+    gen.add_argument("--json", action="store_true", help="print the timings as JSON")
+    gen.set_defaults(run=cmd_generate)
+
+    flops = sub.add_parser("flops", help="exact transformer FLOPs of every mode (no weights, no memory)")
+    flops.add_argument("--model", default="wan2.1-1.3b", choices=list(MODEL_PRESETS))
+    flops.add_argument("--width", type=int, default=1920)
+    flops.add_argument("--height", type=int, default=1088)
+    flops.add_argument("--frames", type=int, default=81)
+    flops.add_argument("--rate", type=float, default=H100_BF16_TFLOPS, help="matmul TFLOP/s for the floor column")
+    flops.add_argument("--json", action="store_true")
+    flops.set_defaults(run=cmd_flops)
+
+    inspect = sub.add_parser("inspect", help="what a checkpoint is (layout, config, dtype, parameters)")
+    inspect.add_argument("file")
+    inspect.set_defaults(run=cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+__all__ = ["main", "build_parser"]

@@ -1,0 +1,215 @@
+"""Configuration dataclasses: the network, the streaming window, and presets as data.
+
+Every invariant is checked in ``__post_init__`` with a ``ValueError`` that names the field and the fix,
+so a bad config fails where it is built, not deep inside a forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of a Wan2.1 text-to-video DiT (DESIGN.md section 3).
+
+    Parameter names of the model built from this config match the original Wan checkpoints.
+    """
+
+    dim: int = 1536
+    ffn_dim: int = 8960
+    num_heads: int = 12
+    num_layers: int = 30
+    freq_dim: int = 256
+    text_dim: int = 4096
+    text_len: int = 512
+    in_dim: int = 16
+    out_dim: int = 16
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    eps: float = 1e-6
+    qk_norm: bool = True
+    cross_attn_norm: bool = True
+    rope_theta: float = 10000.0
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "ffn_dim", "num_heads", "num_layers", "freq_dim", "text_dim", "text_len",
+                     "in_dim", "out_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.dim % self.num_heads:
+            raise ValueError(f"ModelConfig.dim ({self.dim}) must be divisible by num_heads ({self.num_heads})")
+        if self.freq_dim % 2:
+            raise ValueError(f"ModelConfig.freq_dim must be even (cos and sin halves), got {self.freq_dim}")
+        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
+            raise ValueError(f"ModelConfig.patch_size must be three positive ints (t, h, w), got {self.patch_size}")
+        if min(self.rope_split) <= 0 or any(d % 2 for d in self.rope_split):
+            raise ValueError(
+                f"head_dim {self.head_dim} cannot be split into three even RoPE axes {self.rope_split}; "
+                "pick dim/num_heads as a multiple of 12 (Wan uses 128: 44/42/42)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def rope_split(self) -> tuple[int, int, int]:
+        """Head-dim channels given to the (time, height, width) RoPE axes, as in Wan: d-4*(d//6), 2*(d//6), 2*(d//6)."""
+        d = self.head_dim
+        return d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6)
+
+    @property
+    def spatial_stride(self) -> int:
+        """Pixels per DiT token side: VAE stride 8 times the patch size (16 for Wan)."""
+        return 8 * self.patch_size[1]
+
+    def with_(self, **changes) -> "ModelConfig":
+        return replace(self, **changes)
+
+
+MODEL_PRESETS: dict[str, ModelConfig] = {
+    "wan2.1-1.3b": ModelConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
+    "wan2.1-14b": ModelConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
+    # Small enough for CPU tests in milliseconds; head_dim 24 splits 8/8/8 across the RoPE axes.
+    "tiny": ModelConfig(dim=48, ffn_dim=96, num_heads=2, num_layers=2, freq_dim=32, text_dim=32, text_len=16),
+}
+
+
+def model_preset(name: str) -> ModelConfig:
+    try:
+        return MODEL_PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(MODEL_PRESETS)}") from None
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """Chunking and the anchor-guided sliding window (paper section 3.3).
+
+    ``window=False`` keeps every past frame in the cache (the "w/o AGSW" ablation).
+    With the window on, a cache holds the first ``anchor_frames`` latent frames plus the last ``local_frames``;
+    the paper's setting is M=3, 1 anchor, M-1=2 local frames, so a chunk attends to at most 2M frames.
+    """
+
+    chunk_frames: int = 3
+    anchor_frames: int = 1
+    local_frames: int = 2
+    window: bool = True
+
+    def __post_init__(self) -> None:
+        if self.chunk_frames < 1:
+            raise ValueError(f"StreamConfig.chunk_frames must be >= 1 latent frame, got {self.chunk_frames}")
+        if self.anchor_frames < 0 or self.local_frames < 0:
+            raise ValueError("StreamConfig.anchor_frames and local_frames must be >= 0")
+        if self.window and self.anchor_frames + self.local_frames < 1:
+            raise ValueError("a sliding window needs at least one anchor or local frame; "
+                             "set window=False for a full cache")
+
+    @property
+    def max_cached_frames(self) -> int | None:
+        return self.anchor_frames + self.local_frames if self.window else None
+
+
+
+
+
+@dataclass(frozen=True)
+class ChunkSteps:
+    """The denoising steps of one chunk, in Self-Forcing's *base* units (before warping through the shift).
+
+    ``low`` run at low resolution with KV_low, then the last low x0 is upsampled and re-noised to the first ``high``
+    step; ``high`` run at full resolution with KV_high. ``low=()`` means the chunk is denoised at full resolution only.
+    """
+
+    low: tuple[float, ...]
+    high: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if not self.high:
+            raise ValueError("every chunk needs at least one high-resolution step (its output is high-res)")
+        steps = self.low + self.high
+        if any(not 0 < t <= 1000 for t in steps):
+            raise ValueError(f"step timesteps must lie in (0, 1000], got {steps}")
+        if list(steps) != sorted(steps, reverse=True) or len(set(steps)) != len(steps):
+            raise ValueError(f"steps must strictly decrease from noise to clean, got low={self.low} high={self.high}")
+
+    @property
+    def count(self) -> int:
+        return len(self.low) + len(self.high)
+
+
+@dataclass(frozen=True)
+class HDConfig:
+    """HiStream's "HD tech" for inference above the tuning resolution (paper Appendix A.2).
+
+    * NTK RoPE (CineScale convention): the RoPE base of each axis is multiplied by its factor, time untouched.
+      The paper tunes with factor 2 at 960x544 and infers with 5 at 1920x1088, so the low-resolution passes use
+      ``rope_factors_low`` (2) and the high-resolution passes ``rope_factors_high`` (5).
+    * Attention scaling (our reading of "attention scaling factor 2 for the initial chunk only"): CineScale scales the
+      softmax logits by log(N0 * coef) / log(N0) on top of 1/sqrt(d), N0 being the tokens per frame at the tuning
+      resolution (960x544 -> 34*60 = 2040). We use coef = ``first_chunk_attn_coef`` (2) for every high-resolution
+      model call of chunk 1 and coef 1 (no scaling) everywhere else.
+    ``enabled=False`` gives plain RoPE and attention everywhere (the "w/o HD tech" ablation).
+    """
+
+    enabled: bool = True
+    rope_factors_high: tuple[float, float, float] = (1.0, 5.0, 5.0)
+    rope_factors_low: tuple[float, float, float] = (1.0, 2.0, 2.0)
+    first_chunk_attn_coef: float = 2.0
+    train_tokens_per_frame: int = 2040
+
+    def __post_init__(self) -> None:
+        if min(self.rope_factors_high + self.rope_factors_low) <= 0:
+            raise ValueError("RoPE NTK factors must be positive")
+        if self.first_chunk_attn_coef <= 0 or self.train_tokens_per_frame < 2:
+            raise ValueError("first_chunk_attn_coef must be > 0 and train_tokens_per_frame >= 2")
+
+
+UPSAMPLE_MODES = ("bicubic", "bilinear", "nearest")
+DOWNSAMPLE_MODES = ("area", "bilinear", "bicubic", "nearest")
+ROPE_POSITION_POLICIES = ("absolute", "window")
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """Every switch of the HiStream loop; the modes in ``modes.py`` are presets over these fields.
+
+    drc: dual-resolution caching (low-res steps + KV_low); off = every step at full resolution, KV_high only.
+    low_res_scale: low resolution = scale * target (0.5: 960x544 for 1920x1088).
+    shift: timestep shift used to warp the step lists (7 at 1080p per the paper; Self-Forcing uses 5).
+    first_chunk / later_chunks: per-chunk step lists (asymmetric denoising = later chunks with fewer steps).
+    upsample / downsample: interpolation of the latent between resolutions. Bicubic up keeps the upsampled x0 smooth
+      without nearest's blocks (which the high-res steps would have to remove); area down averages each 2x2 block, an
+      alias-free box filter, so KV_low sees the chunk as a plain low-resolution render.
+    rope_positions: "absolute" keeps every frame's own temporal position (within training for 21 latent frames);
+      "window" re-indexes the cached frames to consecutive positions 0..n-1 before each chunk and places the chunk
+      right after them, so no position ever exceeds the window (for videos far longer than 21 latent frames).
+    """
+
+    stream: StreamConfig = StreamConfig()
+    drc: bool = True
+    low_res_scale: float = 0.5
+    shift: float = 7.0
+    first_chunk: ChunkSteps = ChunkSteps(low=(1000.0, 750.0), high=(500.0, 250.0))
+    later_chunks: ChunkSteps = ChunkSteps(low=(1000.0, 750.0), high=(500.0, 250.0))
+    hd: HDConfig = HDConfig()
+    upsample: str = "bicubic"
+    downsample: str = "area"
+    rope_positions: str = "absolute"
+    attention_backend: str = "sdpa"
+
+    def __post_init__(self) -> None:
+        if not 0 < self.low_res_scale <= 1:
+            raise ValueError(f"low_res_scale must be in (0, 1], got {self.low_res_scale}")
+        if self.shift <= 0:
+            raise ValueError(f"shift must be positive, got {self.shift}")
+        if self.upsample not in UPSAMPLE_MODES:
+            raise ValueError(f"upsample must be one of {UPSAMPLE_MODES}, got {self.upsample!r}")
+        if self.downsample not in DOWNSAMPLE_MODES:
+            raise ValueError(f"downsample must be one of {DOWNSAMPLE_MODES}, got {self.downsample!r}")
+        if self.rope_positions not in ROPE_POSITION_POLICIES:
+            raise ValueError(f"rope_positions must be one of {ROPE_POSITION_POLICIES}, got {self.rope_positions!r}")
+        if not self.drc and (self.first_chunk.low or self.later_chunks.low):
+            raise ValueError("low-resolution steps need dual-resolution caching: set drc=True or move them to high")
+
+    def with_(self, **changes) -> "SamplerConfig":
+        return replace(self, **changes)

@@ -1,0 +1,69 @@
+"""One attention function behind which the backends live.
+
+Layout everywhere: q, k, v  # [B, L, heads, head_dim]; output  # [B, Lq, heads, head_dim].
+Softmax scale = logit_scale / sqrt(head_dim): ``logit_scale`` is the HD-inference attention-scale multiplier
+(1 = plain attention).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("sdpa", "flash_attn", "sage")
+
+
+class AttentionBackendError(RuntimeError):
+    """An attention backend was asked for but cannot run here."""
+
+
+def _sdpa(q, k, v, scale, mask):
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=mask, scale=scale)
+    return out.transpose(1, 2)
+
+
+def _flash_attn(q, k, v, scale, mask):
+    if mask is not None:
+        raise AttentionBackendError("flash_attn does not take an arbitrary mask; use backend 'sdpa' for masked attention")
+    for module_name in ("flash_attn_interface", "flash_attn.cute", "flash_attn"):
+        try:
+            module = importlib.import_module(module_name)
+            break
+        except ImportError:
+            continue
+    else:
+        raise AttentionBackendError("attention backend 'flash_attn' asked for but no flash-attn package is installed; "
+                                    "install flash-attn (2/3) or flash-attn-4, or choose 'sdpa'")
+    out = module.flash_attn_func(q, k, v, softmax_scale=scale)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _sage(q, k, v, scale, mask):
+    if mask is not None:
+        raise AttentionBackendError("sage attention does not take a mask; use backend 'sdpa' for masked attention")
+    try:
+        from sageattention import sageattn
+    except ImportError:
+        raise AttentionBackendError("attention backend 'sage' asked for but sageattention is not installed; "
+                                    "pip install sageattention, or choose 'sdpa'") from None
+    return sageattn(q, k, v, tensor_layout="NHD", is_causal=False, sm_scale=scale)
+
+
+_IMPLEMENTATIONS: dict[str, Callable] = {"sdpa": _sdpa, "flash_attn": _flash_attn, "sage": _sage}
+
+
+def check_backend(name: str) -> None:
+    if name not in _IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {BACKENDS}")
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa",
+              logit_scale: float = 1.0, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax attention.  mask: optional boolean  # [Lq, Lk], True = may attend (sdpa only)."""
+    scale = logit_scale / math.sqrt(q.shape[-1])
+    return _IMPLEMENTATIONS[backend](q, k, v, scale, mask)

@@ -1,0 +1,246 @@
+"""CausalWanModel: the Wan2.1 text-to-video DiT, able to run block-causally over an explicit KV cache.
+
+One ``forward`` serves two uses:
+  * reference mode (``cache=None``): a whole latent video, bidirectional attention, as Wan2.1 itself;
+  * chunk mode (``cache=KVCache``): one chunk of latent frames attends in full to itself and to the cached frames;
+    with ``update_cache=True`` its own keys (after RoPE) and values are written into the cache at the chunk's
+    temporal positions (the paper's timestep-0 cache pass).
+Module and parameter names equal the original Wan checkpoints (``norm3`` is the cross-attention norm, ``norm2``
+the FFN norm). The residual stream and the 6-way modulation run in fp32; projections, attention and FFN run in
+``compute_dtype``. Nothing here is inference-only: gradients flow through every output (cache writes are detached).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.nn as nn
+
+from ..cache import KVCache
+from ..config import ModelConfig
+from .attention import attention, check_backend
+from .layers import CastConv3d, CastLinear, FP32LayerNorm, RMSNorm, gelu_mlp
+from .rope import apply_rope, rope_angles, rope_cos_sin
+
+
+def timestep_sinusoid(freq_dim: int, timesteps: torch.Tensor) -> torch.Tensor:
+    """Wan's sinusoidal timestep embedding: [cos, sin] halves, computed in float64.  # [N] -> [N, freq_dim]"""
+    half = freq_dim // 2
+    position = timesteps.to(torch.float64)
+    frequencies = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=position.device).div(half))
+    sinusoid = torch.outer(position, frequencies)
+    return torch.cat([torch.cos(sinusoid), torch.sin(sinusoid)], dim=1)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x * (1 + scale) + shift with per-frame modulation.  x # [B, F, S, C]; shift, scale # [B, F, C]"""
+    return x * (1 + scale.unsqueeze(2)) + shift.unsqueeze(2)
+
+
+@dataclass(frozen=True)
+class TextKV:
+    """Cross-attention keys and values of the text, per block, computed once per prompt."""
+
+    layers: tuple[tuple[torch.Tensor, torch.Tensor], ...]  # per block (k, v)  # [B, text_len, heads, head_dim]
+
+
+@dataclass(frozen=True)
+class AttentionSettings:
+    """Per-call attention knobs: backend, HD-inference RoPE factors (t, h, w) and softmax logit multiplier."""
+
+    backend: str = "sdpa"
+    rope_factors: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    logit_scale: float = 1.0
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.q, self.k, self.v, self.o = (CastLinear(cfg.dim, cfg.dim) for _ in range(4))
+        self.norm_q = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+
+    def forward(self, x, cos, sin, cached, settings: AttentionSettings, mask):
+        """x # [B, L, C] in compute dtype -> (out # [B, L, C], (k, v) of these tokens after RoPE)."""
+        q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1)), cos, sin)
+        k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1)), cos, sin)
+        v = self.v(x).unflatten(-1, (self.num_heads, -1))
+        k_all, v_all = (k, v) if cached is None else (torch.cat([cached[0], k], 1), torch.cat([cached[1], v], 1))
+        out = attention(q, k_all, v_all, settings.backend, settings.logit_scale, mask)
+        return self.o(out.flatten(2)), (k, v)
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.q, self.k, self.v, self.o = (CastLinear(cfg.dim, cfg.dim) for _ in range(4))
+        self.norm_q = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+
+    def text_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """context # [B, text_len, C] (embedded text, compute dtype) -> (k, v) # [B, text_len, heads, head_dim]"""
+        k = self.norm_k(self.k(context)).unflatten(-1, (self.num_heads, -1))
+        v = self.v(context).unflatten(-1, (self.num_heads, -1))
+        return k, v
+
+    def forward(self, x, kv, backend: str):
+        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
+        k, v = (t.expand(q.shape[0], -1, -1, -1) for t in kv)  # one prompt may serve a batch
+        return self.o(attention(q, k, v, backend).flatten(2))
+
+
+class WanBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.norm1 = FP32LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
+        self.self_attn = SelfAttention(cfg)
+        self.norm3 = (FP32LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=True)
+                      if cfg.cross_attn_norm else nn.Identity())
+        self.cross_attn = CrossAttention(cfg)
+        self.norm2 = FP32LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
+        self.ffn = gelu_mlp(cfg.dim, cfg.ffn_dim, cfg.dim)
+        self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim ** 0.5)
+
+    def forward(self, x, e, frames, cos, sin, text_kv, cached, settings, mask, compute_dtype):
+        """x # [B, L, C] fp32 residual stream; e # [B, F, 6, C] fp32 time projection, one row per frame."""
+        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float().unsqueeze(0) + e).unbind(2)
+        per_frame = lambda t: t.unflatten(1, (frames, -1))  # noqa: E731  [B, L, C] -> [B, F, S, C]
+
+        h = modulate(per_frame(self.norm1(x)), shift_sa, scale_sa).flatten(1, 2)
+        y, new_kv = self.self_attn(h.to(compute_dtype), cos, sin, cached, settings, mask)
+        x = x + (per_frame(y.float()) * gate_sa.unsqueeze(2)).flatten(1, 2)
+
+        x = x + self.cross_attn(self.norm3(x).to(compute_dtype), text_kv, settings.backend).float()
+
+        h = modulate(per_frame(self.norm2(x)), shift_ff, scale_ff).flatten(1, 2)
+        y = self.ffn(h.to(compute_dtype))
+        x = x + (per_frame(y.float()) * gate_ff.unsqueeze(2)).flatten(1, 2)
+        return x, new_kv
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.norm = FP32LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
+        self.head = CastLinear(cfg.dim, cfg.out_dim * math.prod(cfg.patch_size))
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim ** 0.5)
+
+    def forward(self, x, e, frames, compute_dtype):
+        """x # [B, L, C] fp32; e # [B, F, C] fp32 time embedding -> # [B, L, out*prod(patch)]"""
+        shift, scale = (self.modulation.float().unsqueeze(0) + e.unsqueeze(2)).unbind(2)
+        h = modulate(self.norm(x).unflatten(1, (frames, -1)), shift, scale).flatten(1, 2)
+        return self.head(h.to(compute_dtype))
+
+
+@lru_cache(maxsize=64)
+def _cached_rope(grid, split, frame_start, theta, factors, device, dtype):
+    return rope_cos_sin(rope_angles(grid, split, frame_start, theta, factors, device), dtype)
+
+
+class CausalWanModel(nn.Module):
+    """Wan2.1 T2V DiT. Output is the flow prediction v = eps - x0 (so x0 = x_t - sigma * v), in fp32."""
+
+    def __init__(self, cfg: ModelConfig, compute_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.compute_dtype = compute_dtype
+        self.patch_embedding = CastConv3d(cfg.in_dim, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = gelu_mlp(cfg.text_dim, cfg.dim, cfg.dim)
+        self.time_embedding = nn.Sequential(CastLinear(cfg.freq_dim, cfg.dim), nn.SiLU(), CastLinear(cfg.dim, cfg.dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), CastLinear(cfg.dim, cfg.dim * 6))
+        self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(cfg)
+
+    # -- text -------------------------------------------------------------------------------------------------
+    def encode_text(self, context: torch.Tensor) -> TextKV:
+        """Embed text-encoder states and project them to every block's cross-attention K/V, once per prompt.
+
+        context # [B, n_tokens <= text_len, text_dim]; zero-padded to text_len as Wan does.
+        """
+        if context.ndim != 3 or context.shape[-1] != self.cfg.text_dim:
+            raise ValueError(f"text conditioning must be [batch, tokens, {self.cfg.text_dim}] for this model, got "
+                             f"{tuple(context.shape)}: use the text encoder this checkpoint was trained with (umT5-XXL)")
+        if context.shape[1] == 0:
+            raise ValueError("text conditioning is empty (0 tokens): encode a prompt with the Wan text encoder first")
+        if context.shape[1] > self.cfg.text_len:
+            raise ValueError(f"text conditioning has {context.shape[1]} tokens, the model takes at most "
+                             f"{self.cfg.text_len}: trim it (the caller should say the prompt was cut)")
+        pad = context.new_zeros(context.shape[0], self.cfg.text_len - context.shape[1], context.shape[2])
+        param = next(self.parameters())
+        embedded = self.text_embedding(torch.cat([context, pad], 1).to(param.device, self.compute_dtype))
+        return TextKV(tuple(block.cross_attn.text_kv(embedded) for block in self.blocks))
+
+    # -- forward ----------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor,
+        text: TextKV | torch.Tensor,
+        *,
+        cache: KVCache | None = None,
+        frame_start: int = 0,
+        update_cache: bool = False,
+        settings: AttentionSettings = AttentionSettings(),
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predict the flow v for latent frames ``x`` at temporal positions frame_start, frame_start+1, ...
+
+        x # [B, in_dim, F, H, W]; timestep # [B] or [B, F] in 0..1000 (one per frame allowed);
+        text: TextKV from ``encode_text`` (reuse it across calls) or raw text states.
+        cache: frames this chunk attends to besides itself; ``update_cache`` writes this chunk's K/V into it.
+        mask: optional boolean # [L, L_keys] (True = attend), for whole-sequence block-causal runs (sdpa only).
+        Returns v # [B, out_dim, F, H, W] float32.
+        """
+        cfg = self.cfg
+        check_backend(settings.backend)
+        if x.ndim != 5 or x.shape[1] != cfg.in_dim:
+            raise ValueError(f"latents must be [batch, {cfg.in_dim}, frames, height, width], got {tuple(x.shape)}")
+        pt, ph, pw = cfg.patch_size
+        if x.shape[2] % pt or x.shape[3] % ph or x.shape[4] % pw:
+            raise ValueError(f"latent size {tuple(x.shape[2:])} is not divisible by the patch size {cfg.patch_size}")
+        if update_cache and cache is None:
+            raise ValueError("update_cache=True needs a cache to write into")
+        text_kv = text if isinstance(text, TextKV) else self.encode_text(text)
+
+        tokens = self.patch_embedding(x.to(self.compute_dtype))  # [B, C, F', H', W']
+        grid = tuple(tokens.shape[2:])
+        frames, tokens_per_frame = grid[0], grid[1] * grid[2]
+        x_tok = tokens.flatten(2).transpose(1, 2).float()  # [B, L, C]
+
+        e, e_proj = self._time_embedding(timestep, x.shape[0], frames)
+        cos, sin = _cached_rope(grid, cfg.rope_split, frame_start, cfg.rope_theta,
+                                tuple(float(f) for f in settings.rope_factors), x.device, torch.float32)
+        new_kv = []
+        for index, block in enumerate(self.blocks):
+            cached = cache.layer(index) if cache is not None else None
+            x_tok, kv = block(x_tok, e_proj, frames, cos, sin, text_kv.layers[index], cached, settings, mask,
+                              self.compute_dtype)
+            new_kv.append(kv)
+        if update_cache:
+            cache.write(new_kv, list(range(frame_start, frame_start + frames)), tokens_per_frame)
+
+        out = self.head(x_tok, e, frames, self.compute_dtype).float()
+        return self._unpatchify(out, grid)
+
+    def _time_embedding(self, timestep: torch.Tensor, batch: int, frames: int):
+        """-> e # [B, F, C] (time embedding) and e_proj # [B, F, 6, C] (block modulation), both fp32."""
+        t = timestep.reshape(batch, -1) if timestep.ndim else timestep.reshape(1, 1).expand(batch, 1)
+        if t.shape[1] not in (1, frames):
+            raise ValueError(f"timestep must be one per sample or one per latent frame ({frames}), got {tuple(timestep.shape)}")
+        t = t.expand(batch, frames)
+        param_device = self.patch_embedding.weight.device
+        e = self.time_embedding(timestep_sinusoid(self.cfg.freq_dim, t.flatten().to(param_device)).float())
+        e_proj = self.time_projection(e).unflatten(-1, (6, self.cfg.dim))
+        return e.unflatten(0, (batch, frames)), e_proj.unflatten(0, (batch, frames))
+
+    def _unpatchify(self, out: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """# [B, F'*H'*W', pt*ph*pw*C] -> [B, C, F'*pt, H'*ph, W'*pw]"""
+        f, h, w = grid
+        pt, ph, pw = self.cfg.patch_size
+        out = out.reshape(out.shape[0], f, h, w, pt, ph, pw, self.cfg.out_dim)
+        return out.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(out.shape[0], self.cfg.out_dim, f * pt, h * ph, w * pw)

@@ -1,0 +1,313 @@
+"""The HiStream loop (paper Algorithm 1): chunk-by-chunk generation with dual-resolution caching, the
+anchor-guided sliding window and asymmetric denoising.
+
+``plan_video`` turns a request and a ``SamplerConfig`` into per-chunk plans (which steps, how many cached frames,
+which RoPE positions) without touching a model: the FLOP count reads the same plans. ``stream_video`` runs them and
+yields each finished chunk of latents as soon as it exists. Latents here are in the DiT's (normalised) latent space.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from .cache import DualResCache
+from .config import SamplerConfig
+from .model.rope import shift_time
+from .model.wan import AttentionSettings, CausalWanModel, TextKV
+from .schedule import renoise, warp_timesteps, x0_from_flow
+
+log = logging.getLogger(__name__)
+
+VAE_SPATIAL_STRIDE = 8
+VAE_TEMPORAL_STRIDE = 4
+
+
+class GenerationInterrupted(RuntimeError):
+    """The interrupt hook asked the loop to stop; nothing partial is yielded."""
+
+
+# -- request geometry ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class VideoGeometry:
+    """Pixel request and the latent grids it implies."""
+
+    width: int
+    height: int
+    frames: int
+    latent_frames: int
+    high: tuple[int, int]  # latent (height, width) at the target resolution
+    low: tuple[int, int]   # latent (height, width) of the low-resolution passes (== high without DRC)
+
+
+def video_geometry(width: int, height: int, frames: int, cfg: SamplerConfig, patch: int = 2) -> VideoGeometry:
+    """Validate a request and derive its latent grids; errors say what to change."""
+    token = VAE_SPATIAL_STRIDE * patch  # 16 pixels per DiT token side for Wan
+    scales = (1.0, cfg.low_res_scale) if cfg.drc else (1.0,)
+
+    def fits(value: int) -> bool:
+        return value > 0 and all((value * s) % token == 0 for s in scales)
+
+    for name, value in (("width", width), ("height", height)):
+        if not fits(value):
+            lower = next((v for v in range(value - 1, 0, -1) if fits(v)), None)
+            upper = next(v for v in range(value + 1, value + 64 * token) if fits(v))
+            need = (f"with dual-resolution caching both {name} and {cfg.low_res_scale:g}x{name} must be multiples of "
+                    f"{token}" if cfg.drc else f"the model works on {token}-pixel tokens")
+            suggestion = f"{lower} or {upper}" if lower else str(upper)
+            raise ValueError(f"{name} {value} does not fit the latent grid ({need}; for scale 0.5 that means a "
+                             f"multiple of 32); use {suggestion}")
+    if frames < 1 or (frames - 1) % VAE_TEMPORAL_STRIDE:
+        lower = max(1, frames - (frames - 1) % VAE_TEMPORAL_STRIDE)
+        raise ValueError(f"frames must be 4k+1 (1, 5, 9, ..., 81) because the VAE packs 4 frames per latent after the "
+                         f"first; got {frames}: use {lower} or {lower + 4}")
+    high = (height // VAE_SPATIAL_STRIDE, width // VAE_SPATIAL_STRIDE)
+    low = (round(high[0] * cfg.low_res_scale), round(high[1] * cfg.low_res_scale)) if cfg.drc else high
+    return VideoGeometry(width, height, frames, (frames - 1) // VAE_TEMPORAL_STRIDE + 1, high, low)
+
+
+# -- the plan ------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelCall:
+    """One forward of the DiT: what it processes and what it attends to (used for FLOPs and progress)."""
+
+    kind: str                 # "low", "high" (denoising) or "cache_high", "cache_low" (timestep-0 cache pass)
+    timestep: float
+    latent_hw: tuple[int, int]
+    num_frames: int
+    cached_frames: int
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    index: int
+    first_frame: int            # index of the chunk's first latent frame in the video
+    num_frames: int
+    rope_start: int             # temporal RoPE position of the chunk's first frame
+    cached_frames: int          # frames in each cache when the chunk starts
+    cache_positions: tuple[int, ...]  # RoPE positions of those frames (after re-indexing, if any)
+    low_steps: tuple[float, ...]      # warped timesteps
+    high_steps: tuple[float, ...]
+    logit_scale_high: float     # attention logit multiplier of the high-resolution calls
+
+    def calls(self, geometry: VideoGeometry, drc: bool) -> list[ModelCall]:
+        low = [ModelCall("low", t, geometry.low, self.num_frames, self.cached_frames) for t in self.low_steps]
+        high = [ModelCall("high", t, geometry.high, self.num_frames, self.cached_frames) for t in self.high_steps]
+        cache = [ModelCall("cache_high", 0.0, geometry.high, self.num_frames, self.cached_frames)]
+        if drc:
+            cache.append(ModelCall("cache_low", 0.0, geometry.low, self.num_frames, self.cached_frames))
+        return low + high + cache
+
+
+def first_chunk_logit_scale(cfg: SamplerConfig) -> float:
+    """CineScale's attention scaling log(N0 * coef) / log(N0) (see HDConfig); 1 when HD tech is off."""
+    hd = cfg.hd
+    if not hd.enabled:
+        return 1.0
+    return math.log(hd.train_tokens_per_frame * hd.first_chunk_attn_coef) / math.log(hd.train_tokens_per_frame)
+
+
+def window_keep(frames: list[int], cfg: SamplerConfig) -> list[int]:
+    """Which of the (ordered) cached frames survive the anchor-guided sliding window."""
+    stream = cfg.stream
+    if not stream.window:
+        return frames
+    n = len(frames)
+    keep = sorted(set(range(min(stream.anchor_frames, n))) | set(range(max(n - stream.local_frames, 0), n)))
+    return [frames[i] for i in keep]
+
+
+def plan_video(geometry: VideoGeometry, cfg: SamplerConfig) -> list[ChunkPlan]:
+    """Per-chunk plans for a whole video; the last chunk may be shorter than ``chunk_frames``."""
+    m = cfg.stream.chunk_frames
+    plans, cached = [], []  # cached: video indices of the frames each cache holds
+    for index, first in enumerate(range(0, geometry.latent_frames, m)):
+        frames = min(m, geometry.latent_frames - first)
+        steps = cfg.first_chunk if index == 0 else cfg.later_chunks
+        if cfg.rope_positions == "window":
+            positions, rope_start = tuple(range(len(cached))), len(cached)
+        else:
+            positions, rope_start = tuple(cached), first
+        plans.append(ChunkPlan(
+            index=index, first_frame=first, num_frames=frames, rope_start=rope_start, cached_frames=len(cached),
+            cache_positions=positions,
+            low_steps=warp_timesteps(steps.low, cfg.shift) if steps.low else (),
+            high_steps=warp_timesteps(steps.high, cfg.shift),
+            logit_scale_high=first_chunk_logit_scale(cfg) if index == 0 else 1.0))
+        cached = window_keep(cached + list(range(first, first + frames)), cfg)
+    return plans
+
+
+# -- progress ------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Progress:
+    """Reported after every model call. ``x0`` is the call's clean estimate (None for cache passes)."""
+
+    chunk: int
+    num_chunks: int
+    call: int            # 1-based index of this call within the whole run
+    total_calls: int
+    kind: str
+    timestep: float
+    x0: torch.Tensor | None
+    cached_frames: int
+
+
+@dataclass(frozen=True)
+class LatentChunk:
+    index: int
+    num_chunks: int
+    first_frame: int
+    latents: torch.Tensor  # [B, C, frames, H/8, W/8] in the DiT's latent space, float32
+    seconds: float
+    model_calls: int
+    cached_frames: int     # frames each cache held while this chunk was denoised
+
+
+# -- sampling helpers ----------------------------------------------------------------------------------------------
+def chunk_noise(seed: int, chunk: int, draw: int, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Gaussian noise fixed by (seed, chunk, draw): chunk i's noise is the same whatever the mode or earlier chunks.
+
+    Drawn on the CPU so a seed gives the same video on every device.
+    """
+    digest = hashlib.sha256(f"histream:{seed}:{chunk}:{draw}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    return torch.randn(shape, generator=generator).to(device)
+
+
+def resize_latents(x: torch.Tensor, hw: tuple[int, int], mode: str) -> torch.Tensor:
+    """Resize each latent frame.  x # [B, C, F, H, W] -> [B, C, F, hw[0], hw[1]]"""
+    if tuple(x.shape[-2:]) == tuple(hw):
+        return x
+    b, c, f = x.shape[:3]
+    frames = x.permute(0, 2, 1, 3, 4).flatten(0, 1)
+    extra = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
+    resized = F.interpolate(frames, size=hw, mode=mode, **extra)
+    return resized.unflatten(0, (b, f)).permute(0, 2, 1, 3, 4)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# -- the loop ------------------------------------------------------------------------------------------------------
+def stream_video(
+    model: CausalWanModel,
+    text: TextKV | torch.Tensor,
+    width: int,
+    height: int,
+    frames: int,
+    cfg: SamplerConfig,
+    seed: int,
+    *,
+    batch: int = 1,
+    caches: DualResCache | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> Iterator[LatentChunk]:
+    """Generate a video chunk by chunk (Algorithm 1), yielding each chunk's clean latents as soon as they exist.
+
+    Deterministic for a given (seed, config, request). Memory is flat in the video length: the caches never hold more
+    than the window, and nothing of a finished chunk is kept besides its cached K/V.
+    ``caches``: pass empty caches to inspect them between chunks (they are filled in place); by default the loop
+    makes its own. ``should_stop`` is checked before every model call; True raises ``GenerationInterrupted``.
+    """
+    geometry = video_geometry(width, height, frames, cfg, model.cfg.patch_size[1])
+    plans = plan_video(geometry, cfg)
+    device = next(model.parameters()).device
+    text_kv = text if isinstance(text, TextKV) else model.encode_text(text)
+    if text_kv.layers[0][0].shape[0] not in (1, batch):
+        raise ValueError(f"text conditioning has batch {text_kv.layers[0][0].shape[0]}, expected 1 or {batch}")
+    hd = cfg.hd
+    rope_high = hd.rope_factors_high if hd.enabled else (1.0, 1.0, 1.0)
+    rope_low = hd.rope_factors_low if hd.enabled else (1.0, 1.0, 1.0)
+    caches = caches if caches is not None else DualResCache.empty(model.cfg.num_layers)
+    if caches.high.num_frames or caches.low.num_frames:
+        raise ValueError("stream_video needs empty caches: one DualResCache per video")
+    total_calls = sum(len(p.calls(geometry, cfg.drc)) for p in plans)
+    calls_done = 0
+    channels = model.cfg.in_dim
+
+    def run(x, t, cache, plan, factors, logit_scale, kind, update=False):
+        """One model call; returns x0. Checks the interrupt hook first and reports progress after."""
+        nonlocal calls_done
+        if should_stop is not None and should_stop():
+            raise GenerationInterrupted(f"interrupted in chunk {plan.index + 1} of {len(plans)}")
+        settings = AttentionSettings(cfg.attention_backend, factors, logit_scale)
+        timestep = torch.full((x.shape[0],), t, device=device)
+        v = model(x, timestep, text_kv, cache=cache, frame_start=plan.rope_start, update_cache=update,
+                  settings=settings)
+        calls_done += 1
+        x0 = None if update else x0_from_flow(x, v, t)
+        if on_progress is not None:
+            on_progress(Progress(plan.index, len(plans), calls_done, total_calls, kind, t, x0, plan.cached_frames))
+        return x0
+
+    for plan in plans:
+        started = time.perf_counter()
+        high_shape = (batch, channels, plan.num_frames, *geometry.high)
+        low_shape = (batch, channels, plan.num_frames, *geometry.low)
+        if cfg.rope_positions == "window":
+            for cache, factors in ((caches.high, rope_high), (caches.low, rope_low)):
+                if cache.num_frames:
+                    cache.reposition(list(plan.cache_positions), lambda k, d, f=factors: shift_time(
+                        k, d, model.cfg.rope_split, model.cfg.rope_theta, f[0]))
+        draw = 0  # noise draws of this chunk: 0 = initial noise, k = re-noise before the k-th step
+
+        # 1. Low-resolution steps with KV_low (lines 4-12): pure noise -> x0 estimate at low resolution.
+        x = chunk_noise(seed, plan.index, draw, low_shape if plan.low_steps else high_shape, device)
+        for j, t in enumerate(plan.low_steps):
+            x0 = run(x, t, caches.low, plan, rope_low, 1.0, "low")
+            if j + 1 < len(plan.low_steps):
+                draw += 1
+                x = renoise(x0, chunk_noise(seed, plan.index, draw, low_shape, device), plan.low_steps[j + 1])
+        # 2. Upsample the last low-res x0 and re-noise it to the first high-res timestep (lines 7-11).
+        if plan.low_steps:
+            draw += 1
+            x = renoise(resize_latents(x0, geometry.high, cfg.upsample),
+                        chunk_noise(seed, plan.index, draw, high_shape, device), plan.high_steps[0])
+
+        # 3. High-resolution steps with KV_high (lines 13-16, 26-28); the last x0 is the chunk's output.
+        for j, t in enumerate(plan.high_steps):
+            x0 = run(x, t, caches.high, plan, rope_high, plan.logit_scale_high, "high")
+            if j + 1 < len(plan.high_steps):
+                draw += 1
+                x = renoise(x0, chunk_noise(seed, plan.index, draw, high_shape, device), plan.high_steps[j + 1])
+        clean = x0
+
+        # 4. Dual-resolution caching (lines 17-18): timestep-0 passes of the clean chunk write KV_high and,
+        #    downsampled, KV_low.
+        run(clean, 0.0, caches.high, plan, rope_high, plan.logit_scale_high, "cache_high", update=True)
+        if cfg.drc:
+            run(resize_latents(clean, geometry.low, cfg.downsample), 0.0, caches.low, plan, rope_low, 1.0,
+                "cache_low", update=True)
+
+        # 5. Anchor-guided sliding window (lines 19-25): keep the anchor frame(s) and the last local frames.
+        if cfg.stream.window:
+            for cache in (caches.high, caches.low):
+                cache.slide_window(cfg.stream.anchor_frames, cfg.stream.local_frames)
+
+        _synchronize(device)
+        seconds = time.perf_counter() - started
+        log.info("chunk %d/%d: %d latent frames in %.3f s", plan.index + 1, len(plans), plan.num_frames, seconds)
+        yield LatentChunk(plan.index, len(plans), plan.first_frame, clean.float(), seconds,
+                          len(plan.calls(geometry, cfg.drc)), plan.cached_frames)
+
+
+def generate_video(model: CausalWanModel, text, width: int, height: int, frames: int, cfg: SamplerConfig,
+                   seed: int, **kwargs) -> torch.Tensor:
+    """All chunks concatenated along time: # [B, C, latent_frames, H/8, W/8]. Convenience for short videos."""
+    return torch.cat([chunk.latents for chunk in stream_video(model, text, width, height, frames, cfg, seed,
+                                                               **kwargs)], dim=2)
+
+
+__all__ = ["GenerationInterrupted", "VideoGeometry", "video_geometry", "ModelCall", "ChunkPlan", "plan_video",
+           "Progress", "LatentChunk", "stream_video", "generate_video", "chunk_noise", "resize_latents"]

@@ -1,0 +1,37 @@
+"""Text conditioning outside ComfyUI: precomputed umT5 embeddings read from a file.
+
+ComfyUI users encode text with the host's `wan` text encoder; from Python or the CLI, pass the encoder's output
+states saved as a file (`.safetensors` with one tensor, or the key ``context``; `.pt` read with weights_only).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def load_text_embeddings(path: str | Path) -> torch.Tensor:
+    """Read umT5 states # [1, tokens, 4096] (a [tokens, 4096] tensor gets a batch axis)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"text embedding file {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            tensors = load_file(str(path))
+        else:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+            tensors = loaded if isinstance(loaded, dict) else {"context": loaded}
+    except Exception as exc:  # noqa: BLE001 - any reader failure means the same thing to the user
+        raise ValueError(f"cannot read text embeddings from {path}: {exc}. Save them with "
+                         "safetensors.torch.save_file({'context': states}, path)") from exc
+    if "context" in tensors:
+        states = tensors["context"]
+    elif len(tensors) == 1:
+        states = next(iter(tensors.values()))
+    else:
+        raise ValueError(f"{path} holds several tensors {sorted(tensors)[:5]}; name the text states 'context'")
+    if not isinstance(states, torch.Tensor) or states.ndim not in (2, 3):
+        raise ValueError(f"text states in {path} must be a [tokens, dim] or [1, tokens, dim] tensor")
+    return states[None] if states.ndim == 2 else states

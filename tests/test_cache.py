@@ -1,0 +1,47 @@
+"""KVCache bookkeeping and RoPE re-indexing of cached keys."""
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from histream_core.cache import KVCache
+from histream_core.model.rope import shift_time
+
+
+def kv(frames, tokens=4, value=0.0):
+    t = torch.full((1, frames * tokens, 2, 6), value)
+    return t, t.clone()
+
+
+def test_write_appends_overwrites_and_windows():
+    cache = KVCache(num_layers=2)
+    cache.write([kv(3, value=1.0)] * 2, [0, 1, 2], tokens_per_frame=4)
+    cache.write([kv(3, value=2.0)] * 2, [3, 4, 5], tokens_per_frame=4)
+    assert cache.positions == [0, 1, 2, 3, 4, 5] and cache.num_tokens == 24
+    cache.write([kv(1, value=9.0)] * 2, [1], tokens_per_frame=4)  # rewrite one frame at its position
+    assert cache.keys[0][0, 4:8].unique().tolist() == [9.0]
+    cache.slide_window(anchor_frames=1, local_frames=2)
+    assert cache.positions == [0, 4, 5]
+    assert cache.keys[1][0, :4].unique().tolist() == [1.0] and cache.keys[1][0, 4:].unique().tolist() == [2.0]
+
+
+def test_one_cache_per_resolution():
+    cache = KVCache(num_layers=1)
+    cache.write([kv(1, tokens=4)], [0], tokens_per_frame=4)
+    with pytest.raises(ValueError, match="one cache per resolution"):
+        cache.write([kv(1, tokens=9)], [1], tokens_per_frame=9)
+
+
+def test_reindexed_keys_equal_keys_computed_at_the_new_position():
+    model = tiny_model(seed=1)
+    x = torch.randn(1, 16, 3, 4, 4)
+    text = model.encode_text(torch.randn(1, 5, model.cfg.text_dim))
+    at_two, at_five = KVCache(2), KVCache(2)
+    with torch.no_grad():
+        model(x, torch.zeros(1), text, cache=at_two, frame_start=2, update_cache=True)
+        model(x, torch.zeros(1), text, cache=at_five, frame_start=5, update_cache=True)
+    at_two.reposition([5, 6, 7], lambda k, d: shift_time(k, d, model.cfg.rope_split))
+    assert at_two.positions == at_five.positions
+    for moved, direct in zip(at_two.keys, at_five.keys):
+        torch.testing.assert_close(moved, direct, atol=1e-5, rtol=1e-5)
+    assert torch.equal(at_two.values[0], at_five.values[0])

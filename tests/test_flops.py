@@ -1,0 +1,44 @@
+"""Analytic FLOP count against torch's FlopCounterMode on the tiny model, and the 1.3B figures of DESIGN.md §7."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from conftest import tiny_model
+from histream_core.config import MODEL_PRESETS
+from histream_core.flops import run_flops
+from histream_core.modes import MODES
+from histream_core.sampler import stream_video
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_analytic_flops_match_flop_counter(mode):
+    model = tiny_model()
+    context = torch.randn(1, 8, model.cfg.text_dim)
+    # CPU SDPA kernels are invisible to FlopCounterMode; the math backend decomposes into counted bmm.
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        list(stream_video(model, context, 64, 96, 29, MODES[mode], seed=0))
+    expected = run_flops(model.cfg, MODES[mode], 64, 96, 29, mode).flops_total
+    assert counter.get_total_flops() == pytest.approx(expected, rel=0.01)
+
+
+def test_1p3b_1080p_matches_design_table():
+    cfg = MODEL_PRESETS["wan2.1-1.3b"]
+    design = {"self-forcing": 17_600, "histream": 6_180, "histream+": 4_320}
+    for mode, tflop in design.items():
+        run = run_flops(cfg, MODES[mode], 1920, 1088, 81, mode)
+        assert run.tflop_total == pytest.approx(tflop, rel=0.02), mode
+
+
+def test_flops_command_json():
+    out = subprocess.run([sys.executable, "-m", "histream_core", "flops", "--model", "wan2.1-1.3b", "--width", "1920",
+                          "--height", "1088", "--frames", "81", "--json"], capture_output=True, text=True, check=True)
+    table = json.loads(out.stdout)
+    assert set(MODES) <= set(table)
+    assert table["histream+"]["model_calls"] == 4 + 2 + 6 * (2 + 2)
+    assert table["histream"]["tflop_per_frame"] > table["histream+"]["tflop_per_frame"]

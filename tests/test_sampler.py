@@ -1,0 +1,156 @@
+"""The HiStream loop: invariants of the window and of dual-resolution caching, call counts, determinism, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from histream_core.cache import DualResCache
+from histream_core.config import ChunkSteps, HDConfig, SamplerConfig, StreamConfig
+from histream_core.modes import MODES, mode_config
+from histream_core.sampler import (GenerationInterrupted, generate_video, plan_video, stream_video, video_geometry)
+
+W, H = 64, 96  # latent 12x8 at high resolution, 6x4 at low
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(seed=11)
+
+
+@pytest.fixture(scope="module")
+def context(model):
+    return torch.randn(1, 10, model.cfg.text_dim, generator=torch.Generator().manual_seed(2))
+
+
+def run(model, context, cfg, frames=37, seed=0, **kwargs):
+    with torch.no_grad():
+        return generate_video(model, context, W, H, frames, cfg, seed, **kwargs)
+
+
+def test_window_covering_every_frame_equals_full_cache(model, context):
+    full = run(model, context, mode_config("no-agsw"))
+    wide_window = mode_config("histream").with_(stream=StreamConfig(anchor_frames=1, local_frames=100))
+    assert torch.equal(run(model, context, wide_window), full)
+
+
+def test_window_changes_the_result_once_frames_are_dropped(model, context):
+    assert not torch.equal(run(model, context, mode_config("histream")), run(model, context, mode_config("no-agsw")))
+
+
+def test_equal_resolutions_make_drc_a_no_op(model, context):
+    """Low == high resolution (scale 1, same RoPE factors): DRC equals plain full-res sampling with the same noise."""
+    hd = HDConfig(rope_factors_low=(1.0, 5.0, 5.0), rope_factors_high=(1.0, 5.0, 5.0), first_chunk_attn_coef=1.0)
+    drc = SamplerConfig(low_res_scale=1.0, hd=hd)
+    four = ChunkSteps(low=(), high=(1000.0, 750.0, 500.0, 250.0))
+    plain = SamplerConfig(drc=False, hd=hd, first_chunk=four, later_chunks=four)
+    assert torch.equal(run(model, context, drc), run(model, context, plain))
+
+
+@pytest.mark.parametrize("mode,first,later", [
+    ("histream", 4 + 2, 4 + 2), ("histream+", 4 + 2, 2 + 2), ("self-forcing", 4 + 1, 4 + 1),
+    ("no-drc", 4 + 1, 4 + 1), ("no-agsw", 4 + 2, 4 + 2), ("two-step", 2 + 2, 2 + 2)])
+def test_model_calls_per_chunk(model, context, mode, first, later):
+    kinds_per_chunk: dict[int, list[str]] = {}
+    with torch.no_grad():
+        chunks = list(stream_video(model, context, W, H, 37, MODES[mode], 0,
+                                   on_progress=lambda p: kinds_per_chunk.setdefault(p.chunk, []).append(p.kind)))
+    assert [c.model_calls for c in chunks] == [first] + [later] * (len(chunks) - 1)
+    assert [len(kinds_per_chunk[i]) for i in range(len(chunks))] == [c.model_calls for c in chunks]
+    assert kinds_per_chunk[1].count("cache_high") == 1
+
+
+def test_caches_hold_anchor_plus_local_frames_at_their_positions(model, context):
+    caches = DualResCache.empty(model.cfg.num_layers)
+    cfg = mode_config("histream")
+    tokens_high, tokens_low = (12 // 2) * (8 // 2), (6 // 2) * (4 // 2)
+    seen = []
+    with torch.no_grad():
+        for chunk in stream_video(model, context, W, H, 37, cfg, 0, caches=caches):  # 10 latent frames
+            seen.append((list(caches.high.positions), list(caches.low.positions)))
+            assert caches.high.keys[0].shape[1] == caches.high.num_frames * tokens_high
+            assert caches.low.keys[0].shape[1] == caches.low.num_frames * tokens_low
+    assert seen == [([0, 1, 2],) * 2, ([0, 4, 5],) * 2, ([0, 7, 8],) * 2, ([0, 8, 9],) * 2]
+
+
+def test_last_chunk_may_be_shorter(model, context):
+    with torch.no_grad():
+        chunks = list(stream_video(model, context, W, H, 37, mode_config("histream+"), 0))
+    assert [c.latents.shape[2] for c in chunks] == [3, 3, 3, 1]
+    assert [c.first_frame for c in chunks] == [0, 3, 6, 9]
+    assert chunks[-1].latents.shape == (1, 16, 1, 12, 8)
+
+
+def test_same_seed_same_video_and_different_seed_different_video(model, context):
+    cfg = mode_config("histream")
+    a, b = run(model, context, cfg, seed=7), run(model, context, cfg, seed=7)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, run(model, context, cfg, seed=8))
+
+
+def test_window_rope_policy_keeps_positions_inside_the_window(model, context):
+    cfg = mode_config("histream").with_(rope_positions="window")
+    caches = DualResCache.empty(model.cfg.num_layers)
+    plans = plan_video(video_geometry(W, H, 37, cfg), cfg)
+    assert [p.rope_start for p in plans] == [0, 3, 3, 3]
+    with torch.no_grad():
+        for _ in stream_video(model, context, W, H, 37, cfg, 0, caches=caches):
+            assert max(caches.high.positions) <= 5
+    absolute = run(model, context, mode_config("histream"))
+    windowed = run(model, context, cfg)
+    assert torch.equal(absolute[:, :, :6], windowed[:, :, :6])  # chunks 1-2 see identical positions
+    assert not torch.equal(absolute[:, :, 6:], windowed[:, :, 6:])
+
+
+def test_interrupt_stops_between_model_calls(model, context):
+    calls = []
+    with pytest.raises(GenerationInterrupted, match="chunk 2"):
+        with torch.no_grad():
+            list(stream_video(model, context, W, H, 37, mode_config("histream"), 0,
+                              on_progress=calls.append, should_stop=lambda: len(calls) >= 7))
+    assert len(calls) == 7
+
+
+def test_progress_reports_x0_previews(model, context):
+    events = []
+    with torch.no_grad():
+        list(stream_video(model, context, W, H, 5, mode_config("histream"), 0, on_progress=events.append))
+    assert [e.kind for e in events] == ["low", "low", "high", "high", "cache_high", "cache_low"]
+    assert events[0].x0.shape == (1, 16, 2, 12, 8)[:2] + (2, 6, 4)
+    assert events[2].x0.shape == (1, 16, 2, 12, 8)
+    assert events[-1].x0 is None and events[-1].call == events[-1].total_calls == 6
+
+
+@pytest.mark.parametrize("width,height,frames,cfg,match", [
+    (1000, 96, 37, "histream", "width 1000 .* use 992 or 1024"),
+    (64, 80, 37, "histream", "height 80 .*multiple of 32.* use 64 or 96"),
+    (64, 96, 36, "histream", "frames must be 4k\\+1.*use 33 or 37"),
+    (64, 96, 0, "histream", "frames must be 4k\\+1"),
+])
+def test_bad_requests_say_what_to_change(model, context, width, height, frames, cfg, match):
+    with pytest.raises(ValueError, match=match):
+        list(stream_video(model, context, width, height, frames, mode_config(cfg), 0))
+
+
+def test_sizes_off_the_32_grid_work_without_drc(model, context):
+    with torch.no_grad():
+        out = generate_video(model, context, 48, 80, 5, mode_config("no-drc"), 0)
+    assert out.shape == (1, 16, 2, 10, 6)
+
+
+def test_empty_conditioning_is_rejected(model):
+    with pytest.raises(ValueError, match="empty"):
+        list(stream_video(model, torch.zeros(1, 0, model.cfg.text_dim), W, H, 5, mode_config("histream"), 0))
+
+
+def test_unknown_mode_lists_the_modes():
+    with pytest.raises(ValueError, match="histream\\+"):
+        mode_config("fast")
+
+
+def test_bad_step_lists_are_rejected():
+    with pytest.raises(ValueError, match="decrease"):
+        ChunkSteps(low=(500.0,), high=(750.0,))
+    with pytest.raises(ValueError, match="drc=True"):
+        SamplerConfig(drc=False)
