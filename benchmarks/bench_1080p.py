@@ -1,0 +1,193 @@
+"""Per-frame denoising latency, FLOPs, achieved TFLOP/s and peak memory of every mode, plus VAE decode and the
+end-to-end time to an mp4. Random weights at the real config: compute cost does not depend on the weights.
+
+    python benchmarks/bench_1080p.py                                   # 1.3B, 1920x1088, 81 frames, CUDA
+    python benchmarks/bench_1080p.py --model tiny --device cpu --width 256 --height 256 --frames 17 --repeats 1
+
+Latency: CUDA events around each chunk (wall clock on the CPU), warm-up runs excluded, median over repeats.
+"Per-frame denoising latency" is the paper's metric: all denoising and cache passes of a video / its frames.
+Prints one table and writes JSON (--json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from histream_core.config import MODEL_PRESETS  # noqa: E402
+from histream_core.flops import run_flops  # noqa: E402
+from histream_core.model import CausalWanModel  # noqa: E402
+from histream_core.modes import MODES  # noqa: E402
+from histream_core.sampler import stream_video  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class Clock:
+    """CUDA events on a GPU, perf_counter on the CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def seconds(self, start, stop) -> float:
+        if self.cuda:
+            stop.synchronize()
+            return start.elapsed_time(stop) / 1000.0
+        return stop - start
+
+
+def build_model(name: str, device: torch.device, dtype: torch.dtype, compile_blocks: bool) -> CausalWanModel:
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = CausalWanModel(MODEL_PRESETS[name], compute_dtype=dtype)
+    model = model.to(dtype).eval().requires_grad_(False)
+    if compile_blocks:
+        torch._dynamo.config.cache_size_limit = 64
+        for block in model.blocks:
+            block.compile(dynamic=False)
+    return model
+
+
+def time_video(model, context, args, mode: str, clock: Clock) -> list[float]:
+    """Seconds per chunk of one video."""
+    seconds, chunks = [], stream_video(model, context, args.width, args.height, args.frames, MODES[mode], seed=0)
+    while True:
+        start = clock.mark()
+        try:
+            next(chunks)
+        except StopIteration:
+            return seconds
+        seconds.append(clock.seconds(start, clock.mark()))
+
+
+def bench_mode(model, context, args, mode: str, clock: Clock, device: torch.device) -> dict:
+    for _ in range(args.warmup):
+        time_video(model, context, args, mode, clock)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    runs = [time_video(model, context, args, mode, clock) for _ in range(args.repeats)]
+    totals = [sum(r) for r in runs]
+    median_run = runs[totals.index(statistics.median_low(totals))]
+    flops = run_flops(model.cfg, MODES[mode], args.width, args.height, args.frames, mode)
+    seconds = statistics.median(totals)
+    return {
+        "mode": mode, "s_per_frame": seconds / args.frames, "total_s": seconds,
+        "tflop_total": flops.tflop_total, "achieved_tflops": flops.tflop_total / seconds,
+        "floor_fraction": (flops.tflop_per_frame / args.rate) / (seconds / args.frames),
+        "chunk_s": median_run, "model_calls": flops.model_calls,
+        "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+    }
+
+
+def bench_vae(args, device: torch.device, dtype: torch.dtype, clock: Clock) -> dict:
+    from histream_core.vae import WanVAE, WanVAEConfig
+    torch.manual_seed(0)
+    with torch.device(device):
+        vae = WanVAE(WanVAEConfig() if args.model != "tiny" else WanVAEConfig(base_dim=8))
+    vae = vae.to(dtype).eval()
+    latent_frames = (args.frames - 1) // 4 + 1
+    latents = torch.randn(1, 16, latent_frames, args.height // 8, args.width // 8, device=device, dtype=dtype)
+    results = {}
+    for name in ("whole", "streamed"):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        start = clock.mark()
+        if name == "whole":
+            vae.decode(latents)
+        else:
+            state = vae.initial_state()
+            for first in range(0, latent_frames, 3):
+                _, state = vae.decode_chunk(latents[:, :, first:first + 3], state)
+        results[name] = {"s": clock.seconds(start, clock.mark()),
+                         "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+    return results
+
+
+def bench_end_to_end(model, context, args, device: torch.device, dtype: torch.dtype, mode: str) -> dict:
+    from histream_core.pipeline import generate_to_file
+    from histream_core.vae import WanVAE, WanVAEConfig
+    with torch.device(device):
+        vae = WanVAE(WanVAEConfig() if args.model != "tiny" else WanVAEConfig(base_dim=8))
+    vae = vae.to(dtype).eval()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with tempfile.TemporaryDirectory() as folder:
+        start = time.perf_counter()
+        report = generate_to_file(model, vae, context, Path(folder) / "bench.mp4", args.width, args.height,
+                                  args.frames, MODES[mode], seed=0)
+        seconds = time.perf_counter() - start
+    return {"mode": mode, "s": seconds, "denoise_s": report.denoise_s, "decode_s": report.decode_s,
+            "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+
+
+def print_table(args, rows: list[dict], vae: dict | None, e2e: dict | None, device_name: str) -> None:
+    print(f"{args.model}, {args.width}x{args.height}, {args.frames} frames, {args.dtype}, {device_name}, "
+          f"median of {args.repeats} after {args.warmup} warm-up")
+    head = f"{'mode':<13}{'s/frame':>9}{'TFLOP':>9}{'TFLOP/s':>9}{'of floor':>9}{'peak GiB':>9}  per-chunk s"
+    print(head + "\n" + "-" * len(head))
+    for r in rows:
+        peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
+        chunks = " ".join(f"{s:.3f}" for s in r["chunk_s"])
+        print(f"{r['mode']:<13}{r['s_per_frame']:>9.4f}{r['tflop_total']:>9.1f}{r['achieved_tflops']:>9.1f}"
+              f"{r['floor_fraction']:>9.0%}{peak:>9}  {chunks}")
+    if vae:
+        for name, v in vae.items():
+            peak = f", peak {v['peak_gib']:.1f} GiB" if v["peak_gib"] is not None else ""
+            print(f"VAE decode {args.frames} frames ({name}): {v['s']:.2f} s{peak}")
+    if e2e:
+        print(f"end to end to mp4 ({e2e['mode']}): {e2e['s']:.2f} s (denoise {e2e['denoise_s']:.2f} s, "
+              f"decode {e2e['decode_s']:.2f} s)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="wan2.1-1.3b", choices=list(MODEL_PRESETS))
+    parser.add_argument("--width", type=int, default=1920)
+    parser.add_argument("--height", type=int, default=1088)
+    parser.add_argument("--frames", type=int, default=81)
+    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--rate", type=float, default=798.0, help="matmul TFLOP/s that defines the floor")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every transformer block")
+    parser.add_argument("--skip-vae", action="store_true")
+    parser.add_argument("--e2e-mode", default="histream+", help="mode of the end-to-end mp4 run ('' to skip)")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype] if device.type == "cuda" or args.dtype == "fp32" else torch.float32
+    clock = Clock(device)
+    model = build_model(args.model, device, dtype, args.compile)
+    context = torch.randn(1, model.cfg.text_len, model.cfg.text_dim, device=device)
+    with torch.no_grad():
+        rows = [bench_mode(model, context, args, mode, clock, device) for mode in args.modes.split(",") if mode]
+        vae = None if args.skip_vae else bench_vae(args, device, dtype, clock)
+        e2e = bench_end_to_end(model, context, args, device, dtype, args.e2e_mode) if args.e2e_mode else None
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print_table(args, rows, vae, e2e, device_name)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": device_name, "args": vars(args), "modes": rows,
+                                               "vae": vae, "end_to_end": e2e}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,301 @@
+"""Checkpoint loading: every key layout round-trips a tiny random model, dtypes are kept or cast as asked, and every
+kind of bad file is refused with a CheckpointError that names the file, the layouts tried and the offending keys.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import tiny_model
+from histream_core.checkpoints import CheckpointError, detect_config, inspect_checkpoint, load_wan_model
+from histream_core.config import MODEL_PRESETS
+from histream_core.model import CausalWanModel
+
+diffusers_utils = pytest.importorskip("diffusers.loaders.single_file_utils")
+
+FP8 = torch.float8_e4m3fn
+TINY = dict(head_dim=24, text_len=16)  # what the shapes cannot tell, for the tiny preset
+
+
+@pytest.fixture(scope="module")
+def model() -> CausalWanModel:
+    return tiny_model(seed=7)
+
+
+@pytest.fixture(scope="module")
+def inputs(model):
+    gen = torch.Generator().manual_seed(0)
+    cfg = model.cfg
+    return (torch.randn(1, cfg.in_dim, 2, 4, 6, generator=gen), torch.tensor([700.0]),
+            torch.randn(1, cfg.text_len, cfg.text_dim, generator=gen))
+
+
+@pytest.fixture(scope="module")
+def reference(model, inputs):
+    with torch.no_grad():
+        return model(*inputs)
+
+
+def forward(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(*inputs)
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def wan_state(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def write(obj, path: Path) -> Path:
+    """.safetensors for a flat dict of tensors, torch.save otherwise (Self-Forcing files are torch.save'd dicts)."""
+    if path.suffix == ".safetensors":
+        save_file({k: v.contiguous() for k, v in obj.items()}, str(path))
+    else:
+        torch.save(obj, path)
+    return path
+
+
+def prefixed(state, prefix: str) -> dict[str, torch.Tensor]:
+    return {prefix + k: v for k, v in state.items()}
+
+
+def diffusers_state(state) -> dict[str, torch.Tensor]:
+    return diffusers_utils.convert_wan_transformer_to_diffusers(dict(state))  # consumes its input: pass a copy
+
+
+LAYOUTS = {
+    "wan": lambda s: s,
+    "model.": lambda s: prefixed(s, "model."),
+    "model.diffusion_model.": lambda s: prefixed(s, "model.diffusion_model."),
+    "diffusers": diffusers_state,
+    "diffusers under model.diffusion_model.": lambda s: prefixed(diffusers_state(s), "model.diffusion_model."),
+    "fsdp + compile wrappers": lambda s: {k.replace("blocks.", "_orig_mod.blocks._fsdp_wrapped_module.")
+                                          .replace("self_attn.", "_checkpoint_wrapped_module.self_attn."): v
+                                          for k, v in prefixed(s, "model.").items()},
+    "self-forcing generator_ema": lambda s: {"generator_ema": prefixed(s, "model."), "step": 600},
+    "self-forcing generator": lambda s: {"generator": prefixed(s, "model.")},
+}
+
+
+@pytest.mark.parametrize("layout,suffix", [(layout, suffix) for layout in LAYOUTS for suffix in (".safetensors", ".pt")
+                                           if not (layout.startswith("self-forcing") and suffix == ".safetensors")])
+def test_every_layout_round_trips(layout, suffix, model, inputs, reference, tmp_path):
+    path = write(LAYOUTS[layout](wan_state(model)), tmp_path / f"ckpt{suffix}")
+    loaded = load_wan_model(path, **TINY)
+    assert loaded.cfg == model.cfg
+    assert not any(t.is_meta for t in loaded.state_dict().values())
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    assert torch.equal(forward(loaded, inputs), reference)
+
+
+def test_generator_ema_is_preferred(model, tmp_path):
+    other = tiny_model(seed=8)
+    path = write({"generator": prefixed(wan_state(other), "model."),
+                  "generator_ema": prefixed(wan_state(model), "model.")}, tmp_path / "sf.pt")
+    loaded = load_wan_model(path, **TINY)
+    assert torch.equal(loaded.head.head.weight, model.head.head.weight)
+    assert inspect_checkpoint(path, **TINY)["source"] == "generator_ema"
+
+
+def test_diffusers_reverse_map_is_the_inverse_of_diffusers_converter():
+    """Full-size key sets on the meta device: diffusers' converter then ours gives back every Wan key and shape."""
+    with torch.device("meta"):
+        big = CausalWanModel(MODEL_PRESETS["wan2.1-1.3b"])
+    state = big.state_dict()
+    assert detect_config(diffusers_state(state)) == MODEL_PRESETS["wan2.1-1.3b"]
+    assert detect_config(prefixed(state, "model.diffusion_model.")) == MODEL_PRESETS["wan2.1-1.3b"]
+
+
+@pytest.mark.parametrize("preset", ["wan2.1-1.3b", "wan2.1-14b"])
+def test_detect_config_of_the_real_sizes(preset):
+    with torch.device("meta"):
+        state = CausalWanModel(MODEL_PRESETS[preset]).state_dict()
+    assert detect_config(state) == MODEL_PRESETS[preset]
+
+
+def test_detect_config_reads_norm_switches():
+    cfg = MODEL_PRESETS["tiny"].with_(qk_norm=False, cross_attn_norm=False, num_layers=3, ffn_dim=72)
+    with torch.device("meta"):
+        state = CausalWanModel(cfg).state_dict()
+    assert detect_config(state, **TINY) == cfg
+
+
+def test_inspect_reads_the_header_only(model, tmp_path):
+    state = {k: (v.to(FP8) if k.endswith(".weight") and v.ndim >= 2 else v) for k, v in wan_state(model).items()}
+    path = write(prefixed(state, "model.diffusion_model."), tmp_path / "m.safetensors")
+    info = inspect_checkpoint(path, **TINY)
+    assert info["layout"] == "wan" and info["prefix"] == "model.diffusion_model." and info["container"] == "safetensors"
+    assert info["config"] == model.cfg
+    assert info["parameters"] == sum(p.numel() for p in model.parameters())
+    assert set(info["dtypes"]) == {"float8_e4m3fn", "float32"}
+
+
+# -- dtypes -------------------------------------------------------------------------------------------------------
+def fp8_linear_weights(state) -> dict[str, torch.Tensor]:
+    return {k: (v.to(FP8) if k.endswith(".weight") and v.ndim >= 2 else v) for k, v in state.items()}
+
+
+def test_fp8_weights_stay_fp8_and_upcast_per_layer(model, inputs, reference, tmp_path):
+    fp8_state = fp8_linear_weights(wan_state(model))
+    loaded = load_wan_model(write(fp8_state, tmp_path / "fp8.safetensors"), **TINY)
+    assert loaded.blocks[0].self_attn.q.weight.dtype == FP8
+    assert loaded.patch_embedding.weight.dtype == FP8
+    assert loaded.blocks[0].self_attn.q.bias.dtype == torch.float32
+    out = forward(loaded, inputs)
+    # Upcasting per layer computes exactly what an fp32 model holding the fp8-rounded weights computes ...
+    rounded = tiny_model(seed=7)
+    rounded.load_state_dict({k: v.float() for k, v in fp8_state.items()})
+    torch.testing.assert_close(out, forward(rounded, inputs), rtol=1e-5, atol=1e-5)
+    # ... and e4m3's 3-bit mantissa costs: weights 2.7e-2 RMS relative rounding, output 4.9e-2 here (tiny model).
+    assert 1e-2 < relative_error(out, reference) < 0.1
+
+
+def test_fp32_file_cast_to_fp8_on_load(model, inputs, reference, tmp_path):
+    path = write(wan_state(model), tmp_path / "fp32.pt")
+    loaded = load_wan_model(path, weight_dtype=FP8, **TINY)
+    assert loaded.blocks[1].ffn[0].weight.dtype == FP8
+    assert loaded.blocks[1].modulation.dtype == torch.float32  # modulation and norms keep their precision
+    assert loaded.blocks[1].norm3.weight.dtype == torch.float32
+    assert relative_error(forward(loaded, inputs), reference) < 0.1
+
+
+def scaled_fp8(state) -> dict[str, torch.Tensor]:
+    """ComfyUI's scaled-fp8 format: fp8 weight = weight / scale, a per-tensor ``scale_weight``, a marker key."""
+    out = {"scaled_fp8": torch.empty(0, dtype=FP8)}
+    for key, value in state.items():
+        if key.endswith(".weight") and value.ndim >= 2:
+            scale = value.abs().max() / 448.0
+            out[key], out[key.removesuffix("weight") + "scale_weight"] = (value / scale).to(FP8), scale.reshape(())
+        else:
+            out[key] = value
+    return out
+
+
+def test_comfy_scaled_fp8_is_dequantized(model, inputs, reference, tmp_path):
+    path = write(prefixed(scaled_fp8(wan_state(model)), "model.diffusion_model."), tmp_path / "scaled.safetensors")
+    loaded = load_wan_model(path, **TINY)
+    assert loaded.blocks[0].self_attn.q.weight.dtype == torch.float32
+    assert relative_error(forward(loaded, inputs), reference) < 0.1  # measured 4.6e-2
+    assert load_wan_model(path, weight_dtype=torch.bfloat16, **TINY).head.head.weight.dtype == torch.bfloat16
+    with pytest.raises(CheckpointError, match="scaled-fp8"):
+        load_wan_model(path, weight_dtype=FP8, **TINY)
+
+
+@pytest.mark.parametrize("dtype,bound", [(torch.bfloat16, 1e-2), (torch.float16, 1e-3)])  # measured 3.1e-3, 3.4e-4
+def test_half_precision_weights(dtype, bound, model, inputs, reference, tmp_path):
+    path = write({k: v.to(dtype) for k, v in wan_state(model).items()}, tmp_path / "half.safetensors")
+    loaded = load_wan_model(path, **TINY)
+    assert {p.dtype for p in loaded.parameters()} == {dtype}
+    assert relative_error(forward(loaded, inputs), reference) < bound
+    cast = load_wan_model(write(wan_state(model), tmp_path / "full.pt"), weight_dtype=dtype, **TINY)
+    assert {p.dtype for p in cast.parameters()} == {dtype}
+
+
+# -- bad files ----------------------------------------------------------------------------------------------------
+def refused(path, **kwargs) -> str:
+    with pytest.raises(CheckpointError) as info:
+        load_wan_model(path, **{**TINY, **kwargs})
+    message = str(info.value)
+    assert Path(path).name in message and "Layouts tried" in message and "diffusers" in message
+    assert "What to do" in message
+    return message
+
+
+def test_nonexistent_file(tmp_path):
+    assert "does not exist" in refused(tmp_path / "nope.safetensors")
+
+
+def test_truncated_safetensors(model, tmp_path):
+    path = write(wan_state(model), tmp_path / "cut.safetensors")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert "could not be read" in refused(path)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt", ".ckpt"])
+def test_garbage_bytes(suffix, tmp_path):
+    path = tmp_path / f"garbage{suffix}"
+    path.write_bytes(os.urandom(4096))
+    assert "could not be read" in refused(path)
+
+
+def test_vae_like_file(tmp_path):
+    vae = {"encoder.conv1.weight": torch.zeros(96, 3, 3, 3, 3), "decoder.conv1.weight": torch.zeros(384, 16, 3, 3, 3)}
+    path = write(vae, tmp_path / "wan_2.1_vae.safetensors")
+    message = refused(path)
+    assert "encoder.conv1.weight" in message and "VAE" in message
+
+
+def test_missing_keys(model, tmp_path):
+    state = wan_state(model)
+    del state["blocks.1.ffn.2.bias"], state["blocks.0.self_attn.norm_k.weight"]
+    message = refused(write(state, tmp_path / "missing.safetensors"))
+    assert "2 missing keys" in message and "blocks.1.ffn.2.bias" in message
+
+
+def test_wrong_shape(model, tmp_path):
+    state = wan_state(model)
+    state["blocks.1.ffn.0.weight"] = torch.zeros(50, 48)
+    message = refused(write(state, tmp_path / "shape.safetensors"))
+    assert "wrong shapes" in message and "blocks.1.ffn.0.weight (file [50, 48], model [96, 48])" in message
+
+
+def test_unexpected_keys_listed_with_a_count(model, tmp_path):
+    state = wan_state(model)
+    state.update({f"blocks.0.lora_{i}.weight": torch.zeros(2) for i in range(8)})
+    message = refused(write(state, tmp_path / "extra.safetensors"))
+    assert "8 unexpected keys" in message and "blocks.0.lora_0.weight" in message and "(and 3 more)" in message
+
+
+def test_config_that_does_not_fit(model, tmp_path):
+    path = write(wan_state(model), tmp_path / "m.safetensors")
+    assert "wrong shapes" in refused(path, config=model.cfg.with_(ffn_dim=64))
+
+
+def test_head_dim_that_does_not_divide(model, tmp_path):
+    message = refused(write(wan_state(model), tmp_path / "m.safetensors"), head_dim=128)
+    assert "not a multiple of head_dim 128" in message
+
+
+def test_image_to_video_checkpoint(model, tmp_path):
+    state = wan_state(model)
+    state["patch_embedding.weight"] = torch.zeros(48, 36, 1, 2, 2)
+    state["img_emb.proj.1.weight"] = torch.zeros(48, 64)
+    assert "image-to-video" in refused(write(state, tmp_path / "i2v.safetensors"))
+
+
+def test_scaled_fp8_scale_of_a_wrong_shape(model, tmp_path):
+    state = scaled_fp8(wan_state(model))
+    state["blocks.0.ffn.0.scale_weight"] = torch.ones(3)
+    assert "blocks.0.ffn.0.scale_weight [3]" in refused(write(state, tmp_path / "scaled.safetensors"))
+
+
+class Payload:
+    """Unpickling this would create ``marker``: proves weights_only refused it before running anything."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def test_pickle_with_an_arbitrary_object_is_refused(model, tmp_path):
+    marker = tmp_path / "pwned"
+    evil = {"generator_ema": prefixed(wan_state(model), "model."), "extra": Payload(marker)}
+    path = write(evil, tmp_path / "evil.pt")
+    message = refused(path)
+    assert "refused to unpickle" in message and not marker.exists()
+
+
+def test_dict_of_non_tensors(tmp_path):
+    message = refused(write({"config": {"dim": 48}, "steps": 3}, tmp_path / "odd.pt"))
+    assert "not all tensors" in message and "config" in message
