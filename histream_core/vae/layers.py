@@ -1,0 +1,190 @@
+"""Building blocks of the Wan2.1 VAE, written for streaming over time.
+
+Every module whose output at frame ``t`` depends on earlier frames takes a :class:`CausalPass`, which hands it the
+cache it left at the end of the previous pass and collects the new one. Nothing is stored on the modules, so the
+same VAE can stream any number of videos (or spatial tiles) at once, each with its own state.
+
+Parameter names follow the original Wan checkpoint (``residual.0.gamma``, ``residual.2.weight``, ``resample.1``,
+``time_conv``, ...), so ``Wan2.1_VAE.pth`` and ComfyUI's ``wan_2.1_vae.safetensors`` load without renaming.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class CausalPass:
+    """The temporal caches of one forward pass over consecutive frames of a stream.
+
+    Modules call :meth:`take` for the cache they wrote in the previous pass (``None`` at the start of a stream) and
+    :meth:`give` their new one, in a fixed call order; :meth:`result` returns the new caches for the next pass.
+
+    ``first_frame`` is True for the pass holding only the video's first frame: Wan encodes and decodes that frame
+    on its own (it maps to one latent frame, the others to ``temporal_factor`` frames each), so the temporal
+    resampling layers skip their time convolution on it.
+    """
+
+    def __init__(self, caches: tuple[torch.Tensor | None, ...] | None, first_frame: bool) -> None:
+        self._old = caches
+        self._new: list[torch.Tensor | None] = []
+        self.first_frame = first_frame
+
+    def take(self) -> torch.Tensor | None:
+        if self._old is None:
+            return None
+        assert len(self._new) < len(self._old), "more cached layers called than the state holds"
+        return self._old[len(self._new)]
+
+    def give(self, cache: torch.Tensor | None) -> None:
+        self._new.append(cache)
+
+    def result(self) -> tuple[torch.Tensor | None, ...]:
+        assert self._old is None or len(self._old) == len(self._new), "state and network disagree on cache count"
+        return tuple(self._new)
+
+
+class CausalConv3d(nn.Conv3d):
+    """Conv3d that pads time only on the past (``2 * padding_t`` frames), as Wan's ``CausalConv3d``.
+
+    Called with a :class:`CausalPass`, the past frames are the last ones of the previous pass (zeros at the start
+    of the stream), so a video fed in pieces gives exactly the output of the video fed whole.
+    Kernels with no temporal extent (1x1x1) need no cache and are called without a pass.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int, int],
+                 stride: int | tuple[int, int, int] = 1, padding: int | tuple[int, int, int] = 0) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding)
+        pad_t, pad_h, pad_w = self.padding
+        self.history = 2 * pad_t  # past frames each output frame sees beyond its own
+        self.padding = (0, pad_h, pad_w)  # spatial padding stays inside the conv; time is handled here
+
+    def forward(self, x: torch.Tensor, stream: CausalPass | None = None) -> torch.Tensor:  # [B, C, T, H, W]
+        if self.history == 0:
+            return super().forward(x)
+        assert stream is not None, "a temporal causal conv needs a CausalPass"
+        past = stream.take()
+        if past is None:
+            b, c, _, h, w = x.shape
+            past = x.new_zeros(b, c, self.history, h, w)
+        x = torch.cat([past, x], dim=2)
+        stream.give(x[:, :, -self.history:].clone())  # clone: a view would keep the whole input alive
+        return super().forward(x)
+
+
+class RMSNorm(nn.Module):
+    """Wan's ``RMS_norm``: L2-normalize over channels, times sqrt(C) and a learned per-channel gain ``gamma``.
+
+    ``images=True`` is for [N, C, H, W] inputs (attention), otherwise [B, C, T, H, W]. Half-precision inputs are
+    normalized in float32 (as diffusers does), then cast back.
+    """
+
+    def __init__(self, dim: int, images: bool) -> None:
+        super().__init__()
+        self.scale = dim ** 0.5
+        self.gamma = nn.Parameter(torch.ones(dim, 1, 1) if images else torch.ones(dim, 1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = F.normalize(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x, dim=1).to(x.dtype)
+        return normed * self.scale * self.gamma.to(x.dtype)
+
+
+class ResidualBlock(nn.Module):
+    """norm -> SiLU -> causal conv 3x3x3 -> norm -> SiLU -> causal conv 3x3x3, plus a (1x1x1 conv) shortcut.
+
+    ``residual`` keeps Wan's ``nn.Sequential`` indices (0 norm, 1 SiLU, 2 conv, 3 norm, 4 SiLU, 5 dropout, 6 conv)
+    so parameter names match; index 5 is an identity because the VAE is only run for inference.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.residual = nn.Sequential(
+            RMSNorm(in_dim, images=False), nn.SiLU(), CausalConv3d(in_dim, out_dim, 3, padding=1),
+            RMSNorm(out_dim, images=False), nn.SiLU(), nn.Identity(), CausalConv3d(out_dim, out_dim, 3, padding=1))
+        self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
+
+    def forward(self, x: torch.Tensor, stream: CausalPass) -> torch.Tensor:  # [B, C, T, H, W]
+        norm1, act1, conv1, norm2, act2, _, conv2 = self.residual
+        h = conv1(act1(norm1(x)), stream)
+        h = conv2(act2(norm2(h)), stream)
+        return h + self.shortcut(x)
+
+
+class AttentionBlock(nn.Module):
+    """Single-head self-attention over the pixels of each frame (no temporal mixing, so no cache)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = RMSNorm(dim, images=True)
+        self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, T, H, W]
+        b, c, t, h, w = x.shape
+        frames = x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)  # [B*T, C, H, W]
+        qkv = self.to_qkv(self.norm(frames)).reshape(b * t, 3 * c, h * w).transpose(1, 2)  # [B*T, HW, 3C]
+        q, k, v = qkv.unsqueeze(1).chunk(3, dim=-1)  # each [B*T, 1, HW, C]
+        out = F.scaled_dot_product_attention(q, k, v)  # [B*T, 1, HW, C]
+        out = self.proj(out.squeeze(1).transpose(1, 2).reshape(b * t, c, h, w))
+        return x + out.reshape(b, t, c, h, w).permute(0, 2, 1, 3, 4)
+
+
+def _per_frame(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Apply a 2D module to every frame.  # [B, C, T, H, W] -> [B, C', T, H', W']"""
+    b, c, t, h, w = x.shape
+    y = conv(x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w))
+    return y.reshape(b, t, *y.shape[1:]).permute(0, 2, 1, 3, 4)
+
+
+class Downsample(nn.Module):
+    """Encoder resampling: halve H and W (zero-pad right/bottom, 3x3 conv stride 2); optionally halve time.
+
+    Time (``temporal=True``): the first frame passes through; after it, each output frame is a kernel-3,
+    stride-2 causal conv over (previous input frame, two new frames). The cache is the last input frame, so
+    passes after the first must bring an even number of frames.
+    """
+
+    def __init__(self, dim: int, temporal: bool) -> None:
+        super().__init__()
+        self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=2))
+        self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1)) if temporal else None
+
+    def forward(self, x: torch.Tensor, stream: CausalPass) -> torch.Tensor:  # [B, C, T, H, W]
+        x = _per_frame(self.resample, x)
+        if self.time_conv is None:
+            return x
+        past = stream.take()
+        stream.give(x[:, :, -1:].clone())
+        if stream.first_frame:
+            assert x.shape[2] == 1, "the first pass holds only the first frame"
+            return x
+        assert past is not None and x.shape[2] % 2 == 0, "later passes bring an even number of frames"
+        return self.time_conv(torch.cat([past, x], dim=2))
+
+
+class Upsample(nn.Module):
+    """Decoder resampling: double H and W (nearest, then 3x3 conv to dim // 2); optionally double time.
+
+    Time (``temporal=True``): a causal kernel-3 conv makes 2*dim channels per frame, read as two frames.
+    Wan does not double the first frame and starts the time conv's history at the second one (zeros before it).
+    """
+
+    def __init__(self, dim: int, temporal: bool) -> None:
+        super().__init__()
+        self.resample = nn.Sequential(nn.Upsample(scale_factor=(2.0, 2.0), mode="nearest-exact"),
+                                      nn.Conv2d(dim, dim // 2, 3, padding=1))
+        self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0)) if temporal else None
+
+    def forward(self, x: torch.Tensor, stream: CausalPass) -> torch.Tensor:  # [B, C, T, H, W]
+        if self.time_conv is not None:
+            if stream.first_frame:
+                stream.give(stream.take())  # leave the history empty: it starts after the first frame
+            else:
+                b, c, t, h, w = x.shape
+                y = self.time_conv(x, stream)  # [B, 2C, T, H, W]
+                x = y.reshape(b, 2, c, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * t, h, w)
+        return _per_frame(self.resample, x)
+
+
+__all__ = ["CausalPass", "CausalConv3d", "RMSNorm", "ResidualBlock", "AttentionBlock", "Downsample", "Upsample"]

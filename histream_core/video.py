@@ -1,0 +1,171 @@
+"""Streaming video files: frames go to ffmpeg chunk by chunk, so a minutes-long video is written at constant memory.
+
+Uses the ffmpeg binary shipped with ``imageio-ffmpeg`` (``imageio_ffmpeg.write_frames``). Containers:
+``.mp4`` (H.264, yuv420p, ``crf`` 0-51, default 19) and ``.webm`` (VP9, yuv420p, ``crf`` 0-63, default 31).
+
+The file appears under its name only when the writer closes successfully: frames are written to a hidden
+temporary file in the same folder, which is renamed over the target at the end, and deleted if the ``with`` block
+raises (including KeyboardInterrupt) or :meth:`VideoWriter.abort` is called.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+WAN_FPS = 16.0  # Wan2.1's native frame rate
+
+# container suffix -> (ffmpeg codec, default crf, max crf, extra ffmpeg output options)
+_CONTAINERS: dict[str, tuple[str, int, int, tuple[str, ...]]] = {
+    ".mp4": ("libx264", 19, 51, ()),
+    ".webm": ("libvpx-vp9", 31, 63, ("-b:v", "0", "-row-mt", "1")),  # -b:v 0: constant quality mode for VP9
+}
+
+FrameArray = torch.Tensor | np.ndarray
+
+
+def to_uint8_frames(frames: FrameArray) -> np.ndarray:
+    """Convert frames to what the writer sends ffmpeg: a C-contiguous uint8 array [T, H, W, 3].
+
+    Accepts ``[T, H, W, 3]`` uint8 (0..255) or float (0..1, e.g. ComfyUI IMAGE), torch or numpy, and VAE output
+    ``[1, 3, T, H, W]`` float in [-1, 1] (torch or numpy; one video per writer, so the batch must be 1).
+    Floats are clamped and rounded.
+    """
+    array = frames.detach().cpu() if isinstance(frames, torch.Tensor) else torch.from_numpy(np.asarray(frames))
+    if array.ndim == 5:
+        if array.shape[0] != 1 or array.shape[1] != 3:
+            raise ValueError(f"VAE frames must be [1, 3, T, H, W] (one video per writer), got {tuple(array.shape)}")
+        array = (array[0].permute(1, 2, 3, 0).float() + 1.0) / 2.0  # [-1, 1] -> [0, 1], [T, H, W, 3]
+    if array.ndim != 4 or array.shape[-1] != 3:
+        raise ValueError(f"frames must be [T, H, W, 3] (uint8 or float 0..1) or [1, 3, T, H, W] (float -1..1), "
+                         f"got shape {tuple(array.shape)}")
+    if array.dtype == torch.uint8:
+        return np.ascontiguousarray(array.numpy())
+    if not array.is_floating_point():
+        raise ValueError(f"frames must be uint8 or floating point, got {array.dtype}")
+    return np.ascontiguousarray((array.float().clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).numpy())
+
+
+class VideoWriter:
+    """Write a video chunk by chunk; use as a context manager.
+
+    >>> with VideoWriter("out.mp4", fps=16) as writer:   # doctest: +SKIP
+    ...     for chunk in chunks:
+    ...         writer.write(chunk)
+
+    Width and height must be even (yuv420p stores colour at half resolution); odd sizes raise a ValueError
+    rather than being padded or scaled silently. All chunks must have the same size.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], fps: float = WAN_FPS, crf: int | None = None) -> None:
+        self.path = Path(path)
+        suffix = self.path.suffix.lower()
+        if suffix not in _CONTAINERS:
+            raise ValueError(f"unknown container {suffix or '(no suffix)'!r} for {self.path}; "
+                             f"use one of {sorted(_CONTAINERS)} (.mp4: H.264, .webm: VP9)")
+        codec, default_crf, max_crf, extra = _CONTAINERS[suffix]
+        if not fps > 0:
+            raise ValueError(f"fps must be positive, got {fps}")
+        crf = default_crf if crf is None else crf
+        if not 0 <= crf <= max_crf:
+            raise ValueError(f"crf for {suffix} must be in [0, {max_crf}] (lower is better quality), got {crf}")
+        if not self.path.parent.is_dir():
+            raise FileNotFoundError(
+                f"folder {self.path.parent} does not exist; create it before writing {self.path.name}")
+        self.fps = float(fps)
+        self.crf = crf
+        self._codec = codec
+        self._extra = extra
+        self._tmp = self.path.with_name(f".{self.path.stem}.{secrets.token_hex(4)}.partial{suffix}")
+        self._gen: Any = None  # imageio-ffmpeg's frame generator, started on the first write
+        self._size: tuple[int, int] | None = None  # (width, height)
+        self._done = False
+        self.frames_written = 0
+
+    def write(self, frames: FrameArray) -> None:
+        """Append frames (see :func:`to_uint8_frames` for the accepted layouts)."""
+        if self._done:
+            raise RuntimeError(f"writer for {self.path} is already closed")
+        array = to_uint8_frames(frames)
+        height, width = array.shape[1:3]
+        if self._size is None:
+            if width % 2 or height % 2:
+                raise ValueError(f"frame size {width}x{height} has an odd side, which yuv420p cannot store; "
+                                 "crop or pad the frames to even sizes (Wan sizes are multiples of 16)")
+            self._start(width, height)
+        elif (width, height) != self._size:
+            raise ValueError(f"frame size {width}x{height} differs from the video's {self._size[0]}x{self._size[1]}")
+        for frame in array:
+            self._gen.send(frame)
+        self.frames_written += len(array)
+
+    def _start(self, width: int, height: int) -> None:
+        import imageio_ffmpeg
+
+        self._size = (width, height)
+        self._gen = imageio_ffmpeg.write_frames(
+            str(self._tmp), (width, height), fps=self.fps, codec=self._codec, quality=None, pix_fmt_out="yuv420p",
+            macro_block_size=1, ffmpeg_log_level="error", output_params=["-crf", str(self.crf), *self._extra])
+        self._gen.send(None)  # starts ffmpeg
+
+    def close(self) -> Path:
+        """Finish the file and move it to its name; returns the path. Raises if no frame was written."""
+        if self._done:
+            return self.path
+        if self.frames_written == 0:
+            self.abort()
+            raise ValueError(f"no frames were written to {self.path}; nothing was saved")
+        try:
+            self._gen.close()  # flushes and waits for ffmpeg
+            if not self._tmp.is_file() or self._tmp.stat().st_size == 0:
+                raise RuntimeError(f"ffmpeg produced no output for {self.path}; see its messages above")
+            os.replace(self._tmp, self.path)
+        except BaseException:
+            self._discard()
+            raise
+        self._done = True
+        log.info("wrote %s: %d frames, %dx%d, %.3g fps", self.path, self.frames_written, *self._size, self.fps)
+        return self.path
+
+    def abort(self) -> None:
+        """Stop writing and delete the partial file; the target name is left untouched."""
+        if self._done:
+            return
+        self._discard()
+
+    def _discard(self) -> None:
+        self._done = True
+        try:
+            if self._gen is not None:
+                self._gen.close()
+        finally:
+            self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> VideoWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def write_video(path: str | os.PathLike[str], frames: FrameArray, fps: float = WAN_FPS, crf: int | None = None) -> Path:
+    """Write all ``frames`` at once (any layout :func:`to_uint8_frames` accepts); returns the path."""
+    with VideoWriter(path, fps=fps, crf=crf) as writer:
+        writer.write(frames)
+    return writer.path
+
+
+__all__ = ["VideoWriter", "write_video", "to_uint8_frames", "WAN_FPS"]

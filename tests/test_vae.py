@@ -1,0 +1,369 @@
+"""Wan2.1 VAE: parity with diffusers' AutoencoderKLWan, streaming == whole, tiling, previews, checkpoint loading.
+
+All on a tiny random VAE (base_dim 8, the real dim_mult / num_res_blocks / z_dim, because diffusers' converter
+hard-codes the decoder block layout), fp32 on CPU.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import pytest
+import torch
+
+from histream_core.vae import (LATENT_RGB_BIAS, LATENTS_MEAN, LATENTS_STD, TiledDecoder, VAECheckpointError, WanVAE,
+                               WanVAEConfig, denormalize, frames_to_images, images_to_frames, latent_preview,
+                               load_vae, normalize, tile_spans, wan_state_dict_from_diffusers)
+
+diffusers = pytest.importorskip("diffusers")
+from diffusers import AutoencoderKLWan  # noqa: E402
+from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers  # noqa: E402
+
+# fp32 parity with diffusers. Measured on this CPU: encode max abs error ~5e-7 (latents up to ~2),
+# decode ~3e-6 (frames in [-1, 1]); the gap is float rounding from different conv padding paths.
+PARITY_ATOL = 1e-5
+PARITY_RTOL = 1e-5
+# Tiled (tile 8, overlap 4 latent px) vs untiled decode of an 8x12 latent on the tiny random VAE. Measured:
+# max abs error 0.70, mean 0.066 (butting 6-px tiles without overlap: 1.64 / 0.155). The tiny random VAE mixes the
+# whole (small) frame through its middle attention and has a receptive field (~17 latent px) wider than the tile,
+# so this is a regression bound on the blending, not the quality to expect from the real VAE at 1080p.
+TILED_MAX_ERR = 0.85
+TILED_MEAN_ERR = 0.08
+
+TINY = WanVAEConfig(base_dim=8)
+
+
+def randomize_(vae: WanVAE, seed: int = 0) -> WanVAE:
+    """Random, well-scaled values for every parameter, norms included (Wan's ones/zeros would hide bugs)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in vae.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if name.endswith("gamma"):
+                p.copy_(1.0 + 0.3 * noise)
+            elif p.ndim >= 2:
+                p.copy_(noise / math.sqrt(math.prod(p.shape[1:])))
+            else:
+                p.copy_(0.1 * noise)
+    return vae
+
+
+def tiny_vae(seed: int = 0) -> WanVAE:
+    return randomize_(WanVAE(TINY), seed).eval()
+
+
+def to_diffusers(vae: WanVAE) -> AutoencoderKLWan:
+    ref = AutoencoderKLWan(base_dim=vae.config.base_dim, z_dim=vae.config.z_dim).eval()
+    ref.load_state_dict(convert_wan_vae_to_diffusers(dict(vae.state_dict())), strict=True)
+    return ref
+
+
+def rand(*shape: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Thousands of tiny ops: one thread is faster, and far faster when other jobs share the 2 cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def vae() -> WanVAE:
+    return tiny_vae()
+
+
+@pytest.fixture(scope="module")
+def ref(vae: WanVAE) -> AutoencoderKLWan:
+    return to_diffusers(vae)
+
+
+@pytest.fixture(scope="module")
+def video() -> torch.Tensor:
+    return rand(1, 3, 13, 32, 48).tanh()  # [B, 3, 1 + 4*3, H, W] in (-1, 1)
+
+
+@pytest.fixture(scope="module")
+def latents() -> torch.Tensor:
+    return rand(1, 16, 5, 4, 6, seed=2)  # [B, 16, T_latent, h, w]
+
+
+# ----------------------------------------------------------------------------------------------- config and names
+
+def test_config_rejects_bad_values() -> None:
+    with pytest.raises(ValueError, match="base_dim"):
+        WanVAEConfig(base_dim=0)
+    with pytest.raises(ValueError, match="temporal_downsample"):
+        WanVAEConfig(temporal_downsample=(True, True))
+    with pytest.raises(ValueError, match="even"):
+        WanVAEConfig(base_dim=3, dim_mult=(1, 3), temporal_downsample=(True,))
+    assert (WanVAEConfig().spatial_factor, WanVAEConfig().temporal_factor) == (8, 4)
+
+
+def test_parameter_names_are_wans(vae: WanVAE) -> None:
+    names = set(vae.state_dict())
+    for key in ("conv1.weight", "conv2.bias", "encoder.conv1.weight", "encoder.downsamples.0.residual.0.gamma",
+                "encoder.downsamples.3.shortcut.weight", "encoder.downsamples.5.time_conv.weight",
+                "encoder.downsamples.2.resample.1.weight", "encoder.middle.1.to_qkv.weight", "encoder.head.2.weight",
+                "decoder.middle.2.residual.6.weight", "decoder.upsamples.3.time_conv.weight",
+                "decoder.upsamples.4.shortcut.weight", "decoder.upsamples.11.resample.1.weight",
+                "decoder.upsamples.14.residual.3.gamma", "decoder.head.0.gamma"):
+        assert key in names, key
+    assert "encoder.downsamples.2.time_conv.weight" not in names  # stage 0 halves space only
+
+
+# ---------------------------------------------------------------------------------------- parity with diffusers
+
+def test_encode_matches_diffusers(vae: WanVAE, ref: AutoencoderKLWan, video: torch.Tensor) -> None:
+    ours = vae.encode(video)
+    with torch.no_grad():
+        theirs = ref.encode(video).latent_dist.mode()
+    assert ours.shape == theirs.shape == (1, 16, 4, 4, 6)
+    torch.testing.assert_close(ours, theirs, atol=PARITY_ATOL, rtol=PARITY_RTOL)
+
+
+def test_decode_matches_diffusers(vae: WanVAE, ref: AutoencoderKLWan, latents: torch.Tensor) -> None:
+    ours = vae.decode(latents)
+    with torch.no_grad():
+        theirs = ref.decode(latents).sample
+    assert ours.shape == theirs.shape == (1, 3, 17, 32, 48)
+    assert theirs.std() > 0.1  # not a degenerate (e.g. all-clamped) output
+    torch.testing.assert_close(ours, theirs, atol=PARITY_ATOL, rtol=PARITY_RTOL)
+
+
+def test_diffusers_key_map_round_trips(vae: WanVAE) -> None:
+    original = vae.state_dict()
+    back = wan_state_dict_from_diffusers(convert_wan_vae_to_diffusers(dict(original)))
+    assert set(back) == set(original)
+    assert all(back[k] is original[k] for k in original)
+
+
+def test_loads_diffusers_state_dict(vae: WanVAE, ref: AutoencoderKLWan, latents: torch.Tensor, tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    path = tmp_path / "diffusion_pytorch_model.safetensors"
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
+    loaded = load_vae(path)
+    assert loaded.config == vae.config
+    assert torch.equal(loaded.decode(latents), vae.decode(latents))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.decode(latents), ref.decode(latents).sample,
+                                   atol=PARITY_ATOL, rtol=PARITY_RTOL)
+
+
+# ----------------------------------------------------------------------------------------- streaming == whole
+
+def _stream_decode(decoder, latents: torch.Tensor, bounds: list[int], **kwargs) -> torch.Tensor:
+    state, out = decoder.initial_state(), []
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        frames, state = decoder.decode_chunk(latents[:, :, start:stop], state, **kwargs)
+        out.append(frames)
+    return torch.cat(out, dim=2)
+
+
+@pytest.mark.parametrize("bounds", [[0, 1, 3, 5], [0, 3, 5], [0, 1, 2, 3, 4, 5]])
+def test_streaming_decode_equals_whole(vae: WanVAE, latents: torch.Tensor, bounds: list[int]) -> None:
+    whole = vae.decode(latents)
+    streamed = _stream_decode(vae, latents, bounds)
+    assert streamed.shape == whole.shape
+    assert torch.equal(streamed, whole)  # same passes, same math: bit-identical in fp32
+
+
+def test_streaming_decode_multi_frame_passes(vae: WanVAE, latents: torch.Tensor) -> None:
+    """Several latent frames per pass exercise the multi-frame cache paths; equal up to conv rounding."""
+    whole = vae.decode(latents)
+    for fpp in (None, 2):
+        torch.testing.assert_close(_stream_decode(vae, latents, [0, 3, 5], frames_per_pass=fpp), whole,
+                                   atol=1e-5, rtol=0)
+
+
+def test_fresh_decode_per_chunk_is_detected(vae: WanVAE, latents: torch.Tensor) -> None:
+    """The wrong approach (a fresh whole-video decode per chunk) loses the causal history: the check above
+    would fail on it by a visible margin, in both frame count and pixels."""
+    whole = vae.decode(latents)
+    naive = torch.cat([vae.decode(latents[:, :, 0:3]), vae.decode(latents[:, :, 3:5])], dim=2)
+    assert naive.shape[2] == whole.shape[2] - 3  # the second chunk's first latent frame becomes 1 frame, not 4
+    assert (naive[:, :, -4:] - whole[:, :, -4:]).abs().max() > 0.05  # last latent frame's 4 frames
+
+
+def test_decode_chunk_leaves_state_untouched(vae: WanVAE, latents: torch.Tensor) -> None:
+    _, state = vae.decode_chunk(latents[:, :, :2], vae.initial_state())
+    first, _ = vae.decode_chunk(latents[:, :, 2:4], state)
+    again, _ = vae.decode_chunk(latents[:, :, 2:4], state)
+    assert torch.equal(first, again)
+    assert state.frames_in == 2 and state.started
+
+
+def test_stream_rejects_a_different_video(vae: WanVAE, latents: torch.Tensor) -> None:
+    _, state = vae.decode_chunk(latents[:, :, :1], vae.initial_state())
+    with pytest.raises(ValueError, match="initial_state"):
+        vae.decode_chunk(latents[:, :, 1:2, :2], state)
+    with pytest.raises(ValueError, match="raw Wan latents"):
+        vae.decode_chunk(latents[:, :8], vae.initial_state())
+
+
+def test_streaming_encode_equals_whole(vae: WanVAE, video: torch.Tensor) -> None:
+    whole = vae.encode(video)
+    for bounds in ([0, 1, 5, 9, 13], [0, 5, 13], [0, 9, 13]):
+        state, out = vae.initial_state(), []
+        for start, stop in zip(bounds[:-1], bounds[1:]):
+            lat, state = vae.encode_chunk(video[:, :, start:stop], state)
+            out.append(lat)
+        assert torch.equal(torch.cat(out, dim=2), whole), bounds
+    # Wrong approach: encoding frames 4..12 as a fresh video drops the history of frames 0..3.
+    naive = vae.encode(video[:, :, 4:13])
+    assert (naive[:, :, -1] - whole[:, :, -1]).abs().max() > 0.05
+
+
+def test_encode_chunk_sizes_are_checked(vae: WanVAE, video: torch.Tensor) -> None:
+    with pytest.raises(ValueError, match="1 \\+ 4k"):
+        vae.encode_chunk(video[:, :, :4], vae.initial_state())
+    _, state = vae.encode_chunk(video[:, :, :5], vae.initial_state())
+    with pytest.raises(ValueError, match="4k frames"):
+        vae.encode_chunk(video[:, :, 5:10], state)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        vae.encode(video[:, :, :, :, :44])
+
+
+# ----------------------------------------------------------------------------------------------------- tiling
+
+def test_tile_spans_cover_with_overlap() -> None:
+    for length, tile, overlap in [(136, 64, 16), (240, 64, 16), (12, 8, 4), (16, 6, 3), (9, 9, 2), (5, 8, 2)]:
+        spans = tile_spans(length, tile, overlap)
+        assert spans[0][0] == 0 and spans[-1][1] == length
+        assert all(b - a == min(tile, length) for a, b in spans)
+        assert all(prev[1] - nxt[0] >= overlap for prev, nxt in zip(spans, spans[1:]))
+
+
+def test_one_tile_is_exact(vae: WanVAE, latents: torch.Tensor) -> None:
+    assert torch.equal(TiledDecoder(vae, tile=6, overlap=2).decode(latents), vae.decode(latents))
+
+
+def test_tiled_decode_error_is_bounded(vae: WanVAE) -> None:
+    lat = rand(1, 16, 2, 8, 12, seed=3)
+    whole = vae.decode(lat)
+    blended = (TiledDecoder(vae, tile=8, overlap=4).decode(lat) - whole).abs()
+    seams = (TiledDecoder(vae, tile=6, overlap=0).decode(lat) - whole).abs()  # columns (0, 6), (6, 12)
+    assert blended.max() < TILED_MAX_ERR and blended.mean() < TILED_MEAN_ERR
+    assert blended.mean() < seams.mean()  # overlap + blending beats butting tiles together
+
+
+def test_tiled_streaming_equals_tiled_whole(vae: WanVAE) -> None:
+    lat = rand(1, 16, 3, 8, 10, seed=4)
+    tiled = TiledDecoder(vae, tile=6, overlap=2)  # 2 x 2 tiles, each with its own causal state
+    assert torch.equal(_stream_decode(tiled, lat, [0, 1, 3]), tiled.decode(lat))
+
+
+def test_tiled_decoder_validates() -> None:
+    with pytest.raises(ValueError, match="overlap"):
+        TiledDecoder(WanVAE(TINY), tile=8, overlap=8)
+
+
+# --------------------------------------------------------------------------------- latent format and previews
+
+def test_latent_format_matches_comfyui_and_diffusers(latents: torch.Tensor) -> None:
+    defaults = inspect.signature(AutoencoderKLWan.__init__).parameters
+    assert tuple(defaults["latents_mean"].default) == LATENTS_MEAN
+    assert tuple(defaults["latents_std"].default) == LATENTS_STD
+    mean = torch.tensor(LATENTS_MEAN).view(1, 16, 1, 1, 1)
+    std = torch.tensor(LATENTS_STD).view(1, 16, 1, 1, 1)
+    torch.testing.assert_close(normalize(latents), (latents - mean) * 1.0 / std)  # ComfyUI Wan21.process_in
+    torch.testing.assert_close(denormalize(normalize(latents)), latents)
+
+
+def test_preview_shape_and_range(latents: torch.Tensor) -> None:
+    rgb = latent_preview(latents, space="raw")
+    assert rgb.shape == (1, 5, 4, 6, 3) and rgb.dtype == torch.float32
+    assert 0.0 <= rgb.min() and rgb.max() <= 1.0 and rgb.std() > 0.01
+    as_bytes = latent_preview(normalize(latents), space="normalized", as_uint8=True)
+    assert as_bytes.dtype == torch.uint8 and as_bytes.shape == rgb.shape
+    assert (as_bytes.int() - (rgb * 255).round().int()).abs().max() <= 1
+    zero = latent_preview(torch.zeros(1, 16, 1, 1, 1), space="normalized")  # only the bias is left
+    torch.testing.assert_close(zero.flatten(), (torch.tensor(LATENT_RGB_BIAS) + 1) / 2)
+    with pytest.raises(ValueError, match="space"):
+        latent_preview(latents, space="model")  # type: ignore[arg-type]
+
+
+def test_frames_to_comfy_images() -> None:
+    frames = rand(2, 3, 5, 8, 16).clamp(-1, 1)
+    images = frames_to_images(frames)
+    assert images.shape == (10, 8, 16, 3) and 0 <= images.min() and images.max() <= 1
+    torch.testing.assert_close(images[6], (frames[1, :, 1].permute(1, 2, 0) + 1) / 2)  # video 1, frame 1
+    torch.testing.assert_close(images_to_frames(images[:5]), frames[:1])
+
+
+# --------------------------------------------------------------------------------------------- checkpoints
+
+def test_loads_wan_layout_safetensors_and_pth(vae: WanVAE, latents: torch.Tensor, tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    sd = vae.state_dict()
+    save_file(sd, str(tmp_path / "wan_2.1_vae.safetensors"))
+    torch.save(sd, tmp_path / "Wan2.1_VAE.pth")
+    save_file({"vae." + k: v for k, v in sd.items()}, str(tmp_path / "bundle.safetensors"))
+    expected = vae.decode(latents)
+    for name in ("wan_2.1_vae.safetensors", "Wan2.1_VAE.pth", "bundle.safetensors"):
+        loaded = load_vae(tmp_path / name)
+        assert loaded.config == TINY and not loaded.training
+        assert torch.equal(loaded.decode(latents), expected), name
+    half = load_vae(tmp_path / "wan_2.1_vae.safetensors", dtype=torch.bfloat16)
+    assert half.conv2.weight.dtype == torch.bfloat16
+
+
+def _expect_error(path, *fragments: str) -> str:
+    with pytest.raises(VAECheckpointError) as info:
+        load_vae(path)
+    message = str(info.value)
+    assert str(path) in message and "wan_2.1_vae.safetensors" in message and "models/vae" in message
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+    return message
+
+
+def test_missing_and_unreadable_files(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    _expect_error(tmp_path / "nope.safetensors", "no such file")
+    save_file({"a": torch.zeros(1000)}, str(tmp_path / "cut.safetensors"))
+    data = (tmp_path / "cut.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    _expect_error(tmp_path / "cut.safetensors", "truncated")
+    (tmp_path / "vae.onnx").write_bytes(b"\0")
+    _expect_error(tmp_path / "vae.onnx", "unsupported file type")
+
+
+class _NotATensor:
+    pass
+
+
+def test_pickles_are_loaded_weights_only(tmp_path) -> None:
+    torch.save({"encoder.conv1.weight": _NotATensor()}, tmp_path / "evil.pth")
+    _expect_error(tmp_path / "evil.pth", "cannot be read")
+
+
+def test_wrong_kind_of_checkpoint(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    dit = {"patch_embedding.weight": torch.zeros(8, 16, 1, 2, 2), "blocks.0.self_attn.q.weight": torch.zeros(8, 8)}
+    save_file(dit, str(tmp_path / "wan2.1_t2v_1.3B.safetensors"))
+    msg = _expect_error(tmp_path / "wan2.1_t2v_1.3B.safetensors", "diffusers", "wan (original", "encoder.conv1.weight",
+                        "blocks.0.self_attn.q.weight", "diffusion model")
+    assert "not a Wan2.1 VAE" in msg
+    torch.save({"foo": torch.zeros(2)}, tmp_path / "random.pt")
+    _expect_error(tmp_path / "random.pt", "not a Wan2.1 VAE", "foo")
+
+
+def test_incomplete_vae_lists_keys(vae: WanVAE, tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    sd = dict(vae.state_dict())
+    del sd["decoder.head.2.weight"]
+    sd["decoder.extra.weight"] = torch.zeros(1)
+    sd["decoder.conv1.bias"] = torch.zeros(5)
+    save_file(sd, str(tmp_path / "broken.safetensors"))
+    _expect_error(tmp_path / "broken.safetensors", "1 missing (decoder.head.2.weight)",
+                  "1 unexpected (decoder.extra.weight)", "decoder.conv1.bias (5,)", "wan layout")

@@ -1,0 +1,105 @@
+"""Streaming video writer: round trips through ffmpeg (imageio-ffmpeg's binary), and no half-written files."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import imageio.v2 as imageio
+import numpy as np
+import pytest
+import torch
+
+from histream_core.video import VideoWriter, to_uint8_frames, write_video
+
+
+def gradient_frames(t: int, h: int = 32, w: int = 48) -> np.ndarray:
+    """Smooth moving gradients [T, H, W, 3] uint8 (compress well, so pixel values survive the codec)."""
+    y, x = np.mgrid[0:h, 0:w]
+    frames = [np.stack([(x * 4 + 8 * i) % 256, (y * 6) % 256, np.full_like(x, 40 * i % 256)], axis=-1)
+              for i in range(t)]
+    return np.asarray(frames, dtype=np.uint8)
+
+
+def read_back(path) -> tuple[np.ndarray, float]:
+    reader = imageio.get_reader(str(path))
+    try:
+        return np.asarray([frame for frame in reader]), reader.get_meta_data()["fps"]
+    finally:
+        reader.close()
+
+
+def test_mp4_round_trip_in_chunks(tmp_path) -> None:
+    frames = gradient_frames(12)
+    path = tmp_path / "clip.mp4"
+    with VideoWriter(path, fps=16, crf=10) as writer:
+        writer.write(frames[:5])                                                   # uint8 [T, H, W, 3]
+        writer.write(torch.from_numpy(frames[5:9]).float() / 255)                   # ComfyUI IMAGE, 0..1
+        writer.write(torch.from_numpy(frames[9:]).permute(3, 0, 1, 2)[None].float() / 127.5 - 1)  # VAE [1,3,T,H,W]
+    assert writer.frames_written == 12
+    back, fps = read_back(path)
+    assert back.shape == (12, 32, 48, 3) and fps == 16
+    assert np.abs(back.astype(int) - frames.astype(int)).mean() < 6  # lossy, but the same pictures
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4"]
+
+
+def test_webm_round_trip(tmp_path) -> None:
+    path = write_video(tmp_path / "clip.webm", gradient_frames(5), fps=24)
+    back, fps = read_back(path)
+    assert back.shape == (5, 32, 48, 3) and fps == 24
+    with imageio.get_reader(str(path)) as reader:
+        assert reader.get_meta_data()["codec"] == "vp9"
+
+
+@pytest.mark.parametrize("stop", ["exception", "abort", "interrupt"])
+def test_failed_write_leaves_no_file(tmp_path, stop: str) -> None:
+    path = tmp_path / "clip.mp4"
+    expected = nullcontext() if stop == "abort" else pytest.raises((RuntimeError, KeyboardInterrupt))
+    with expected:
+        with VideoWriter(path) as writer:
+            writer.write(gradient_frames(4))
+            if stop == "abort":
+                writer.abort()
+            else:
+                raise RuntimeError("sampler failed") if stop == "exception" else KeyboardInterrupt
+    assert not path.exists()
+    assert list(tmp_path.iterdir()) == []  # no temporary file left either
+
+
+def test_failed_write_keeps_an_existing_file(tmp_path) -> None:
+    path = tmp_path / "clip.mp4"
+    path.write_bytes(b"previous video")
+    with pytest.raises(ValueError, match="differs"):
+        with VideoWriter(path) as writer:
+            writer.write(gradient_frames(2))
+            writer.write(gradient_frames(2, h=16))
+    assert path.read_bytes() == b"previous video"
+    assert [p.name for p in tmp_path.iterdir()] == ["clip.mp4"]
+
+
+def test_bad_arguments_are_explained(tmp_path) -> None:
+    with pytest.raises(ValueError, match="unknown container '.avi'"):
+        VideoWriter(tmp_path / "clip.avi")
+    with pytest.raises(ValueError, match="crf"):
+        VideoWriter(tmp_path / "clip.mp4", crf=60)
+    with pytest.raises(ValueError, match="fps"):
+        VideoWriter(tmp_path / "clip.mp4", fps=0)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        VideoWriter(tmp_path / "missing" / "clip.mp4")
+    with pytest.raises(ValueError, match="odd side"):
+        with VideoWriter(tmp_path / "clip.mp4") as writer:
+            writer.write(gradient_frames(2, h=33))
+    with pytest.raises(ValueError, match="no frames"):
+        with VideoWriter(tmp_path / "clip.webm"):
+            pass
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_frame_conversion() -> None:
+    images = torch.tensor([0.0, 0.5, 1.0, 2.0]).view(1, 1, 4, 1).expand(1, 1, 4, 3)  # [T, H, W, 3] float
+    assert to_uint8_frames(images)[0, 0, :, 0].tolist() == [0, 128, 255, 255]
+    vae_frames = torch.tensor([-1.0, 0.0, 1.0]).view(1, 1, 3, 1, 1).expand(1, 3, 3, 2, 2)
+    assert to_uint8_frames(vae_frames)[:, 0, 0, 0].tolist() == [0, 128, 255]
+    with pytest.raises(ValueError, match="one video per writer"):
+        to_uint8_frames(torch.zeros(2, 3, 1, 2, 2))
+    with pytest.raises(ValueError, match=r"\[T, H, W, 3\]"):
+        to_uint8_frames(torch.zeros(4, 3, 8, 8))
