@@ -1,7 +1,5 @@
-"""Text conditioning outside ComfyUI: precomputed umT5 embeddings read from a file.
-
-ComfyUI users encode text with the host's `wan` text encoder; from Python or the CLI, pass the encoder's output
-states saved as a file (`.safetensors` with one tensor, or the key ``context``; `.pt` read with weights_only).
+"""Precomputed umT5 text states read from a file (`.safetensors` with one tensor, or the key ``context``; `.pt`
+read with weights_only). The text encoder's cache files have this format too.
 """
 
 from __future__ import annotations
