@@ -17,6 +17,7 @@ import torch
 
 from .config import MODEL_PRESETS
 from .flops import flops_table, format_table
+from .model.attention import BACKENDS
 from .modes import MODES, mode_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -42,34 +43,61 @@ def _sampler_config(args):
 
 
 def cmd_generate(args) -> int:
-    from .pipeline import embedded_default, generate_to_file, random_text_embedding
+    from .pipeline import HiStreamPipeline, embedded_default, generate_to_file, random_text_embedding
     from .text import load_text_embeddings
 
     device = torch.device(args.device)
     compute_dtype = DTYPES[args.dtype]
     if args.checkpoint is None:
         model, vae = embedded_default(device)
-        width, height, frames = args.width or 512, args.height or 288, args.frames or 49
+        model.compute_dtype = compute_dtype
+        pipe = HiStreamPipeline(model, vae)
+        width, height, frames = args.width or 256, args.height or 160, args.frames or 33
         context = (load_text_embeddings(args.text_embeds) if args.text_embeds
                    else random_text_embedding(args.prompt, model.cfg.text_dim))
-        print("embedded default: tiny random DiT + small random VAE (a plumbing check; pass --checkpoint for art)")
+        print("embedded default: tiny random DiT + small random VAE (a plumbing check; pass --checkpoint for art)",
+              file=sys.stderr)
     else:
-        from .checkpoints import load_wan_model
-        from .vae import load_vae
-        if args.vae is None or args.text_embeds is None:
-            raise SystemExit("with --checkpoint also pass --vae (wan_2.1_vae.safetensors) and --text-embeds "
-                             "(umT5 states of your prompt)")
-        model = load_wan_model(args.checkpoint, compute_dtype=compute_dtype, device=device)
-        vae = load_vae(args.vae, device=device, dtype=compute_dtype)
-        context = load_text_embeddings(args.text_embeds)
+        if args.vae is None:
+            raise ValueError("with --checkpoint also pass --vae (wan_2.1_vae.safetensors)")
+        if args.text_embeds is None and args.text_encoder is None:
+            raise ValueError("with --checkpoint pass --text-encoder (umt5_xxl_fp16.safetensors) and --prompt, "
+                             "or --text-embeds (precomputed umT5 states)")
+        pipe = HiStreamPipeline.from_files(args.checkpoint, args.vae, args.text_encoder, args.tokenizer,
+                                           device=device, dtype=compute_dtype, compile=args.compile,
+                                           text_cache_dir=args.text_cache)
+        context = load_text_embeddings(args.text_embeds) if args.text_embeds else pipe.encode(args.prompt)
         width, height, frames = args.width or 1920, args.height or 1088, args.frames or 81
-    model.compute_dtype = compute_dtype
+    if args.compile and args.checkpoint is None:
+        pipe.model.compile_blocks()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    report = generate_to_file(model, vae, context.to(device), out, width, height, frames, _sampler_config(args),
-                              args.seed, fps=args.fps, tile=args.tile)
+    report = generate_to_file(pipe.model, pipe.vae, context.to(device), out, width, height, frames,
+                              _sampler_config(args), args.seed, fps=args.fps, tile=args.tile)
     print(json.dumps(report.as_dict(), indent=2) if args.json else report.table())
     return 0
+
+
+def _apply_config_file(parser: argparse.ArgumentParser, argv: list[str] | None) -> None:
+    """``--config FILE``: a JSON object of generate options (CLI names, dashes or underscores) used as defaults."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    if not known.config:
+        return
+    path = Path(known.config)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+        values = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"config file {path} is not valid JSON: {exc}") from None
+    generate = parser._subparsers._group_actions[0].choices["generate"]  # noqa: SLF001 - argparse has no public API
+    known_names = {a.dest for a in generate._actions}  # noqa: SLF001
+    unknown = sorted(set(k.replace("-", "_") for k in values) - known_names)
+    if unknown:
+        raise ValueError(f"config file {path} has unknown options {unknown}; use generate's option names")
+    generate.set_defaults(**{k.replace("-", "_"): v for k, v in values.items()})
 
 
 def cmd_flops(args) -> int:
@@ -98,12 +126,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate a video into an mp4/webm, printing per-chunk timings")
     gen.add_argument("--checkpoint", help="Wan2.1 causal DiT file (.safetensors/.pt); omit for the embedded default")
     gen.add_argument("--vae", help="Wan2.1 VAE file (wan_2.1_vae.safetensors or Wan2.1_VAE.pth)")
-    gen.add_argument("--text-embeds", help="umT5 text states of the prompt (.safetensors key 'context' or .pt)")
+    gen.add_argument("--text-encoder", help="umT5-XXL file (umt5_xxl_fp16.safetensors, umt5_xxl_fp8_e4m3fn_scaled"
+                     ".safetensors or models_t5_umt5-xxl-enc-bf16.pth)")
+    gen.add_argument("--tokenizer", help="umT5 tokenizer: tokenizer.json, spiece.model or their folder "
+                     "(optional for ComfyUI files that embed it)")
+    gen.add_argument("--text-cache", help="folder of cached prompt embeddings (default ~/.cache/histream/text)")
+    gen.add_argument("--text-embeds", help="precomputed umT5 states (.safetensors key 'context' or .pt)")
     gen.add_argument("--prompt", default="a red fox running through snow, cinematic",
-                     help="with the embedded default: seeds the stand-in text embedding")
-    gen.add_argument("--width", type=int, help="pixels (default 1920; 512 for the embedded default)")
-    gen.add_argument("--height", type=int, help="pixels (default 1088; 288 for the embedded default)")
-    gen.add_argument("--frames", type=int, help="4k+1 frames (default 81; 49 for the embedded default)")
+                     help="the prompt (with the embedded default it seeds a stand-in text embedding)")
+    gen.add_argument("--config", help="JSON file of generate options used as defaults (e.g. {\"mode\": \"histream+\"})")
+    gen.add_argument("--width", type=int, help="pixels (default 1920; 256 for the embedded default)")
+    gen.add_argument("--height", type=int, help="pixels (default 1088; 160 for the embedded default)")
+    gen.add_argument("--frames", type=int, help="4k+1 frames (default 81; 33 for the embedded default)")
     gen.add_argument("--mode", default="histream", choices=list(MODES))
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--out", default="outputs/histream.mp4", help=".mp4 (H.264) or .webm (VP9)")
@@ -116,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-window", action="store_true", help="keep every past frame in the cache (no AGSW)")
     gen.add_argument("--chunk-frames", type=int, help="latent frames per chunk (default 3)")
     gen.add_argument("--rope-positions", choices=["absolute", "window"])
-    gen.add_argument("--attention", choices=["sdpa", "flash_attn", "sage"])
+    gen.add_argument("--attention", choices=list(BACKENDS))
+    gen.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (CUDA: ~1.4x)")
     gen.add_argument("--json", action="store_true", help="print the timings as JSON")
     gen.set_defaults(run=cmd_generate)
 
@@ -137,12 +172,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
     try:
+        _apply_config_file(parser, argv)
+        args = parser.parse_args(argv)
         return args.run(args)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except torch.OutOfMemoryError:
+        print("error: out of GPU memory: decode in tiles (--tile 64), lower --width/--height, or use a smaller "
+              "mode (histream+); the VAE decode at 1080p is the largest single step", file=sys.stderr)
+        return 3
 
 
 __all__ = ["main", "build_parser"]

@@ -30,6 +30,14 @@ VAE_SPATIAL_STRIDE = 8
 VAE_TEMPORAL_STRIDE = 4
 
 
+class RequestError(ValueError):
+    """A generation request the loop cannot run; ``field`` names the offending input (width, height, frames)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 class GenerationInterrupted(RuntimeError):
     """The interrupt hook asked the loop to stop; nothing partial is yielded."""
 
@@ -59,15 +67,15 @@ def video_geometry(width: int, height: int, frames: int, cfg: SamplerConfig, pat
         if not fits(value):
             lower = next((v for v in range(value - 1, 0, -1) if fits(v)), None)
             upper = next(v for v in range(value + 1, value + 64 * token) if fits(v))
-            need = (f"with dual-resolution caching both {name} and {cfg.low_res_scale:g}x{name} must be multiples of "
-                    f"{token}" if cfg.drc else f"the model works on {token}-pixel tokens")
+            step = next(v for v in range(token, 64 * token + 1, token) if fits(v))
+            why = (f"dual-resolution caching runs the low-res passes at {cfg.low_res_scale:g}x, so the size must be "
+                   f"a multiple of {step}" if cfg.drc else f"the model works on {token}-pixel tokens")
             suggestion = f"{lower} or {upper}" if lower else str(upper)
-            raise ValueError(f"{name} {value} does not fit the latent grid ({need}; for scale 0.5 that means a "
-                             f"multiple of 32); use {suggestion}")
+            raise RequestError(name, f"{name} {value} does not fit the latent grid ({why}); use {suggestion}")
     if frames < 1 or (frames - 1) % VAE_TEMPORAL_STRIDE:
         lower = max(1, frames - (frames - 1) % VAE_TEMPORAL_STRIDE)
-        raise ValueError(f"frames must be 4k+1 (1, 5, 9, ..., 81) because the VAE packs 4 frames per latent after the "
-                         f"first; got {frames}: use {lower} or {lower + 4}")
+        raise RequestError("frames", f"frames must be 4k+1 (1, 5, 9, ..., 81) because the VAE packs 4 frames per "
+                                     f"latent after the first; got {frames}: use {lower} or {lower + 4}")
     high = (height // VAE_SPATIAL_STRIDE, width // VAE_SPATIAL_STRIDE)
     low = (round(high[0] * cfg.low_res_scale), round(high[1] * cfg.low_res_scale)) if cfg.drc else high
     return VideoGeometry(width, height, frames, (frames - 1) // VAE_TEMPORAL_STRIDE + 1, high, low)
@@ -309,5 +317,5 @@ def generate_video(model: CausalWanModel, text, width: int, height: int, frames:
                                                                **kwargs)], dim=2)
 
 
-__all__ = ["GenerationInterrupted", "VideoGeometry", "video_geometry", "ModelCall", "ChunkPlan", "plan_video",
+__all__ = ["RequestError", "GenerationInterrupted", "VideoGeometry", "video_geometry", "ModelCall", "ChunkPlan", "plan_video",
            "Progress", "LatentChunk", "stream_video", "generate_video", "chunk_noise", "resize_latents"]

@@ -9,7 +9,7 @@ from conftest import tiny_model
 from histream_core.cache import DualResCache
 from histream_core.config import ChunkSteps, HDConfig, SamplerConfig, StreamConfig
 from histream_core.modes import MODES, mode_config
-from histream_core.sampler import (GenerationInterrupted, generate_video, plan_video, stream_video, video_geometry)
+from histream_core.sampler import (GenerationInterrupted, RequestError, generate_video, plan_video, stream_video, video_geometry)
 
 W, H = 64, 96  # latent 12x8 at high resolution, 6x4 at low
 
@@ -122,15 +122,17 @@ def test_progress_reports_x0_previews(model, context):
     assert events[-1].x0 is None and events[-1].call == events[-1].total_calls == 6
 
 
-@pytest.mark.parametrize("width,height,frames,cfg,match", [
-    (1000, 96, 37, "histream", "width 1000 .* use 992 or 1024"),
-    (64, 80, 37, "histream", "height 80 .*multiple of 32.* use 64 or 96"),
-    (64, 96, 36, "histream", "frames must be 4k\\+1.*use 33 or 37"),
-    (64, 96, 0, "histream", "frames must be 4k\\+1"),
+@pytest.mark.parametrize("width,height,frames,cfg,field,match", [
+    (1000, 96, 37, "histream", "width", "width 1000 .* use 992 or 1024"),
+    (64, 80, 37, "histream", "height", "height 80 .*multiple of 32.* use 64 or 96"),
+    (40, 96, 37, "no-drc", "width", "width 40 .*16-pixel tokens.* use 32 or 48"),
+    (64, 96, 36, "histream", "frames", "frames must be 4k\\+1.*use 33 or 37"),
+    (64, 96, 0, "histream", "frames", "frames must be 4k\\+1"),
 ])
-def test_bad_requests_say_what_to_change(model, context, width, height, frames, cfg, match):
-    with pytest.raises(ValueError, match=match):
+def test_bad_requests_say_what_to_change(model, context, width, height, frames, cfg, field, match):
+    with pytest.raises(RequestError, match=match) as error:
         list(stream_video(model, context, width, height, frames, mode_config(cfg), 0))
+    assert error.value.field == field
 
 
 def test_sizes_off_the_32_grid_work_without_drc(model, context):

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("sdpa", "flash_attn", "sage")
+BACKENDS = ("sdpa", "sdpa_cudnn", "sdpa_flash", "flash_attn", "sage")
 
 
 class AttentionBackendError(RuntimeError):
@@ -25,6 +25,17 @@ def _sdpa(q, k, v, scale, mask):
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=mask, scale=scale)
     return out.transpose(1, 2)
+
+
+def _sdpa_pinned(kernel):
+    """torch SDPA restricted to one kernel (cuDNN or flash), to measure or force the fastest on a GPU."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    backend = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[kernel]
+
+    def run(q, k, v, scale, mask):
+        with sdpa_kernel(backend):
+            return _sdpa(q, k, v, scale, mask)
+    return run
 
 
 def _flash_attn(q, k, v, scale, mask):
@@ -54,7 +65,9 @@ def _sage(q, k, v, scale, mask):
     return sageattn(q, k, v, tensor_layout="NHD", is_causal=False, sm_scale=scale)
 
 
-_IMPLEMENTATIONS: dict[str, Callable] = {"sdpa": _sdpa, "flash_attn": _flash_attn, "sage": _sage}
+_IMPLEMENTATIONS: dict[str, Callable] = {"sdpa": _sdpa, "sdpa_cudnn": _sdpa_pinned("cudnn"),
+                                          "sdpa_flash": _sdpa_pinned("flash"), "flash_attn": _flash_attn,
+                                          "sage": _sage}
 
 
 def check_backend(name: str) -> None:

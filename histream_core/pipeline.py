@@ -1,0 +1,196 @@
+"""Generate -> decode -> write, streamed chunk by chunk: the engine's end-to-end path (CLI and Python API).
+
+Each latent chunk from the sampler is decoded with the VAE's cache-in/cache-out decoder and appended to the video
+file as soon as it exists, so a long video costs the memory of one chunk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .config import MODEL_PRESETS, SamplerConfig
+from .model import CausalWanModel
+from .sampler import LatentChunk, stream_video
+from .vae import TiledDecoder, WanVAE, WanVAEConfig, denormalize
+from .video import WAN_FPS, VideoWriter
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_WEIGHTS_SEED = 0
+EMBEDDED_VAE = WanVAEConfig(base_dim=8)
+
+
+@dataclass(frozen=True)
+class ChunkTiming:
+    chunk: int
+    latent_frames: int
+    video_frames: int
+    cached_frames: int
+    model_calls: int
+    denoise_s: float
+    decode_s: float
+    write_s: float  # time the loop waited to hand the chunk to the encoder thread
+
+
+@dataclass(frozen=True)
+class RunReport:
+    path: Path
+    width: int
+    height: int
+    frames: int
+    chunks: tuple[ChunkTiming, ...]
+
+    @property
+    def denoise_s(self) -> float:
+        return sum(c.denoise_s for c in self.chunks)
+
+    @property
+    def decode_s(self) -> float:
+        return sum(c.decode_s for c in self.chunks)
+
+    def as_dict(self) -> dict:
+        return {"path": str(self.path), "width": self.width, "height": self.height, "frames": self.frames,
+                "denoise_s_per_frame": self.denoise_s / self.frames, "decode_s": self.decode_s,
+                "chunks": [asdict(c) for c in self.chunks]}
+
+    def table(self) -> str:
+        head = (f"{'chunk':>5} {'latent':>6} {'frames':>6} {'cached':>6} {'calls':>5} {'denoise s':>10} "
+                f"{'decode s':>9} {'write s':>8}")
+        rows = [head, "-" * len(head)]
+        for c in self.chunks:
+            rows.append(f"{c.chunk + 1:>5} {c.latent_frames:>6} {c.video_frames:>6} {c.cached_frames:>6} "
+                        f"{c.model_calls:>5} {c.denoise_s:>10.3f} {c.decode_s:>9.3f} {c.write_s:>8.3f}")
+        rows.append(f"total: {self.frames} frames {self.width}x{self.height}, denoise {self.denoise_s:.3f} s "
+                    f"({self.denoise_s / self.frames:.4f} s/frame), decode {self.decode_s:.3f} s -> {self.path}")
+        return "\n".join(rows)
+
+
+def random_text_embedding(prompt: str, text_dim: int, tokens: int = 16) -> torch.Tensor:
+    """A fixed random stand-in for text-encoder states, derived from the prompt (embedded default only).
+
+    # [1, tokens, text_dim]
+    """
+    digest = hashlib.sha256(prompt.encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    return torch.randn(1, tokens, text_dim, generator=generator)
+
+
+def embedded_default(device: str | torch.device = "cpu") -> tuple[CausalWanModel, WanVAE]:
+    """The `tiny` DiT and a small Wan VAE with seeded random weights: runs anywhere, shows the plumbing, not art."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(EMBEDDED_WEIGHTS_SEED)
+        model = CausalWanModel(MODEL_PRESETS["tiny"]).eval()
+        vae = WanVAE(EMBEDDED_VAE).eval()
+    return model.to(device), vae.to(device)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def generate_to_file(
+    model: CausalWanModel,
+    vae: WanVAE,
+    context: torch.Tensor,
+    out: str | Path,
+    width: int,
+    height: int,
+    frames: int,
+    config: SamplerConfig,
+    seed: int,
+    *,
+    fps: float = WAN_FPS,
+    tile: int | None = None,
+    on_chunk: Callable[[LatentChunk, ChunkTiming], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> RunReport:
+    """Generate a video and stream it into ``out`` (.mp4 or .webm). On any error no file is left under ``out``."""
+    out = Path(out)
+    device = next(model.parameters()).device
+    decoder = TiledDecoder(vae, tile=tile, overlap=max(1, tile // 4)) if tile else vae
+    timings = []
+    # Encoding to H.264 is CPU work: it runs in a thread while the GPU denoises the next chunk. At most one
+    # chunk is in flight, so memory stays flat; an error in the thread surfaces at the next chunk.
+    with torch.no_grad(), VideoWriter(out, fps=fps) as writer, ThreadPoolExecutor(max_workers=1) as encoder:
+        state, pending = decoder.initial_state(), None
+        for chunk in stream_video(model, context, width, height, frames, config, seed, should_stop=should_stop):
+            started = time.perf_counter()
+            video, state = decoder.decode_chunk(denormalize(chunk.latents), state)
+            _sync(device)
+            decoded = time.perf_counter()
+            if pending is not None:
+                pending.result()
+            pending = encoder.submit(writer.write, video.cpu())
+            timing = ChunkTiming(chunk.index, chunk.latents.shape[2], video.shape[2], chunk.cached_frames,
+                                 chunk.model_calls, chunk.seconds, decoded - started, time.perf_counter() - decoded)
+            timings.append(timing)
+            log.info("chunk %d/%d decoded (%d frames)", chunk.index + 1, chunk.num_chunks, video.shape[2])
+            if on_chunk is not None:
+                on_chunk(chunk, timing)
+        if pending is not None:
+            pending.result()
+    return RunReport(out, width, height, frames, tuple(timings))
+
+
+class HiStreamPipeline:
+    """One-call text-to-video outside ComfyUI: the user's DiT, VAE and (optionally) umT5 files.
+
+    >>> pipe = HiStreamPipeline.from_files(model="self_forcing_dmd.pt", vae="wan_2.1_vae.safetensors",
+    ...                                    text_encoder="umt5_xxl_fp16.safetensors", tokenizer="tokenizer.json")
+    >>> pipe.generate("a corgi surfing", mode="histream+", out="corgi.mp4")          # doctest: +SKIP
+
+    Prompts are encoded (or read from the embedding cache) and the text encoder is freed before the DiT runs, so
+    the 11 GB encoder and the sampler never share memory.
+    """
+
+    def __init__(self, model: CausalWanModel, vae: WanVAE, text_encoder=None) -> None:
+        self.model, self.vae, self.text_encoder = model, vae, text_encoder
+
+    @classmethod
+    def from_files(cls, model: str | Path, vae: str | Path, text_encoder: str | Path | None = None,
+                   tokenizer: str | Path | None = None, *, device: str | torch.device | None = None,
+                   dtype: torch.dtype | None = None, compile: bool = False,
+                   text_cache_dir: str | Path | None = None) -> "HiStreamPipeline":
+        from .checkpoints import load_wan_model
+        from .text import TextEncoder
+        from .vae import load_vae
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        encoder = None
+        if text_encoder is not None:
+            extra = {} if text_cache_dir is None else {"cache_dir": text_cache_dir}
+            encoder = TextEncoder(text_encoder, tokenizer, device=device, **extra)
+        dit = load_wan_model(model, compute_dtype=dtype, device=device)
+        if compile:
+            dit.compile_blocks()
+        return cls(dit, load_vae(vae, device=device, dtype=dtype), encoder)
+
+    def encode(self, prompt: str) -> torch.Tensor:
+        """umT5 states of a prompt # [1, tokens, 4096]; frees the encoder afterwards (the cache keeps the result)."""
+        if self.text_encoder is None:
+            raise ValueError("this pipeline has no text encoder: pass text_encoder= (umt5_xxl_fp16.safetensors) to "
+                             "from_files, or give generate() precomputed states instead of a prompt")
+        try:
+            return self.text_encoder.encode(prompt)
+        finally:
+            self.text_encoder.free()
+
+    def generate(self, prompt: str | torch.Tensor, *, width: int = 1920, height: int = 1088, frames: int = 81,
+                 mode: str = "histream", config: SamplerConfig | None = None, seed: int = 0,
+                 out: str | Path = "histream.mp4", fps: float = WAN_FPS, tile: int | None = None,
+                 on_chunk: Callable[[LatentChunk, ChunkTiming], None] | None = None) -> RunReport:
+        """Generate ``frames`` frames into ``out``; ``config`` (a SamplerConfig) overrides the named ``mode``."""
+        from .modes import mode_config
+        context = self.encode(prompt) if isinstance(prompt, str) else prompt
+        device = next(self.model.parameters()).device
+        return generate_to_file(self.model, self.vae, context.to(device), out, width, height, frames,
+                                config or mode_config(mode), seed, fps=fps, tile=tile, on_chunk=on_chunk)

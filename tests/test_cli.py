@@ -1,0 +1,109 @@
+"""The CLI end to end: the embedded default, the user's own (tiny, random) files, inspect, config files, errors."""
+
+from __future__ import annotations
+
+import json
+
+import imageio.v3 as iio
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import randomize_, tiny_model
+from histream_core.cli import main
+from histream_core.text import UMT5_PRESETS, UMT5Encoder
+from histream_core.vae import WanVAE, WanVAEConfig
+
+SMALL = ["--width", "64", "--height", "64", "--frames", "9", "--device", "cpu", "--dtype", "fp32"]
+
+
+@pytest.fixture(scope="module")
+def user_files(tmp_path_factory):
+    """A ComfyUI-layout DiT, a Wan VAE, a umT5 encoder (HF names) and a WordLevel tokenizer.json."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    folder = tmp_path_factory.mktemp("user")
+    text_cfg = UMT5_PRESETS["tiny"]
+    # head_dim 128 as in every Wan2.1 checkpoint, so the loader's default detection applies
+    dit = tiny_model(seed=4, dim=256, num_heads=2, num_layers=1, ffn_dim=128, text_dim=text_cfg.dim)
+    save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in dit.state_dict().items()},
+              str(folder / "dit.safetensors"))
+    torch.manual_seed(0)
+    save_file(WanVAE(WanVAEConfig(base_dim=8)).state_dict(), str(folder / "vae.safetensors"))
+    encoder = randomize_(UMT5Encoder(text_cfg), seed=2)
+    torch.save(encoder.state_dict(), folder / "umt5.pth")
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate("a fox runs in snow".split())}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def test_embedded_default_writes_a_video_and_a_timing_table(tmp_path, capsys):
+    out = tmp_path / "demo.mp4"
+    assert main(["generate", *SMALL, "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "chunk" in table and "s/frame" in table
+    assert out.is_file() and sum(1 for _ in iio.imiter(out)) == 9
+
+
+def test_user_files_end_to_end(user_files, tmp_path, capsys):
+    out = tmp_path / "fox.webm"
+    args = ["generate", *SMALL, "--checkpoint", str(user_files / "dit.safetensors"),
+            "--vae", str(user_files / "vae.safetensors"), "--text-encoder", str(user_files / "umt5.pth"),
+            "--tokenizer", str(user_files / "tokenizer.json"), "--text-cache", str(tmp_path / "cache"),
+            "--prompt", "a fox runs in snow", "--mode", "histream+", "--out", str(out), "--json"]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [c["model_calls"] for c in report["chunks"]] == [6, 4, 4][:len(report["chunks"])]
+    assert sum(c["video_frames"] for c in report["chunks"]) == 9
+    assert sum(1 for _ in iio.imiter(out)) == 9
+    assert any((tmp_path / "cache").iterdir())  # the prompt's embedding was cached
+
+
+def test_config_file_sets_defaults(tmp_path, capsys):
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"mode": "two-step", "frames": 5}))
+    out = tmp_path / "two.mp4"
+    assert main(["generate", "--config", str(config), *SMALL[:4], "--device", "cpu", "--dtype", "fp32",
+                 "--out", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["frames"] == 5 and [c["model_calls"] for c in report["chunks"]] == [4]
+
+
+def test_unknown_config_option_is_named(tmp_path, capsys):
+    config = tmp_path / "bad.json"
+    config.write_text(json.dumps({"steps": 3}))
+    assert main(["generate", "--config", str(config)]) == 2
+    assert "unknown options ['steps']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("swap,expect", [
+    ("checkpoint", "looks like a VAE"),
+    ("vae", "diffusion model (DiT)"),
+])
+def test_wrong_files_name_the_file_and_what_was_expected(user_files, tmp_path, capsys, swap, expect):
+    files = {"checkpoint": user_files / "dit.safetensors", "vae": user_files / "vae.safetensors"}
+    files["checkpoint" if swap == "checkpoint" else "vae"] = files["vae" if swap == "checkpoint" else "checkpoint"]
+    args = ["generate", *SMALL, "--checkpoint", str(files["checkpoint"]), "--vae", str(files["vae"]),
+            "--text-encoder", str(user_files / "umt5.pth"), "--tokenizer", str(user_files / "tokenizer.json"),
+            "--text-cache", str(tmp_path), "--out", str(tmp_path / "x.mp4")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert expect in err and str(files[swap]) in err
+    assert not (tmp_path / "x.mp4").exists()
+
+
+def test_missing_files_and_bad_requests_exit_with_a_message(user_files, tmp_path, capsys):
+    assert main(["generate", "--checkpoint", str(tmp_path / "nope.pt"), "--vae", "v", "--text-embeds", "t"]) == 2
+    assert "nope.pt" in capsys.readouterr().err
+    assert main(["generate", *SMALL[:2], "--height", "64", "--frames", "8", "--device", "cpu",
+                 "--out", str(tmp_path / "y.mp4")]) == 2
+    assert "4k+1" in capsys.readouterr().err and not (tmp_path / "y.mp4").exists()
+    assert main(["generate", "--checkpoint", str(user_files / "dit.safetensors")]) == 2
+    assert "--vae" in capsys.readouterr().err
+
+
+def test_inspect_prints_layout_and_config(user_files, capsys):
+    assert main(["inspect", str(user_files / "dit.safetensors")]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert "model.diffusion_model." in json.dumps(info) and info["parameters"] > 0
