@@ -1,0 +1,144 @@
+"""VAE Chunk Decode: Wan latents -> frames with the core's streaming (cache-in, cache-out) decoder.
+
+The stock VAE input (wan_2.1_vae from "Load VAE") is rebuilt once as the core's WanVAE, from the weights ComfyUI
+already holds, and kept for as long as ComfyUI keeps that VAE. Chunked decode equals whole-video decode, so memory
+stays at one chunk; with ``save_mp4`` the frames go straight to an mp4 and only a small preview is returned, so a
+video of any length decodes at constant memory.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from typing import Iterator
+from weakref import WeakKeyDictionary
+
+import torch
+import torch.nn.functional as F
+
+from ..histream_core.vae import TiledDecoder, VAECheckpointError, WanVAE, frames_to_images
+from ..histream_core.vae import checkpoints as vae_checkpoints
+from ..histream_core.video import VideoWriter
+from . import host
+from .errors import input_error, out_of_memory_advice
+
+log = logging.getLogger(__name__)
+
+NODE = "VAE Chunk Decode"
+CHUNK_LATENT_FRAMES = 3  # latent frames per decode call (12 video frames): the sampler's chunk
+_streaming_vaes: WeakKeyDictionary = WeakKeyDictionary()  # ComfyUI VAE object -> its WanVAE
+
+
+def streaming_vae(vae) -> WanVAE:
+    """The core's WanVAE for a ComfyUI VAE object, built from its weights on first use and cached by identity."""
+    stage = getattr(vae, "first_stage_model", None)
+    if stage is None:
+        raise input_error(NODE, "vae", f"expected a ComfyUI VAE from Load VAE, got {type(vae).__name__}")
+    cached = _streaming_vaes.get(vae)
+    if cached is None:
+        try:
+            cached = vae_checkpoints.vae_from_state_dict(
+                stage.state_dict(), source="the 'vae' input", device=getattr(vae, "device", None) or host.main_device(),
+                dtype=getattr(vae, "vae_dtype", torch.float32))
+        except VAECheckpointError as exc:
+            raise input_error(NODE, "vae", f"{exc}; load wan_2.1_vae.safetensors with Load VAE") from exc
+        _streaming_vaes[vae] = cached
+    return cached
+
+
+def decoded_chunks(decoder, latents: torch.Tensor, bar) -> Iterator[torch.Tensor]:
+    """Frames [B, 3, t, H, W] in [-1, 1], chunk by chunk; checks for an interrupt before each chunk."""
+    state = decoder.initial_state()
+    starts = range(0, latents.shape[2], CHUNK_LATENT_FRAMES)
+    for done, start in enumerate(starts, 1):
+        host.raise_if_interrupted()
+        frames, state = decoder.decode_chunk(latents[:, :, start:start + CHUNK_LATENT_FRAMES], state)
+        bar.update_absolute(done, len(starts))
+        yield frames
+
+
+def small(images: torch.Tensor) -> torch.Tensor:
+    """IMAGE [N, H, W, 3] shrunk to fit host.PREVIEW_MAX_SIDE (never enlarged)."""
+    height, width = images.shape[1:3]
+    scale = min(1.0, host.PREVIEW_MAX_SIDE / max(height, width))
+    if scale == 1.0:
+        return images
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    return F.interpolate(images.permute(0, 3, 1, 2), size=size, mode="area").permute(0, 2, 3, 1)
+
+
+class HiStreamVAEChunkDecode:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "samples": ("LATENT", {"tooltip": "Wan video latents, e.g. from HiStream Dual-Res Sampler."}),
+                "vae": ("VAE", {"tooltip": "The Wan2.1 VAE from Load VAE (wan_2.1_vae.safetensors)."}),
+                "tile_size": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 64, "tooltip": (
+                    "Decode in spatial tiles of this many pixels to save GPU memory; 0 = whole frames. 512 fits "
+                    "1080p on small GPUs.")}),
+                "tile_overlap": ("INT", {"default": 128, "min": 0, "max": 1024, "step": 32, "tooltip": (
+                    "Pixels shared by neighbouring tiles, blended to hide seams; must be smaller than tile_size.")}),
+                "save_mp4": ("BOOLEAN", {"default": False, "label_on": "stream to mp4", "label_off": "return frames",
+                                         "tooltip": (
+                    "Write the frames straight into an mp4 in ComfyUI's output folder as they are decoded (constant "
+                    "memory for any length) and return only a small preview.")}),
+                "filename_prefix": ("STRING", {"default": "HiStream/video", "tooltip": (
+                    "mp4 name under the output folder (with save_mp4).")}),
+                "fps": ("FLOAT", {"default": 16.0, "min": 1.0, "max": 120.0, "step": 1.0, "tooltip": (
+                    "Frame rate of the mp4; Wan2.1 generates 16 fps.")}),
+                "crf": ("INT", {"default": 19, "min": 0, "max": 51, "step": 1, "tooltip": (
+                    "H.264 quality of the mp4: lower is better and larger (19 is visually lossless).")}),
+                "preview_every": ("INT", {"default": 4, "min": 1, "max": 1000, "step": 1, "tooltip": (
+                    "With save_mp4: the returned preview keeps every Nth frame, shrunk to 512 px.")}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    RETURN_TYPES = ("IMAGE", "STRING")
+    RETURN_NAMES = ("images", "mp4_path")
+    OUTPUT_TOOLTIPS = ("All frames, or with save_mp4 a small preview (every Nth frame).",
+                       "Path of the written mp4 (empty without save_mp4).")
+    FUNCTION = "decode"
+    OUTPUT_NODE = True  # with save_mp4 it is the node that writes the file, even with nothing connected after it
+    CATEGORY = "HiStream"
+    DESCRIPTION = "Decodes Wan latents chunk by chunk with the streaming Wan2.1 VAE; optionally straight to an mp4."
+
+    def decode(self, samples, vae, tile_size, tile_overlap, save_mp4, filename_prefix, fps, crf, preview_every,
+               unique_id=None):
+        latents = samples["samples"]
+        if latents.ndim != 5 or latents.shape[1] != 16:
+            raise input_error(NODE, "samples", f"expected Wan video latents [batch, 16, frames, H/8, W/8], got shape "
+                              f"{tuple(latents.shape)}: connect a Wan video LATENT (e.g. HiStream Dual-Res Sampler)")
+        if tile_size and tile_overlap >= tile_size:
+            raise input_error(NODE, "tile_overlap", f"{tile_overlap} must be smaller than tile_size {tile_size}")
+        if save_mp4 and importlib.util.find_spec("imageio_ffmpeg") is None:
+            raise input_error(NODE, "save_mp4", "writing mp4 needs the imageio-ffmpeg package: run pip install -r "
+                              "requirements.txt in this node pack's folder (ComfyUI-Manager does it on install), or "
+                              "turn save_mp4 off and save with Create Video + Save Video")
+        if save_mp4 and latents.shape[0] != 1:
+            raise input_error(NODE, "save_mp4", f"an mp4 holds one video, the latents hold {latents.shape[0]}; "
+                              "decode without save_mp4 or split the batch")
+        model = streaming_vae(vae)
+        decoder = TiledDecoder(model, tile=tile_size // 8, overlap=tile_overlap // 8) if tile_size else model
+        height, width = (8 * s for s in latents.shape[3:])
+        bar = host.progress_bar(-(-latents.shape[2] // CHUNK_LATENT_FRAMES), unique_id)
+        with torch.no_grad(), out_of_memory_advice(width, height, (
+                "set tile_size (e.g. 512) in VAE Chunk Decode, use fp8 weights in HiStream Loader, or lower the "
+                "resolution")):
+            if not save_mp4:
+                videos = [frames_to_images(f).unflatten(0, (latents.shape[0], -1)).to(host.output_device())
+                          for f in decoded_chunks(decoder, latents, bar)]
+                return {"result": (torch.cat(videos, dim=1).flatten(0, 1), "")}
+            path, subfolder = host.new_output_file(filename_prefix, width, height, ".mp4")
+            previews, written = [], 0
+            with VideoWriter(path, fps=fps, crf=crf) as writer:
+                for frames in decoded_chunks(decoder, latents, bar):
+                    writer.write(frames)
+                    images = frames_to_images(frames)
+                    first = -written % preview_every  # index in this chunk of the next frame to keep
+                    previews.append(small(images[first::preview_every]).to(host.output_device()))
+                    written += images.shape[0]
+        log.info("%s: wrote %s (%d frames)", NODE, path, written)
+        ui = {"images": [{"filename": path.name, "subfolder": subfolder, "type": "output"}], "animated": (True,)}
+        return {"ui": ui, "result": (torch.cat(previews), str(path))}

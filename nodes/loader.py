@@ -1,0 +1,85 @@
+"""HiStream Loader: a causal Wan2.1 T2V DiT from models/diffusion_models, in any layout the core detects."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from ..histream_core.checkpoints import CheckpointError, load_wan_model
+from ..histream_core.model.attention import BACKENDS, AttentionBackendError, attention
+from ..histream_core.model.wan import CausalWanModel
+from . import host
+from .errors import input_error
+
+log = logging.getLogger(__name__)
+
+NODE = "HiStream Loader"
+CATEGORY = "HiStream"
+WEIGHT_DTYPES = {"default": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp8_e4m3fn": torch.float8_e4m3fn}
+COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DEVICES = ("main device", "cpu")
+
+
+@dataclass(frozen=True)
+class HiStreamModel:
+    """The HISTREAM_MODEL value: the loaded DiT and the settings the sampler needs from the loader."""
+
+    model: CausalWanModel
+    name: str
+    attention_backend: str
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+class HiStreamLoader:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "ckpt_name": (host.diffusion_models(), {"tooltip": (
+                "A causal (Self-Forcing-style) Wan2.1 text-to-video DiT from models/diffusion_models, e.g. "
+                "self_forcing_dmd.pt. Original Wan, ComfyUI, diffusers and Self-Forcing .pt layouts all load.")}),
+            "weight_dtype": (list(WEIGHT_DTYPES), {"default": "default", "tooltip": (
+                "Storage precision of the weights. default keeps the file's; fp8_e4m3fn halves memory (each layer "
+                "upcasts at compute time).")}),
+            "compute_dtype": (list(COMPUTE_DTYPES), {"default": "bf16", "tooltip": (
+                "Precision of the matmuls and attention. bf16 on modern GPUs; fp32 for exact CPU runs.")}),
+            "attention": (list(BACKENDS), {"default": "sdpa", "tooltip": (
+                "Attention kernel. sdpa is built into torch; flash_attn and sage need their packages installed.")}),
+            "device": (list(DEVICES), {"default": "main device", "tooltip": (
+                "main device: the GPU ComfyUI runs on. cpu: slow, for trying things out without a GPU.")}),
+        }}
+
+    RETURN_TYPES = ("HISTREAM_MODEL",)
+    RETURN_NAMES = ("histream_model",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Loads a causal Wan2.1 DiT once for the HiStream sampler (ComfyUI caches it between runs)."
+
+    def load(self, ckpt_name, weight_dtype, compute_dtype, attention, device):
+        target = host.main_device() if device == "main device" else torch.device("cpu")
+        dtype = COMPUTE_DTYPES[compute_dtype]
+        _check_attention(attention, target, dtype)
+        path = host.diffusion_model_path(ckpt_name)
+        try:
+            model = load_wan_model(path, weight_dtype=WEIGHT_DTYPES[weight_dtype], compute_dtype=dtype,
+                                   device=target)
+        except CheckpointError as exc:
+            raise input_error(NODE, "ckpt_name", str(exc)) from exc
+        cfg = model.cfg
+        log.info("HiStream: %s on %s (dim %d, %d layers, compute %s, attention %s)", ckpt_name, target, cfg.dim,
+                 cfg.num_layers, compute_dtype, attention)
+        return (HiStreamModel(model, ckpt_name, attention),)
+
+
+def _check_attention(backend: str, device: torch.device, dtype: torch.dtype) -> None:
+    """Run the chosen kernel once on a few zeros, so a missing package fails here and not minutes into a video."""
+    q = torch.zeros(1, 8, 1, 64, device=device, dtype=dtype)  # [B, L, heads, head_dim]
+    try:
+        attention(q, q, q, backend)
+    except (AttentionBackendError, RuntimeError) as exc:
+        raise input_error(NODE, "attention", f"{backend} cannot run on {device} in {dtype}: {exc}; "
+                          "choose sdpa") from exc

@@ -1,0 +1,63 @@
+"""HiStream Cost Readout: exact transformer FLOPs of a request and the compute floor they imply, without a model."""
+
+from __future__ import annotations
+
+from ..histream_core.config import MODEL_PRESETS
+from ..histream_core.flops import run_flops
+from ..histream_core.modes import MODES
+from .sampler import build_config, request_geometry
+
+NODE = "HiStream Cost Readout"
+MODEL_SIZES = ("wan2.1-1.3b", "wan2.1-14b")
+H100_BF16_TFLOPS = 798.0  # dense bf16 matmul rate measured on an H100 (DESIGN.md section 7)
+
+
+def cost_text(mode: str, width: int, height: int, length: int, model_name: str, model_cfg, window=None,
+              tflops: float = H100_BF16_TFLOPS) -> str:
+    cfg = build_config(mode, window)
+    request_geometry(NODE, width, height, length, cfg, model_cfg.patch_size[1])
+    run = run_flops(model_cfg, cfg, width, height, length, mode)
+    floor_ms = 1000 * run.tflop_per_frame / tflops
+    return "\n".join([
+        f"{mode} · {width}x{height} · {length} frames · {model_name}",
+        f"model calls: {run.model_calls} in {len(run.per_chunk)} chunks",
+        f"compute: {run.tflop_total:,.0f} TFLOP total, {run.tflop_per_frame:,.1f} TFLOP/frame",
+        f"floor at {tflops:g} TFLOP/s: {floor_ms:,.1f} ms/frame, {floor_ms * length / 1000:,.2f} s for the video",
+    ])
+
+
+class HiStreamCostReadout:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "mode": (list(MODES), {"default": "histream", "tooltip": "The mode preset to count."}),
+                "width": ("INT", {"default": 1920, "min": 16, "max": 4096, "step": 16, "tooltip": "Video width."}),
+                "height": ("INT", {"default": 1088, "min": 16, "max": 4096, "step": 16, "tooltip": "Video height."}),
+                "length": ("INT", {"default": 81, "min": 1, "max": 10001, "step": 4, "tooltip": "Frames, 4k+1."}),
+                "model_size": (list(MODEL_SIZES), {"default": "wan2.1-1.3b", "tooltip": (
+                    "Which Wan2.1 to count, unless a HiStream model is connected.")}),
+                "tflops": ("FLOAT", {"default": H100_BF16_TFLOPS, "min": 1.0, "max": 100000.0, "step": 1.0,
+                                     "tooltip": "Sustained matmul rate of your GPU (H100 bf16: 798)."}),
+            },
+            "optional": {
+                "window": ("HISTREAM_WINDOW", {"tooltip": "Count with this window instead of the mode's."}),
+                "histream_model": ("HISTREAM_MODEL", {"tooltip": "Count with this model's shape."}),
+            },
+        }
+
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("report",)
+    FUNCTION = "report"
+    OUTPUT_NODE = True
+    CATEGORY = "HiStream"
+    DESCRIPTION = ("Transformer FLOPs of a HiStream run (denoising and cache passes, 2 per multiply-add) and the "
+                   "per-frame time floor at a given matmul rate. Counts only; runs no model.")
+
+    def report(self, mode, width, height, length, model_size, tflops, window=None, histream_model=None):
+        if histream_model is not None:
+            name, model_cfg = histream_model.name, histream_model.model.cfg
+        else:
+            name, model_cfg = model_size, MODEL_PRESETS[model_size]
+        text = cost_text(mode, width, height, length, name, model_cfg, window, tflops)
+        return {"ui": {"text": [text]}, "result": (text,)}

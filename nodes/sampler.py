@@ -1,0 +1,265 @@
+"""Dual-Res Sampler: the HiStream loop (paper Algorithm 1) on ComfyUI's Wan conditioning, returning a LATENT.
+
+A mode preset (``histream_core.modes``) sets every switch; the override inputs change single knobs, -1 / empty
+meaning "the mode's value". A knob the mode does not use (e.g. the NTK factors of "self-forcing", which runs without
+HD tech) must stay -1: setting it is an error rather than a silent no-op.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import torch
+from PIL import Image
+
+from ..histream_core.config import ChunkSteps, SamplerConfig
+from ..histream_core.modes import MODES, mode_config
+from ..histream_core.sampler import RequestError, VideoGeometry, plan_video, stream_video, video_geometry
+from ..histream_core.vae import denormalize, latent_preview
+from . import host
+from .errors import input_error, out_of_memory_advice
+from .loader import HiStreamModel
+from .window import HiStreamWindow
+
+log = logging.getLogger(__name__)
+
+NODE = "HiStream Dual-Res Sampler"
+MODE_VALUE = -1.0  # an override left at this value takes the mode's
+FLOAT_KNOBS = ("low_res_scale", "shift", "ntk_factor_high", "ntk_factor_low", "first_chunk_attn_coef")
+STEP_KNOBS = ("first_chunk_steps", "later_chunk_steps")
+UNUSED_BECAUSE = {
+    "low_res_scale": "it denoises every step at full resolution (no dual-resolution caching)",
+    "ntk_factor_low": "it runs without low-resolution passes or without HD tech",
+    "ntk_factor_high": "it runs without HD tech (plain RoPE and attention)",
+    "first_chunk_attn_coef": "it runs without HD tech (plain RoPE and attention)",
+}
+STEPS_EXAMPLE = "'1000,750|500,250' (low-res steps | high-res steps) or '1000,750,500,250' (full resolution only)"
+
+
+# -- modes and overrides -----------------------------------------------------------------------------------------------
+def format_steps(steps: ChunkSteps) -> str:
+    """ChunkSteps as the override string: "low|high", or just "high" when the chunk has no low-res steps."""
+    def numbers(ts):
+        return ",".join(f"{t:g}" for t in ts)
+
+    return f"{numbers(steps.low)}|{numbers(steps.high)}" if steps.low else numbers(steps.high)
+
+
+def parse_steps(name: str, text: str) -> ChunkSteps | None:
+    """The override string of input ``name`` as ChunkSteps; None when empty (the mode's steps)."""
+    text = text.strip()
+    if not text:
+        return None
+    low_text, _, high_text = text.rpartition("|")
+    try:
+        low, high = (tuple(float(t) for t in part.split(",") if t.strip()) for part in (low_text, high_text))
+        return ChunkSteps(low=low, high=high)
+    except ValueError as exc:
+        raise input_error(NODE, name, f"cannot use {text!r} ({exc}); write base timesteps (0, 1000] from noise to "
+                          f"clean, e.g. {STEPS_EXAMPLE}, or leave it empty for the mode's") from None
+
+
+def mode_knobs(cfg: SamplerConfig) -> dict[str, float | str | None]:
+    """What each override input means under a mode: its value there, or None where the mode does not use it.
+
+    Shown by web/histream.js (greyed-out knobs, "knob (mode: value)" labels)."""
+    hd, drc = cfg.hd.enabled, cfg.drc
+    return {
+        "low_res_scale": cfg.low_res_scale if drc else None,
+        "shift": cfg.shift,
+        "ntk_factor_high": cfg.hd.rope_factors_high[1] if hd else None,
+        "ntk_factor_low": cfg.hd.rope_factors_low[1] if hd and drc else None,
+        "first_chunk_attn_coef": cfg.hd.first_chunk_attn_coef if hd else None,
+        "first_chunk_steps": format_steps(cfg.first_chunk),
+        "later_chunk_steps": format_steps(cfg.later_chunks),
+    }
+
+
+def build_config(mode: str, window: HiStreamWindow | None = None, attention_backend: str = "sdpa",
+                 **overrides) -> SamplerConfig:
+    """The mode's SamplerConfig with the window and the overrides (FLOAT_KNOBS, STEP_KNOBS) applied."""
+    try:
+        cfg = mode_config(mode)
+    except ValueError as exc:
+        raise input_error(NODE, "mode", str(exc)) from None
+    knobs = mode_knobs(cfg)
+    values = {}
+    for name in FLOAT_KNOBS:
+        value = overrides.get(name, MODE_VALUE)
+        if value == MODE_VALUE:
+            continue
+        if knobs[name] is None:
+            raise input_error(NODE, name, f"mode '{mode}' does not use it ({UNUSED_BECAUSE[name]}); set it to -1 "
+                              "or pick a mode that uses it")
+        upper = 1.0 if name == "low_res_scale" else float("inf")
+        if not 0 < value <= upper:
+            raise input_error(NODE, name, f"{value:g} is out of range; use -1 for the mode's value "
+                              f"({knobs[name]:g}) or a number in (0, {upper:g}]")
+        values[name] = float(value)
+    steps = {name: parse_steps(name, overrides.get(name, "")) for name in STEP_KNOBS}
+    for name, parsed in steps.items():
+        if parsed is not None and parsed.low and not cfg.drc:
+            raise input_error(NODE, name, f"mode '{mode}' has no low-resolution steps (dual-resolution caching is "
+                              f"off): give high-res steps only, e.g. '{knobs[name]}'")
+
+    hd = cfg.hd
+    if "ntk_factor_high" in values:
+        hd = replace(hd, rope_factors_high=(1.0, values["ntk_factor_high"], values["ntk_factor_high"]))
+    if "ntk_factor_low" in values:
+        hd = replace(hd, rope_factors_low=(1.0, values["ntk_factor_low"], values["ntk_factor_low"]))
+    if "first_chunk_attn_coef" in values:
+        hd = replace(hd, first_chunk_attn_coef=values["first_chunk_attn_coef"])
+    changes = {"hd": hd, "attention_backend": attention_backend,
+               "low_res_scale": values.get("low_res_scale", cfg.low_res_scale), "shift": values.get("shift", cfg.shift),
+               "first_chunk": steps["first_chunk_steps"] or cfg.first_chunk,
+               "later_chunks": steps["later_chunk_steps"] or cfg.later_chunks}
+    if window is not None:
+        changes.update(stream=window.stream, rope_positions=window.rope_positions)
+    return cfg.with_(**changes)
+
+
+def request_geometry(node: str, width: int, height: int, length: int, cfg: SamplerConfig,
+                     patch: int) -> VideoGeometry:
+    """The core's size check, its message prefixed with the node and the input it is about."""
+    try:
+        return video_geometry(width, height, length, cfg, patch)
+    except RequestError as exc:
+        raise input_error(node, "length" if exc.field == "frames" else exc.field, str(exc)) from None
+
+
+# -- conditioning ------------------------------------------------------------------------------------------------------
+def text_context(positive, text_dim: int, text_len: int) -> tuple[torch.Tensor, list[str]]:
+    """ComfyUI Wan CONDITIONING -> the text states the model reads [1, tokens <= text_len, text_dim], and notes.
+
+    ComfyUI's umT5 gives [1, max(512, tokens), 4096] with the padding zeroed, so the prompt's length is the number of
+    rows up to the last non-zero one; anything past the model's text length is cut (and the notes say so).
+    """
+    if not positive or not isinstance(positive[0][0], torch.Tensor):
+        raise input_error(NODE, "positive", "no conditioning: connect a CLIPTextEncode on a CLIPLoader of type 'wan'")
+    cond = positive[0][0]
+    if cond.ndim != 3 or cond.shape[-1] != text_dim:
+        raise input_error(NODE, "positive", f"the conditioning has shape {tuple(cond.shape)} but the model reads "
+                          f"[1, tokens, {text_dim}] (umT5-XXL states); encode the prompt with CLIPLoader type 'wan' "
+                          "and umt5_xxl_fp8_e4m3fn_scaled.safetensors (768 wide is CLIP-L, which Wan cannot read)")
+    used = torch.nonzero(cond[0].abs().amax(dim=-1) > 0)
+    if used.numel() == 0:
+        raise input_error(NODE, "positive", "the conditioning is all zeros: encode a prompt with CLIPTextEncode")
+    tokens = int(used.max()) + 1
+    notes = []
+    if len(positive) > 1:
+        notes.append(f"using the first of {len(positive)} conditioning entries")
+    if cond.shape[0] > 1:
+        notes.append(f"using the first of {cond.shape[0]} prompts in the conditioning batch")
+    if tokens > text_len:
+        notes.append(f"prompt cut: {tokens} tokens, the model reads the first {text_len}")
+    for note in notes:
+        log.warning("%s: %s", NODE, note)
+    return cond[:1, :min(tokens, text_len)].float(), notes
+
+
+def chunk_preview(latents: torch.Tensor, width: int, height: int) -> Image.Image:
+    """The last latent frame of a finished chunk (model space) as a small RGB image of the video's aspect."""
+    rgb = latent_preview(latents[:1, :, -1:], space="normalized", as_uint8=True)[0, 0]  # [h, w, 3]
+    scale = min(1.0, host.PREVIEW_MAX_SIDE / max(width, height))
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return Image.fromarray(rgb.cpu().numpy()).resize(size, Image.BILINEAR)
+
+
+# -- the node ----------------------------------------------------------------------------------------------------------
+def _override(kind: str, default, tooltip: str, **limits):
+    return (kind, {"default": default, "tooltip": tooltip, **limits})
+
+
+class HiStreamDualResSampler:
+    @classmethod
+    def INPUT_TYPES(cls):
+        modes = {name: mode_knobs(cfg) for name, cfg in MODES.items()}
+        return {
+            "required": {
+                "model": ("HISTREAM_MODEL", {"tooltip": "From HiStream Loader."}),
+                "positive": ("CONDITIONING", {"tooltip": (
+                    "The prompt from CLIPTextEncode on a CLIPLoader of type 'wan' (umT5-XXL). Prompts longer than "
+                    "the model's 512 tokens are cut (the node says so).")}),
+                "width": ("INT", {"default": 1920, "min": 16, "max": 4096, "step": 16, "tooltip": (
+                    "Video width in pixels. A multiple of 32 with dual-resolution caching (the low-res passes run "
+                    "at half size); 16 is enough for modes without it.")}),
+                "height": ("INT", {"default": 1088, "min": 16, "max": 4096, "step": 16, "tooltip": (
+                    "Video height in pixels; 1088 for 1080p (the latent grid needs multiples of 32).")}),
+                "length": ("INT", {"default": 81, "min": 1, "max": 10001, "step": 4, "tooltip": (
+                    "Frames, 4k+1 (81 = 5 s at 16 fps). Time and memory per chunk stay flat with the sliding "
+                    "window, so long videos cost only time.")}),
+                "mode": (list(MODES), {"default": "histream", "histream_modes": modes, "tooltip": (
+                    "histream: 2 low-res + 2 high-res steps per chunk. histream+: 4 steps on the first chunk, 2 "
+                    "after. self-forcing: the baseline (full resolution, full cache). no-drc / no-agsw / two-step: "
+                    "the paper's ablations.")}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
+                                 "tooltip": "Noise seed; each chunk's noise depends only on (seed, chunk)."}),
+            },
+            "optional": {
+                "window": ("HISTREAM_WINDOW", {"tooltip": (
+                    "From Anchor Window Cache; without it the mode's window (anchor 1 + local 2, or the full cache "
+                    "of self-forcing and no-agsw).")}),
+                "low_res_scale": _override("FLOAT", MODE_VALUE, (
+                    "Size of the low-resolution passes relative to the video (0.5: 960x544 for 1080p). -1: the "
+                    "mode's."), min=-1.0, max=1.0, step=0.05),
+                "shift": _override("FLOAT", MODE_VALUE, (
+                    "Timestep shift of the few-step schedule (7 at 1080p, Self-Forcing's 5 at 480p). -1: the mode's."),
+                    min=-1.0, max=20.0, step=0.1),
+                "ntk_factor_high": _override("FLOAT", MODE_VALUE, (
+                    "NTK RoPE factor of the spatial axes in the full-resolution passes (paper: 5 at 1080p). -1: the "
+                    "mode's."), min=-1.0, max=20.0, step=0.1),
+                "ntk_factor_low": _override("FLOAT", MODE_VALUE, (
+                    "NTK RoPE factor of the spatial axes in the low-resolution passes (paper: 2). -1: the mode's."),
+                    min=-1.0, max=20.0, step=0.1),
+                "first_chunk_attn_coef": _override("FLOAT", MODE_VALUE, (
+                    "Attention scaling coefficient of the first chunk's full-resolution passes (paper: 2; 1 = off). "
+                    "-1: the mode's."), min=-1.0, max=10.0, step=0.1),
+                "first_chunk_steps": _override("STRING", "", (
+                    f"Steps of the first chunk as base timesteps, e.g. {STEPS_EXAMPLE}. Empty: the mode's.")),
+                "later_chunk_steps": _override("STRING", "", (
+                    "Steps of every later chunk (HiStream+: '1000|500'). Empty: the mode's.")),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+    FUNCTION = "sample"
+    CATEGORY = "HiStream"
+    DESCRIPTION = ("HiStream streaming text-to-video: chunk by chunk, with dual-resolution caching, an anchor-guided "
+                   "sliding window and asymmetric denoising. Returns the Wan latents of the whole video.")
+
+    def sample(self, model: HiStreamModel, positive, width, height, length, mode, seed, window=None,
+               unique_id=None, **overrides):
+        cfg = build_config(mode, window, model.attention_backend, **overrides)
+        dit = model.model
+        geometry = request_geometry(NODE, width, height, length, cfg, dit.cfg.patch_size[1])
+        context, notes = text_context(positive, dit.cfg.text_dim, dit.cfg.text_len)
+        total = sum(len(plan.calls(geometry, cfg.drc)) for plan in plan_video(geometry, cfg))
+        device = model.device
+        host.make_room(device)
+        bar = host.progress_bar(total, unique_id)
+
+        def on_progress(p):
+            bar.update_absolute(p.call, p.total_calls)
+            host.send_event("histream.progress", {
+                "node": unique_id, "chunk": p.chunk + 1, "num_chunks": p.num_chunks, "call": p.call,
+                "total_calls": p.total_calls, "kind": p.kind, "timestep": p.timestep,
+                "cached_frames": p.cached_frames})
+
+        chunks, seconds, calls = [], 0.0, 0
+        with torch.no_grad(), out_of_memory_advice(width, height, (
+                "use fp8 weights (HiStream Loader weight_dtype fp8_e4m3fn), keep the sliding window on, or lower "
+                "the resolution")):
+            for chunk in stream_video(dit, context.to(device), width, height, length, cfg, seed,
+                                      on_progress=on_progress, should_stop=host.raise_if_interrupted):
+                chunks.append(denormalize(chunk.latents).to(host.output_device()))
+                seconds += chunk.seconds
+                calls += chunk.model_calls
+                bar.update_absolute(calls, total, preview=("JPEG", chunk_preview(chunk.latents, width, height),
+                                                           host.PREVIEW_MAX_SIDE))
+        summary = (f"{mode}: {len(chunks)} chunks, {calls} model calls, {seconds:.1f} s "
+                   f"({1000 * seconds / length:.0f} ms/frame)")
+        log.info("%s: %s", NODE, summary)
+        return {"ui": {"text": [summary, *notes]}, "result": ({"samples": torch.cat(chunks, dim=2)},)}

@@ -1,0 +1,305 @@
+"""ComfyUI nodes without ComfyUI: contracts, a tiny end-to-end run (Loader -> Sampler -> Chunk Decode), interrupts,
+and the errors users see. The host modules are stubbed (comfy_stubs); the pack is imported as ComfyUI imports it."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import subprocess
+import sys
+
+import imageio_ffmpeg
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from comfy_stubs import ROOT, InterruptProcessingException, comfy_host, load_pack, pack_module  # noqa: F401
+from conftest import randomize_, tiny_model
+
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
+SIZE = dict(width=64, height=64)
+LENGTH = 13  # 4 latent frames: a chunk of 3 and a chunk of 1
+
+
+def nodes():
+    return load_pack().NODE_CLASS_MAPPINGS
+
+
+class StockVAE:
+    """What the nodes use of ComfyUI's VAE object (comfy.sd.VAE)."""
+
+    def __init__(self, model):
+        self.first_stage_model = model
+
+
+def wan_conditioning(tokens: int, width: int = 4096, seed: int = 0):
+    """ComfyUI's Wan CONDITIONING: [1, max(512, tokens), width], zero past the prompt's tokens."""
+    cond = torch.zeros(1, max(512, tokens), width)
+    cond[:, :tokens] = torch.randn(1, tokens, width, generator=torch.Generator().manual_seed(seed))
+    return [[cond, {"pooled_output": None}]]
+
+
+@pytest.fixture
+def checkpoint(comfy_host):
+    """A tiny random Wan DiT (head_dim 128 as real Wan, umT5 width 4096) in ComfyUI's key layout."""
+    model = tiny_model(dim=256, num_heads=2, text_dim=4096)
+    state = {f"model.diffusion_model.{k}": v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(comfy_host.models / "diffusion_models" / "tiny_wan.safetensors"))
+    return "tiny_wan.safetensors"
+
+
+@pytest.fixture
+def loaded(checkpoint):
+    return nodes()["HiStreamLoader"]().load(checkpoint, "default", "fp32", "sdpa", "main device")[0]
+
+
+@pytest.fixture
+def stock_vae():
+    vae_module = pack_module("histream_core.vae")
+    torch.manual_seed(0)
+    return StockVAE(randomize_(vae_module.WanVAE(vae_module.WanVAEConfig(base_dim=8))).eval())
+
+
+def sample(model, mode="histream", positive=None, **kwargs):
+    args = dict(SIZE, length=LENGTH, mode=mode, seed=7, unique_id="5")
+    args.update(kwargs)
+    return nodes()["HiStreamDualResSampler"]().sample(model, positive or wan_conditioning(20), **args)
+
+
+def decode(samples, vae, **kwargs):
+    args = dict(tile_size=0, tile_overlap=128, save_mp4=False, filename_prefix="HiStream/test", fps=16.0, crf=19,
+                preview_every=4, unique_id="9")
+    args.update(kwargs)
+    return nodes()["HiStreamVAEChunkDecode"]().decode({"samples": samples}, vae, **args)
+
+
+def files_under(folder):
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+# -- the pack and its contracts ---------------------------------------------------------------------------------------
+def test_pack_imports_as_comfyui_does_without_comfyui():
+    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); import comfy_stubs; "
+            "pack = comfy_stubs.load_pack(); import histream_core; "
+            "print(sorted(pack.NODE_CLASS_MAPPINGS), pack.WEB_DIRECTORY, "
+            "[m for m in ('comfy', 'folder_paths', 'server') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["['HiStreamAnchorWindow',", "'HiStreamCostReadout',", "'HiStreamDualResSampler',",
+                                  "'HiStreamLoader',", "'HiStreamVAEChunkDecode']", "./web", "[]"]
+    assert (ROOT / "web" / "histream.js").is_file() and (ROOT / "web" / "icon.svg").is_file()
+
+
+@pytest.mark.parametrize("node_id", ["HiStreamLoader", "HiStreamAnchorWindow", "HiStreamDualResSampler",
+                                     "HiStreamVAEChunkDecode", "HiStreamCostReadout"])
+def test_node_contract(comfy_host, node_id):
+    pack = load_pack()
+    cls = pack.NODE_CLASS_MAPPINGS[node_id]
+    assert node_id.startswith("HiStream") and pack.NODE_DISPLAY_NAME_MAPPINGS[node_id]
+    schema = cls.INPUT_TYPES()
+    assert set(schema) <= {"required", "optional", "hidden"}
+    names = []
+    for section in ("required", "optional"):
+        for name, spec in schema.get(section, {}).items():
+            names.append(name)
+            assert isinstance(spec, tuple) and 1 <= len(spec) <= 2, name
+            kind, options = spec[0], (spec[1] if len(spec) == 2 else {})
+            assert options.get("tooltip"), f"{name} has no tooltip"
+            if isinstance(kind, list):
+                assert options.get("default", kind[0] if kind else None) in kind or not kind, name
+            elif kind in ("INT", "FLOAT"):
+                assert options["min"] <= options["default"] <= options["max"], name
+                if kind == "INT":
+                    assert (options["default"] - options["min"]) % options.get("step", 1) == 0, name
+            elif kind in ("STRING", "BOOLEAN"):
+                assert "default" in options, name
+            else:
+                assert kind.isupper(), f"{name}: socket types are upper case, got {kind}"
+    assert isinstance(cls.RETURN_TYPES, tuple) and all(isinstance(t, str) for t in cls.RETURN_TYPES)
+    assert len(cls.RETURN_NAMES) == len(cls.RETURN_TYPES)
+    assert cls.CATEGORY == "HiStream" and cls.DESCRIPTION
+    signature = inspect.signature(getattr(cls, cls.FUNCTION))
+    signature.bind(None, **{n: None for n in names}, **{n: None for n in schema.get("hidden", {})})
+
+
+def test_sampler_mode_table_names_its_override_inputs(comfy_host):
+    schema = nodes()["HiStreamDualResSampler"].INPUT_TYPES()
+    table = schema["required"]["mode"][1]["histream_modes"]
+    assert set(table) == set(schema["required"]["mode"][0])
+    for knobs in table.values():
+        assert set(knobs) <= set(schema["optional"])
+    assert table["self-forcing"]["ntk_factor_high"] is None and table["histream+"]["later_chunk_steps"] == "1000|500"
+
+
+# -- a run end to end -------------------------------------------------------------------------------------------------
+def test_loader_sampler_decode_end_to_end(comfy_host, loaded, stock_vae):
+    window = nodes()["HiStreamAnchorWindow"]().build(True, 3, 1, 2, "absolute")[0]
+    out = sample(loaded, window=window)
+    samples = out["result"][0]["samples"]
+    assert samples.shape == (1, 16, 4, 8, 8) and samples.device.type == "cpu"
+
+    # The LATENT is the engine's output in RAW (VAE) space, from the prompt's 20 tokens.
+    core = pack_module("histream_core.sampler")
+    cfg = pack_module("nodes.sampler").build_config("histream", window)
+    expected = core.generate_video(loaded.model, wan_conditioning(20)[0][0][:, :20], **SIZE, frames=LENGTH, cfg=cfg,
+                                   seed=7)
+    torch.testing.assert_close(samples, pack_module("histream_core.vae").denormalize(expected))
+
+    # Progress per model call (6 per chunk: 2 low, 2 high, 2 cache passes) plus one preview per chunk.
+    calls = [p for p in comfy_host.progress if p[2] is None]
+    previews = [p for p in comfy_host.progress if p[2] is not None]
+    assert [p[0] for p in calls] == list(range(1, 13)) and {p[1] for p in calls} == {12}
+    assert len(previews) == 2 and previews[0][2][0] == "JPEG" and previews[0][2][1].size == (64, 64)
+    events = [e for name, e in comfy_host.events if name == "histream.progress"]
+    assert len(events) == 12 and events[-1]["chunk"] == 2 and events[-1]["num_chunks"] == 2
+    assert events[-1]["cached_frames"] == 3 and events[0]["node"] == "5"
+    assert out["ui"]["text"][0].startswith("histream: 2 chunks, 12 model calls")
+
+    images = decode(samples, stock_vae)["result"][0]
+    assert images.shape == (LENGTH, 64, 64, 3) and images.dtype == torch.float32
+    assert 0 <= images.min() and images.max() <= 1
+
+
+def test_decode_streams_to_mp4_with_a_preview(comfy_host, stock_vae):
+    latents = torch.randn(1, 16, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    frames = decode(latents, stock_vae)["result"][0]
+    out = decode(latents, stock_vae, save_mp4=True, preview_every=4)
+    preview, path = out["result"]
+    assert files_under(comfy_host.output) == ["HiStream/test_00001_.mp4"]
+    assert path == str(comfy_host.output / "HiStream" / "test_00001_.mp4")
+    assert out["ui"]["images"] == [{"filename": "test_00001_.mp4", "subfolder": "HiStream", "type": "output"}]
+    torch.testing.assert_close(preview, frames[::4])  # frames 0, 4, 8, 12 (64 px: not shrunk)
+    assert imageio_ffmpeg.count_frames_and_secs(path)[0] == LENGTH
+
+
+def test_tiled_decode_gives_the_same_frames_count(comfy_host, stock_vae):
+    latents = torch.randn(1, 16, 2, 16, 8, generator=torch.Generator().manual_seed(2))
+    images = decode(latents, stock_vae, tile_size=64, tile_overlap=32)["result"][0]
+    assert images.shape == (5, 128, 64, 3)
+
+
+def test_stock_vae_is_rebuilt_once_per_object(comfy_host, stock_vae):
+    module = pack_module("nodes.decode")
+    first = module.streaming_vae(stock_vae)
+    assert module.streaming_vae(stock_vae) is first
+    assert module.streaming_vae(StockVAE(stock_vae.first_stage_model)) is not first
+
+
+# -- interrupts -------------------------------------------------------------------------------------------------------
+def test_interrupt_mid_decode_leaves_no_file(comfy_host, stock_vae):
+    comfy_host.interrupt_after = 1  # the host's interrupt lands right after the first chunk
+    latents = torch.randn(1, 16, 7, 8, 8)
+    with pytest.raises(InterruptProcessingException):
+        decode(latents, stock_vae, save_mp4=True)
+    assert files_under(comfy_host.output) == []
+
+
+def test_interrupt_mid_chunk_stops_the_sampler(comfy_host, loaded):
+    comfy_host.interrupt_after = 2  # after the second model call of chunk 1
+    with pytest.raises(InterruptProcessingException):
+        sample(loaded)
+    assert len(comfy_host.progress) == 2
+
+
+def test_sampler_checks_for_an_interrupt_before_each_model_call(comfy_host, loaded):
+    comfy_host.interrupted = True  # the core's should_stop hook raises the host's exception before the first call
+    with pytest.raises(InterruptProcessingException):
+        sample(loaded)
+    assert comfy_host.progress == []
+
+
+# -- errors users see -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(width=1000), "input 'width': width 1000 does not fit the latent grid .* use 992 or 1024"),
+    (dict(length=10), "input 'length': frames must be 4k\\+1 .* use 9 or 13"),
+    (dict(mode="self-forcing", ntk_factor_high=3.0), "input 'ntk_factor_high': mode 'self-forcing' does not use it"),
+    (dict(shift=0.0), "input 'shift': 0 is out of range; use -1 for the mode's value \\(7\\)"),
+    (dict(first_chunk_steps="1000,abc|500"), "input 'first_chunk_steps': cannot use '1000,abc\\|500'"),
+    (dict(later_chunk_steps="500|1000"), "input 'later_chunk_steps': .*strictly decrease"),
+    (dict(mode="no-drc", first_chunk_steps="1000|500"), "input 'first_chunk_steps': mode 'no-drc' has no low-res"),
+    (dict(positive=wan_conditioning(20, width=768)), "input 'positive': .*umt5_xxl_fp8_e4m3fn_scaled.safetensors"),
+])
+def test_sampler_bad_inputs_name_the_input_and_the_fix(comfy_host, loaded, kwargs, message):
+    with pytest.raises(ValueError, match=f"HiStream Dual-Res Sampler, {message}"):
+        sample(loaded, **kwargs)
+    assert comfy_host.progress == []  # refused before any model call
+
+
+def test_sixteen_pixel_sizes_are_fine_without_drc(comfy_host, loaded):
+    out = sample(loaded, mode="no-drc", width=48, length=5)
+    assert out["result"][0]["samples"].shape == (1, 16, 2, 8, 6)
+
+
+def test_long_prompt_is_cut_and_said(comfy_host, loaded):
+    out = sample(loaded, positive=wan_conditioning(600), length=1)
+    assert "prompt cut: 600 tokens, the model reads the first 512" in out["ui"]["text"]
+
+
+def test_out_of_memory_says_what_to_change(comfy_host, loaded, monkeypatch):
+    def no_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(loaded.model, "forward", no_memory)
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="out of memory at 64x64: use fp8 weights"):
+        sample(loaded)
+
+
+def test_loader_rejects_a_vae_file(comfy_host, stock_vae):
+    state = {k: v.contiguous() for k, v in stock_vae.first_stage_model.state_dict().items()}
+    save_file(state, str(comfy_host.models / "diffusion_models" / "wan_2.1_vae.safetensors"))
+    with pytest.raises(ValueError, match="(?s)HiStream Loader, input 'ckpt_name': .*looks like a VAE"):
+        nodes()["HiStreamLoader"]().load("wan_2.1_vae.safetensors", "default", "fp32", "sdpa", "cpu")
+
+
+def test_loader_reports_a_missing_attention_package(comfy_host, checkpoint):
+    if importlib_available("sageattention"):
+        pytest.skip("sageattention is installed here")
+    with pytest.raises(ValueError, match="HiStream Loader, input 'attention': sage cannot run .*choose sdpa"):
+        nodes()["HiStreamLoader"]().load(checkpoint, "default", "fp32", "sage", "cpu")
+
+
+def importlib_available(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(tile_size=256, tile_overlap=256), "input 'tile_overlap': 256 must be smaller than tile_size 256"),
+    (dict(vae="not a vae"), "input 'vae': expected a ComfyUI VAE"),
+    (dict(samples=torch.zeros(1, 16, 8, 8)), "input 'samples': expected Wan video latents"),
+])
+def test_decode_bad_inputs(comfy_host, stock_vae, kwargs, message):
+    samples = kwargs.pop("samples", torch.zeros(1, 16, 1, 8, 8))
+    vae = kwargs.pop("vae", stock_vae)
+    with pytest.raises(ValueError, match=f"VAE Chunk Decode, {message}"):
+        decode(samples, vae, **kwargs)
+
+
+def test_window_node(comfy_host):
+    window = nodes()["HiStreamAnchorWindow"]().build(False, 4, 0, 0, "window")[0]
+    assert (window.stream.chunk_frames, window.stream.window, window.rope_positions) == (4, False, "window")
+    with pytest.raises(ValueError, match="Anchor Window Cache, input 'local_frames'"):
+        nodes()["HiStreamAnchorWindow"]().build(True, 3, 0, 0, "absolute")
+
+
+def test_overrides_change_only_their_knob(comfy_host):
+    build = pack_module("nodes.sampler").build_config
+    modes = pack_module("histream_core.modes")
+    assert build("histream+") == modes.mode_config("histream+")
+    cfg = build("histream", shift=5.0, ntk_factor_high=4.0, first_chunk_attn_coef=1.0, later_chunk_steps="1000|500")
+    assert cfg.shift == 5.0 and cfg.hd.rope_factors_high == (1.0, 4.0, 4.0) and cfg.hd.first_chunk_attn_coef == 1.0
+    assert cfg.later_chunks == modes.mode_config("histream+").later_chunks
+    assert cfg.hd.rope_factors_low == modes.mode_config("histream").hd.rope_factors_low
+
+
+def test_cost_readout_matches_the_flop_count(comfy_host):
+    out = nodes()["HiStreamCostReadout"]().report("histream+", 1920, 1088, 81, "wan2.1-1.3b", 798.0)
+    text = out["result"][0]
+    flops = pack_module("histream_core.flops").run_flops(
+        pack_module("histream_core.config").MODEL_PRESETS["wan2.1-1.3b"],
+        pack_module("histream_core.modes").mode_config("histream+"), 1920, 1088, 81)
+    assert f"model calls: {flops.model_calls} in 7 chunks" in text
+    assert f"{flops.tflop_total:,.0f} TFLOP total" in text and out["ui"]["text"] == [text]
+    assert math.isclose(flops.tflop_per_frame, 53, rel_tol=0.05)  # DESIGN.md section 7
+    assert f"{1000 * flops.tflop_per_frame / 798:,.1f} ms/frame" in text
