@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from histream_core.config import MODEL_PRESETS  # noqa: E402
 from histream_core.flops import run_flops  # noqa: E402
-from histream_core.model import CausalWanModel  # noqa: E402
+from histream_core.model import BACKENDS, CausalWanModel  # noqa: E402
 from histream_core.modes import MODES  # noqa: E402
 from histream_core.sampler import stream_video  # noqa: E402
 
@@ -57,16 +57,17 @@ def build_model(name: str, device: torch.device, dtype: torch.dtype, compile_blo
     with torch.device(device):
         model = CausalWanModel(MODEL_PRESETS[name], compute_dtype=dtype)
     model = model.to(dtype).eval().requires_grad_(False)
-    if compile_blocks:
-        torch._dynamo.config.cache_size_limit = 64
-        for block in model.blocks:
-            block.compile(dynamic=False)
-    return model
+    return model.compile_blocks() if compile_blocks else model
+
+
+def mode_config(args, mode: str):
+    return MODES[mode].with_(attention_backend=args.attention)
 
 
 def time_video(model, context, args, mode: str, clock: Clock) -> list[float]:
     """Seconds per chunk of one video."""
-    seconds, chunks = [], stream_video(model, context, args.width, args.height, args.frames, MODES[mode], seed=0)
+    seconds, chunks = [], stream_video(model, context, args.width, args.height, args.frames, mode_config(args, mode),
+                                       seed=0)
     while True:
         start = clock.mark()
         try:
@@ -130,14 +131,15 @@ def bench_end_to_end(model, context, args, device: torch.device, dtype: torch.dt
     with tempfile.TemporaryDirectory() as folder:
         start = time.perf_counter()
         report = generate_to_file(model, vae, context, Path(folder) / "bench.mp4", args.width, args.height,
-                                  args.frames, MODES[mode], seed=0)
+                                  args.frames, mode_config(args, mode), seed=0, tile=args.tile)
         seconds = time.perf_counter() - start
-    return {"mode": mode, "s": seconds, "denoise_s": report.denoise_s, "decode_s": report.decode_s,
+    return {"mode": mode, "tile": args.tile, "s": seconds, "denoise_s": report.denoise_s, "decode_s": report.decode_s,
             "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
 
 
 def print_table(args, rows: list[dict], vae: dict | None, e2e: dict | None, device_name: str) -> None:
-    print(f"{args.model}, {args.width}x{args.height}, {args.frames} frames, {args.dtype}, {device_name}, "
+    print(f"{args.model}, {args.width}x{args.height}, {args.frames} frames, {args.dtype}, {args.attention}"
+          f"{', compiled' if args.compile else ''}, {device_name}, "
           f"median of {args.repeats} after {args.warmup} warm-up")
     head = f"{'mode':<13}{'s/frame':>9}{'TFLOP':>9}{'TFLOP/s':>9}{'of floor':>9}{'peak GiB':>9}  per-chunk s"
     print(head + "\n" + "-" * len(head))
@@ -168,6 +170,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--rate", type=float, default=798.0, help="matmul TFLOP/s that defines the floor")
     parser.add_argument("--compile", action="store_true", help="torch.compile every transformer block")
+    parser.add_argument("--tile", type=int, help="end-to-end run: decode in spatial tiles of this many latent px")
+    parser.add_argument("--attention", default="sdpa", choices=list(BACKENDS))
     parser.add_argument("--skip-vae", action="store_true")
     parser.add_argument("--e2e-mode", default="histream+", help="mode of the end-to-end mp4 run ('' to skip)")
     parser.add_argument("--json", help="write the results here")

@@ -51,6 +51,9 @@ class HiStreamLoader:
                 "Attention kernel. sdpa is built into torch; flash_attn and sage need their packages installed.")}),
             "device": (list(DEVICES), {"default": "main device", "tooltip": (
                 "main device: the GPU ComfyUI runs on. cpu: slow, for trying things out without a GPU.")}),
+            "compile": ("BOOLEAN", {"default": False, "tooltip": (
+                "torch.compile the transformer blocks (CUDA). The first video compiles for a minute or two; later "
+                "ones run ~1.4x faster (1080p HiStream+ on an H100: 0.145 -> 0.107 s/frame).")}),
         }}
 
     RETURN_TYPES = ("HISTREAM_MODEL",)
@@ -59,7 +62,7 @@ class HiStreamLoader:
     CATEGORY = CATEGORY
     DESCRIPTION = "Loads a causal Wan2.1 DiT once for the HiStream sampler (ComfyUI caches it between runs)."
 
-    def load(self, ckpt_name, weight_dtype, compute_dtype, attention, device):
+    def load(self, ckpt_name, weight_dtype, compute_dtype, attention, device, compile=False):
         target = host.main_device() if device == "main device" else torch.device("cpu")
         dtype = COMPUTE_DTYPES[compute_dtype]
         _check_attention(attention, target, dtype)
@@ -69,6 +72,10 @@ class HiStreamLoader:
                                    device=target)
         except CheckpointError as exc:
             raise input_error(NODE, "ckpt_name", str(exc)) from exc
+        if compile and target.type == "cuda":
+            model.compile_blocks()
+        elif compile:
+            log.warning("%s: compile is for CUDA GPUs; running %s eagerly", NODE, target)
         cfg = model.cfg
         log.info("HiStream: %s on %s (dim %d, %d layers, compute %s, attention %s)", ckpt_name, target, cfg.dim,
                  cfg.num_layers, compute_dtype, attention)

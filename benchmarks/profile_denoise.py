@@ -1,0 +1,77 @@
+"""Where the denoising time goes: a torch.profiler trace of one video, kernels grouped into attention, GEMM,
+elementwise/normalisation and other, for one mode. Prints a table; CUDA only.
+
+    python benchmarks/profile_denoise.py --mode histream+ [--attention sdpa_cudnn] [--compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_1080p import build_model, mode_config  # noqa: E402
+from histream_core.model import BACKENDS  # noqa: E402
+from histream_core.sampler import stream_video  # noqa: E402
+
+CATEGORIES = (
+    ("attention", ("flash", "fmha", "attention", "cudnn", "sdpa")),
+    ("gemm", ("gemm", "matmul", "cutlass", "sm90_xmma", "nvjet", "cublas", "splitk")),
+    ("conv", ("conv",)),
+    ("copy/cat", ("copy", "cat", "memcpy", "memset")),
+    ("elementwise/norm", ("elementwise", "vectorized", "reduce", "norm", "triton", "mul", "add")),
+)
+
+
+def category(name: str) -> str:
+    lowered = name.lower()
+    for label, needles in CATEGORIES:
+        if any(n in lowered for n in needles):
+            return label
+    return "other"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--mode", default="histream+")
+    parser.add_argument("--model", default="wan2.1-1.3b")
+    parser.add_argument("--width", type=int, default=1920)
+    parser.add_argument("--height", type=int, default=1088)
+    parser.add_argument("--frames", type=int, default=81)
+    parser.add_argument("--attention", default="sdpa", choices=list(BACKENDS))
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--top", type=int, default=12)
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    model = build_model(args.model, device, torch.bfloat16, args.compile)
+    context = torch.randn(1, model.cfg.text_len, model.cfg.text_dim, device=device)
+    cfg = mode_config(args, args.mode)
+    with torch.no_grad():
+        list(stream_video(model, context, args.width, args.height, args.frames, cfg, 0))  # warm-up
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            list(stream_video(model, context, args.width, args.height, args.frames, cfg, 0))
+    totals, kernels = defaultdict(float), defaultdict(float)
+    for event in prof.key_averages():
+        cuda_us = getattr(event, "device_time_total", 0.0)
+        if cuda_us and event.device_type == torch.autograd.DeviceType.CUDA:
+            totals[category(event.key)] += cuda_us
+            kernels[event.key] += cuda_us
+    whole = sum(totals.values())
+    print(f"{args.mode}, {args.width}x{args.height}x{args.frames}, {args.attention}"
+          f"{', compiled' if args.compile else ''}: GPU kernel time {whole / 1e6:.2f} s "
+          f"({whole / 1e6 / args.frames:.4f} s/frame)")
+    for label, us in sorted(totals.items(), key=lambda kv: -kv[1]):
+        print(f"  {label:<18}{us / 1e6:>8.2f} s {us / whole:>6.1%}")
+    print("top kernels:")
+    for name, us in sorted(kernels.items(), key=lambda kv: -kv[1])[:args.top]:
+        print(f"  {us / 1e6:>7.3f} s  {name[:110]}")
+
+
+if __name__ == "__main__":
+    main()
