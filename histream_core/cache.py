@@ -76,7 +76,7 @@ class KVCache:
         """Keep only the frames at these indices (into ``positions``), dropping the rest."""
         if frame_indices == list(range(self.num_frames)):
             return
-        index = torch.tensor(frame_indices, device=self.keys[0].device)
+        index = torch.tensor(frame_indices, dtype=torch.long, device=self.keys[0].device)
         for i in range(self.num_layers):
             self.keys[i] = self._frames(self.keys[i]).index_select(1, index).flatten(1, 2)
             self.values[i] = self._frames(self.values[i]).index_select(1, index).flatten(1, 2)

@@ -183,6 +183,11 @@ class SamplerConfig:
     rope_positions: "absolute" keeps every frame's own temporal position (within training for 21 latent frames);
       "window" re-indexes the cached frames to consecutive positions 0..n-1 before each chunk and places the chunk
       right after them, so no position ever exceeds the window (for videos far longer than 21 latent frames).
+    kv_recache: when a prompt schedule switches prompts at a chunk, first recompute the cached frames' K/V with the
+      new prompt (LongLive's "KV recache": timestep-0 passes over the clean frames, written back at their positions);
+      without it the cache still speaks the old prompt and the new one takes hold slowly or not at all.
+    recache_anchor: include the anchor frame(s) in the recache; off keeps the anchor on the old prompt (stronger
+      continuity of the first frame's look, weaker switch).
     """
 
     stream: StreamConfig = StreamConfig()
@@ -196,6 +201,8 @@ class SamplerConfig:
     downsample: str = "area"
     rope_positions: str = "absolute"
     attention_backend: str = "sdpa"
+    kv_recache: bool = True
+    recache_anchor: bool = True
 
     def __post_init__(self) -> None:
         if not 0 < self.low_res_scale <= 1:

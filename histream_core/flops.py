@@ -69,15 +69,16 @@ class RunFlops:
 
 
 def run_flops(model_cfg: ModelConfig, sampler_cfg: SamplerConfig, width: int, height: int, frames: int,
-              mode: str = "custom", batch: int = 1) -> RunFlops:
+              mode: str = "custom", batch: int = 1, prompt_switches: frozenset[int] = frozenset()) -> RunFlops:
+    """FLOPs of a run; ``prompt_switches``: chunks where a prompt schedule changes prompt (their recache passes)."""
     geometry = video_geometry(width, height, frames, sampler_cfg, model_cfg.patch_size[1])
     per_chunk = []
     calls = 0
-    for plan in plan_video(geometry, sampler_cfg):
+    for plan in plan_video(geometry, sampler_cfg, prompt_switches):
         chunk_calls = plan.calls(geometry, sampler_cfg.drc)
         calls += len(chunk_calls)
         per_chunk.append(sum(call_flops(model_cfg, c, batch) for c in chunk_calls))
-    total = sum(per_chunk) + text_flops(model_cfg, batch)
+    total = sum(per_chunk) + (1 + len(prompt_switches)) * text_flops(model_cfg, batch)
     return RunFlops(mode, total, calls, frames, tuple(per_chunk))
 
 

@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -104,14 +104,20 @@ class ChunkPlan:
     low_steps: tuple[float, ...]      # warped timesteps
     high_steps: tuple[float, ...]
     logit_scale_high: float     # attention logit multiplier of the high-resolution calls
+    recache_runs: tuple[tuple[int, int], ...] = ()  # (first cached-frame index, count) re-encoded at a prompt switch
 
     def calls(self, geometry: VideoGeometry, drc: bool) -> list[ModelCall]:
+        recache = []
+        for first, count in self.recache_runs:
+            recache.append(ModelCall("recache_high", 0.0, geometry.high, count, first))
+            if drc:
+                recache.append(ModelCall("recache_low", 0.0, geometry.low, count, first))
         low = [ModelCall("low", t, geometry.low, self.num_frames, self.cached_frames) for t in self.low_steps]
         high = [ModelCall("high", t, geometry.high, self.num_frames, self.cached_frames) for t in self.high_steps]
         cache = [ModelCall("cache_high", 0.0, geometry.high, self.num_frames, self.cached_frames)]
         if drc:
             cache.append(ModelCall("cache_low", 0.0, geometry.low, self.num_frames, self.cached_frames))
-        return low + high + cache
+        return recache + low + high + cache
 
 
 def first_chunk_logit_scale(cfg: SamplerConfig) -> float:
@@ -132,8 +138,27 @@ def window_keep(frames: list[int], cfg: SamplerConfig) -> list[int]:
     return [frames[i] for i in keep]
 
 
-def plan_video(geometry: VideoGeometry, cfg: SamplerConfig) -> list[ChunkPlan]:
-    """Per-chunk plans for a whole video; the last chunk may be shorter than ``chunk_frames``."""
+def recache_runs(positions: tuple[int, ...], cfg: SamplerConfig) -> tuple[tuple[int, int], ...]:
+    """Runs of consecutive cached frames to re-encode at a prompt switch, as (first index, count), in order.
+
+    Each run becomes one timestep-0 pass at its own RoPE positions (a forward takes consecutive positions).
+    """
+    start = 0 if cfg.recache_anchor else min(cfg.stream.anchor_frames, len(positions))
+    runs: list[list[int]] = []
+    for index in range(start, len(positions)):
+        if runs and positions[index] == positions[runs[-1][0]] + runs[-1][1]:
+            runs[-1][1] += 1
+        else:
+            runs.append([index, 1])
+    return tuple((first, count) for first, count in runs)
+
+
+def plan_video(geometry: VideoGeometry, cfg: SamplerConfig, prompt_switches: frozenset[int] = frozenset()
+               ) -> list[ChunkPlan]:
+    """Per-chunk plans for a whole video; the last chunk may be shorter than ``chunk_frames``.
+
+    ``prompt_switches``: chunks that start a new prompt of a schedule (they re-encode the cache if ``kv_recache``).
+    """
     m = cfg.stream.chunk_frames
     plans, cached = [], []  # cached: video indices of the frames each cache holds
     for index, first in enumerate(range(0, geometry.latent_frames, m)):
@@ -143,12 +168,14 @@ def plan_video(geometry: VideoGeometry, cfg: SamplerConfig) -> list[ChunkPlan]:
             positions, rope_start = tuple(range(len(cached))), len(cached)
         else:
             positions, rope_start = tuple(cached), first
+        recache = recache_runs(positions, cfg) if cfg.kv_recache and index in prompt_switches else ()
         plans.append(ChunkPlan(
             index=index, first_frame=first, num_frames=frames, rope_start=rope_start, cached_frames=len(cached),
             cache_positions=positions,
             low_steps=warp_timesteps(steps.low, cfg.shift) if steps.low else (),
             high_steps=warp_timesteps(steps.high, cfg.shift),
-            logit_scale_high=first_chunk_logit_scale(cfg) if index == 0 else 1.0))
+            logit_scale_high=first_chunk_logit_scale(cfg) if index == 0 else 1.0,
+            recache_runs=recache))
         cached = window_keep(cached + list(range(first, first + frames)), cfg)
     return plans
 
@@ -207,9 +234,22 @@ def _synchronize(device: torch.device) -> None:
 
 
 # -- the loop ------------------------------------------------------------------------------------------------------
+PromptSchedule = Sequence[tuple[int, "TextKV | torch.Tensor"]]  # (first chunk index, conditioning), from chunk 0
+
+
+def prompt_schedule(model: CausalWanModel, text: TextKV | torch.Tensor | PromptSchedule) -> list[tuple[int, TextKV]]:
+    """One conditioning, or a schedule of them, as [(first chunk, TextKV)] with text K/V computed once each."""
+    entries = [(0, text)] if isinstance(text, (TextKV, torch.Tensor)) else sorted(text, key=lambda e: e[0])
+    if not entries or entries[0][0] != 0:
+        raise ValueError("a prompt schedule needs an entry for chunk 0 (the first prompt)")
+    if len({start for start, _ in entries}) != len(entries):
+        raise ValueError("a prompt schedule has two prompts for the same chunk")
+    return [(start, t if isinstance(t, TextKV) else model.encode_text(t)) for start, t in entries]
+
+
 def stream_video(
     model: CausalWanModel,
-    text: TextKV | torch.Tensor,
+    text: TextKV | torch.Tensor | PromptSchedule,
     width: int,
     height: int,
     frames: int,
@@ -224,16 +264,19 @@ def stream_video(
     """Generate a video chunk by chunk (Algorithm 1), yielding each chunk's clean latents as soon as they exist.
 
     Deterministic for a given (seed, config, request). Memory is flat in the video length: the caches never hold more
-    than the window, and nothing of a finished chunk is kept besides its cached K/V.
+    than the window, and nothing of a finished chunk is kept besides its cached K/V (and, with a prompt schedule,
+    the clean latents of the cached frames, for the recache).
+    ``text``: one conditioning, or a prompt schedule [(first chunk, conditioning), ...] starting at chunk 0.
     ``caches``: pass empty caches to inspect them between chunks (they are filled in place); by default the loop
     makes its own. ``should_stop`` is checked before every model call; True raises ``GenerationInterrupted``.
     """
     geometry = video_geometry(width, height, frames, cfg, model.cfg.patch_size[1])
-    plans = plan_video(geometry, cfg)
+    prompts = prompt_schedule(model, text)
+    plans = plan_video(geometry, cfg, frozenset(start for start, _ in prompts[1:]))
     device = next(model.parameters()).device
-    text_kv = text if isinstance(text, TextKV) else model.encode_text(text)
-    if text_kv.layers[0][0].shape[0] not in (1, batch):
-        raise ValueError(f"text conditioning has batch {text_kv.layers[0][0].shape[0]}, expected 1 or {batch}")
+    for _, text_kv in prompts:
+        if text_kv.layers[0][0].shape[0] not in (1, batch):
+            raise ValueError(f"text conditioning has batch {text_kv.layers[0][0].shape[0]}, expected 1 or {batch}")
     hd = cfg.hd
     rope_high = hd.rope_factors_high if hd.enabled else (1.0, 1.0, 1.0)
     rope_low = hd.rope_factors_low if hd.enabled else (1.0, 1.0, 1.0)
@@ -243,24 +286,39 @@ def stream_video(
     total_calls = sum(len(p.calls(geometry, cfg.drc)) for p in plans)
     calls_done = 0
     channels = model.cfg.in_dim
+    keep_clean = len(prompts) > 1 and cfg.kv_recache
+    cached_clean: list[torch.Tensor] = []  # clean latents of the cached frames, in cache order (recache only)
 
-    def run(x, t, cache, plan, factors, logit_scale, kind, update=False):
+    def run(x, t, text_kv, cache, plan, factors, logit_scale, kind, frame_start=None, update=False):
         """One model call; returns x0. Checks the interrupt hook first and reports progress after."""
         nonlocal calls_done
         if should_stop is not None and should_stop():
             raise GenerationInterrupted(f"interrupted in chunk {plan.index + 1} of {len(plans)}")
         settings = AttentionSettings(cfg.attention_backend, factors, logit_scale)
         timestep = torch.full((x.shape[0],), t, device=device)
-        v = model(x, timestep, text_kv, cache=cache, frame_start=plan.rope_start, update_cache=update,
-                  settings=settings)
+        v = model(x, timestep, text_kv, cache=cache, frame_start=plan.rope_start if frame_start is None else frame_start,
+                  update_cache=update, settings=settings)
         calls_done += 1
         x0 = None if update else x0_from_flow(x, v, t)
         if on_progress is not None:
             on_progress(Progress(plan.index, len(plans), calls_done, total_calls, kind, t, x0, plan.cached_frames))
         return x0
 
+    def recache(plan, text_kv):
+        """KV recache at a prompt switch: re-encode the cached frames' K/V under the new prompt, run by run."""
+        for cache in (caches.high, caches.low):
+            cache.keep(list(range(plan.recache_runs[0][0])))
+        for first, count in plan.recache_runs:
+            clean = torch.cat(cached_clean[first:first + count], dim=2)
+            start = plan.cache_positions[first]
+            run(clean, 0.0, text_kv, caches.high, plan, rope_high, 1.0, "recache_high", start, update=True)
+            if cfg.drc:
+                run(resize_latents(clean, geometry.low, cfg.downsample), 0.0, text_kv, caches.low, plan, rope_low,
+                    1.0, "recache_low", start, update=True)
+
     for plan in plans:
         started = time.perf_counter()
+        text_kv = next(t for start, t in reversed(prompts) if start <= plan.index)
         high_shape = (batch, channels, plan.num_frames, *geometry.high)
         low_shape = (batch, channels, plan.num_frames, *geometry.low)
         if cfg.rope_positions == "window":
@@ -268,12 +326,15 @@ def stream_video(
                 if cache.num_frames:
                     cache.reposition(list(plan.cache_positions), lambda k, d, f=factors: shift_time(
                         k, d, model.cfg.rope_split, model.cfg.rope_theta, f[0]))
+        # 0. Prompt switch (DESIGN.md section 4.8): the cached frames are re-encoded under the new prompt.
+        if plan.recache_runs:
+            recache(plan, text_kv)
         draw = 0  # noise draws of this chunk: 0 = initial noise, k = re-noise before the k-th step
 
         # 1. Low-resolution steps with KV_low (lines 4-12): pure noise -> x0 estimate at low resolution.
         x = chunk_noise(seed, plan.index, draw, low_shape if plan.low_steps else high_shape, device)
         for j, t in enumerate(plan.low_steps):
-            x0 = run(x, t, caches.low, plan, rope_low, 1.0, "low")
+            x0 = run(x, t, text_kv, caches.low, plan, rope_low, 1.0, "low")
             if j + 1 < len(plan.low_steps):
                 draw += 1
                 x = renoise(x0, chunk_noise(seed, plan.index, draw, low_shape, device), plan.low_steps[j + 1])
@@ -285,7 +346,7 @@ def stream_video(
 
         # 3. High-resolution steps with KV_high (lines 13-16, 26-28); the last x0 is the chunk's output.
         for j, t in enumerate(plan.high_steps):
-            x0 = run(x, t, caches.high, plan, rope_high, plan.logit_scale_high, "high")
+            x0 = run(x, t, text_kv, caches.high, plan, rope_high, plan.logit_scale_high, "high")
             if j + 1 < len(plan.high_steps):
                 draw += 1
                 x = renoise(x0, chunk_noise(seed, plan.index, draw, high_shape, device), plan.high_steps[j + 1])
@@ -293,15 +354,17 @@ def stream_video(
 
         # 4. Dual-resolution caching (lines 17-18): timestep-0 passes of the clean chunk write KV_high and,
         #    downsampled, KV_low.
-        run(clean, 0.0, caches.high, plan, rope_high, plan.logit_scale_high, "cache_high", update=True)
+        run(clean, 0.0, text_kv, caches.high, plan, rope_high, plan.logit_scale_high, "cache_high", update=True)
         if cfg.drc:
-            run(resize_latents(clean, geometry.low, cfg.downsample), 0.0, caches.low, plan, rope_low, 1.0,
+            run(resize_latents(clean, geometry.low, cfg.downsample), 0.0, text_kv, caches.low, plan, rope_low, 1.0,
                 "cache_low", update=True)
 
         # 5. Anchor-guided sliding window (lines 19-25): keep the anchor frame(s) and the last local frames.
         if cfg.stream.window:
             for cache in (caches.high, caches.low):
                 cache.slide_window(cfg.stream.anchor_frames, cfg.stream.local_frames)
+        if keep_clean:
+            cached_clean = window_keep(cached_clean + list(clean.split(1, dim=2)), cfg)
 
         _synchronize(device)
         seconds = time.perf_counter() - started
@@ -318,4 +381,4 @@ def generate_video(model: CausalWanModel, text, width: int, height: int, frames:
 
 
 __all__ = ["RequestError", "GenerationInterrupted", "VideoGeometry", "video_geometry", "ModelCall", "ChunkPlan", "plan_video",
-           "Progress", "LatentChunk", "stream_video", "generate_video", "chunk_noise", "resize_latents"]
+           "Progress", "LatentChunk", "PromptSchedule", "prompt_schedule", "stream_video", "generate_video", "chunk_noise", "resize_latents"]

@@ -27,6 +27,16 @@ def test_analytic_flops_match_flop_counter(mode):
     assert counter.get_total_flops() == pytest.approx(expected, rel=0.01)
 
 
+def test_prompt_schedule_recache_is_counted():
+    model = tiny_model()
+    prompts = [(0, torch.randn(1, 8, model.cfg.text_dim)), (2, torch.randn(1, 5, model.cfg.text_dim))]
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        list(stream_video(model, prompts, 64, 96, 37, MODES["histream+"], seed=0))
+    expected = run_flops(model.cfg, MODES["histream+"], 64, 96, 37, prompt_switches=frozenset({2}))
+    assert counter.get_total_flops() == pytest.approx(expected.flops_total, rel=0.01)
+    assert expected.model_calls == run_flops(model.cfg, MODES["histream+"], 64, 96, 37).model_calls + 4
+
+
 def test_1p3b_1080p_matches_design_table():
     cfg = MODEL_PRESETS["wan2.1-1.3b"]
     design = {"self-forcing": 17_600, "histream": 6_180, "histream+": 4_320}

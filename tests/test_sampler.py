@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from histream_core.cache import DualResCache
+from histream_core.cache import DualResCache, KVCache
 from histream_core.config import ChunkSteps, HDConfig, SamplerConfig, StreamConfig
+from histream_core.model import AttentionSettings
 from histream_core.modes import MODES, mode_config
 from histream_core.sampler import (GenerationInterrupted, RequestError, generate_video, plan_video, stream_video, video_geometry)
 
@@ -156,3 +157,68 @@ def test_bad_step_lists_are_rejected():
         ChunkSteps(low=(500.0,), high=(750.0,))
     with pytest.raises(ValueError, match="drc=True"):
         SamplerConfig(drc=False)
+
+
+# -- prompt schedule and KV recache ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def other_context(model):
+    return torch.randn(1, 6, model.cfg.text_dim, generator=torch.Generator().manual_seed(3))
+
+
+def test_prompt_switch_recaches_the_window_run_by_run(model, context, other_context):
+    kinds: dict[int, list[str]] = {}
+    schedule = [(0, context), (2, other_context)]
+    with torch.no_grad():
+        list(stream_video(model, schedule, W, H, 37, mode_config("histream"), 0,
+                          on_progress=lambda p: kinds.setdefault(p.chunk, []).append(p.kind)))
+    # chunk 2 starts with cache frames [0, 4, 5]: runs [0] and [4, 5], each at both resolutions
+    assert kinds[2][:4] == ["recache_high", "recache_low", "recache_high", "recache_low"]
+    assert "recache_high" not in kinds[1] + kinds[3]
+    keep_anchor = mode_config("histream").with_(recache_anchor=False)
+    kinds.clear()
+    with torch.no_grad():
+        list(stream_video(model, schedule, W, H, 37, keep_anchor, 0,
+                          on_progress=lambda p: kinds.setdefault(p.chunk, []).append(p.kind)))
+    assert kinds[2][:2] == ["recache_high", "recache_low"] and kinds[2][2] == "low"
+
+
+def test_recached_kv_equals_encoding_the_window_under_the_new_prompt(model, context, other_context):
+    caches = DualResCache.empty(model.cfg.num_layers)
+    snapshot = {}
+
+    def grab(progress):
+        if progress.chunk == 2 and progress.kind == "low" and not snapshot:
+            snapshot["keys"] = [k.clone() for k in caches.high.keys]
+            snapshot["positions"] = list(caches.high.positions)
+
+    cfg = mode_config("histream")
+    with torch.no_grad():
+        video = torch.cat([c.latents for c in stream_video(model, [(0, context), (2, other_context)], W, H, 37, cfg, 0,
+                                                           caches=caches, on_progress=grab)], dim=2)
+        fresh = KVCache(model.cfg.num_layers)
+        text = model.encode_text(other_context)
+        settings = AttentionSettings(rope_factors=cfg.hd.rope_factors_high)
+        for first, count in ((0, 1), (4, 2)):
+            model(video[:, :, first:first + count], torch.zeros(1), text, cache=fresh, frame_start=first,
+                  update_cache=True, settings=settings)
+    assert snapshot["positions"] == fresh.positions == [0, 4, 5]
+    for recached, direct in zip(snapshot["keys"], fresh.keys):
+        torch.testing.assert_close(recached, direct)
+
+
+def test_prompt_switch_changes_only_the_chunks_after_it(model, context, other_context):
+    single = run(model, context, mode_config("histream"))
+    for cfg in (mode_config("histream"), mode_config("histream").with_(kv_recache=False)):
+        switched = run(model, [(0, context), (2, other_context)], cfg)
+        assert torch.equal(switched[:, :, :6], single[:, :, :6])
+        assert not torch.allclose(switched[:, :, 6:], single[:, :, 6:])
+    recached = run(model, [(0, context), (2, other_context)], mode_config("histream"))
+    plain = run(model, [(0, context), (2, other_context)], mode_config("histream").with_(kv_recache=False))
+    assert not torch.allclose(recached[:, :, 6:], plain[:, :, 6:])
+
+
+def test_prompt_schedule_must_start_at_chunk_zero(model, context, other_context):
+    with pytest.raises(ValueError, match="chunk 0"):
+        list(stream_video(model, [(1, context)], W, H, 37, mode_config("histream"), 0))
+    with pytest.raises(ValueError, match="same chunk"):
+        list(stream_video(model, [(0, context), (0, other_context)], W, H, 37, mode_config("histream"), 0))
