@@ -4,6 +4,7 @@ from .decode import HiStreamVAEChunkDecode
 from .loader import HiStreamLoader
 from .readout import HiStreamCostReadout
 from .sampler import HiStreamDualResSampler
+from .schedule import HiStreamPromptSchedule
 from .window import HiStreamAnchorWindow
 
 NODE_CLASS_MAPPINGS = {
@@ -12,6 +13,7 @@ NODE_CLASS_MAPPINGS = {
     "HiStreamDualResSampler": HiStreamDualResSampler,
     "HiStreamVAEChunkDecode": HiStreamVAEChunkDecode,
     "HiStreamCostReadout": HiStreamCostReadout,
+    "HiStreamPromptSchedule": HiStreamPromptSchedule,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -20,4 +22,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "HiStreamDualResSampler": "Dual-Res Sampler (HiStream)",
     "HiStreamVAEChunkDecode": "VAE Chunk Decode (HiStream)",
     "HiStreamCostReadout": "HiStream Cost Readout",
+    "HiStreamPromptSchedule": "HiStream Prompt Schedule",
 }

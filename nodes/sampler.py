@@ -20,6 +20,7 @@ from ..histream_core.vae import denormalize, latent_preview
 from . import host
 from .errors import input_error, out_of_memory_advice
 from .loader import HiStreamModel
+from .schedule import HiStreamPrompts
 from .window import HiStreamWindow
 
 log = logging.getLogger(__name__)
@@ -158,6 +159,24 @@ def text_context(positive, text_dim: int, text_len: int) -> tuple[torch.Tensor, 
     return cond[:1, :min(tokens, text_len)].float(), notes
 
 
+def scheduled_text(schedule: HiStreamPrompts, first: torch.Tensor, cfg: SamplerConfig, geometry: VideoGeometry,
+                   model_cfg) -> tuple[list[tuple[int, torch.Tensor]], frozenset[int], list[str]]:
+    """The engine's prompt schedule [(first chunk, states)] from the first prompt and the schedule node's prompts."""
+    num_chunks = len(plan_video(geometry, cfg))
+    entries, notes = [(0, first)], []
+    for start, conditioning in schedule.chunk_starts(cfg.stream.chunk_frames):
+        if start >= num_chunks:
+            notes.append(f"a scheduled prompt starts after the video's last chunk ({num_chunks} chunks) and is unused")
+            continue
+        if start <= entries[-1][0]:
+            raise input_error(NODE, "prompt_schedule", f"two prompts start in chunk {start + 1} (chunks are "
+                              f"{4 * cfg.stream.chunk_frames} frames): space their start frames further apart")
+        states, more = text_context(conditioning, model_cfg.text_dim, model_cfg.text_len)
+        entries.append((start, states))
+        notes += more
+    return entries, frozenset(start for start, _ in entries[1:]), notes
+
+
 def chunk_preview(latents: torch.Tensor, width: int, height: int) -> Image.Image:
     """The last latent frame of a finished chunk (model space) as a small RGB image of the video's aspect."""
     rgb = latent_preview(latents[:1, :, -1:], space="normalized", as_uint8=True)[0, 0]  # [h, w, 3]
@@ -181,11 +200,11 @@ class HiStreamDualResSampler:
                 "positive": ("CONDITIONING", {"tooltip": (
                     "The prompt from CLIPTextEncode on a CLIPLoader of type 'wan' (umT5-XXL). Prompts longer than "
                     "the model's 512 tokens are cut (the node says so).")}),
-                "width": ("INT", {"default": 1920, "min": 16, "max": 4096, "step": 16, "tooltip": (
-                    "Video width in pixels. A multiple of 32 with dual-resolution caching (the low-res passes run "
-                    "at half size); 16 is enough for modes without it.")}),
-                "height": ("INT", {"default": 1088, "min": 16, "max": 4096, "step": 16, "tooltip": (
-                    "Video height in pixels; 1088 for 1080p (the latent grid needs multiples of 32).")}),
+                "width": ("INT", {"default": 1920, "min": 32, "max": 4096, "step": 32, "tooltip": (
+                    "Video width in pixels, a multiple of 32: dual-resolution caching runs the low-res passes at "
+                    "half size on 16-pixel tokens.")}),
+                "height": ("INT", {"default": 1088, "min": 32, "max": 4096, "step": 32, "tooltip": (
+                    "Video height in pixels, a multiple of 32; 1088 for 1080p.")}),
                 "length": ("INT", {"default": 81, "min": 1, "max": 10001, "step": 4, "tooltip": (
                     "Frames, 4k+1 (81 = 5 s at 16 fps). Time and memory per chunk stay flat with the sliding "
                     "window, so long videos cost only time.")}),
@@ -197,6 +216,9 @@ class HiStreamDualResSampler:
                                  "tooltip": "Noise seed; each chunk's noise depends only on (seed, chunk)."}),
             },
             "optional": {
+                "prompt_schedule": ("HISTREAM_PROMPTS", {"tooltip": (
+                    "From HiStream Prompt Schedule: later prompts taking over at given frames (positive is the "
+                    "first prompt).")}),
                 "window": ("HISTREAM_WINDOW", {"tooltip": (
                     "From Anchor Window Cache; without it the mode's window (anchor 1 + local 2, or the full cache "
                     "of self-forcing and no-agsw).")}),
@@ -231,12 +253,17 @@ class HiStreamDualResSampler:
                    "sliding window and asymmetric denoising. Returns the Wan latents of the whole video.")
 
     def sample(self, model: HiStreamModel, positive, width, height, length, mode, seed, window=None,
-               unique_id=None, **overrides):
+               prompt_schedule: HiStreamPrompts | None = None, unique_id=None, **overrides):
         cfg = build_config(mode, window, model.attention_backend, **overrides)
         dit = model.model
         geometry = request_geometry(NODE, width, height, length, cfg, dit.cfg.patch_size[1])
         context, notes = text_context(positive, dit.cfg.text_dim, dit.cfg.text_len)
-        total = sum(len(plan.calls(geometry, cfg.drc)) for plan in plan_video(geometry, cfg))
+        text, switches = context, frozenset()
+        if prompt_schedule is not None:
+            cfg = cfg.with_(kv_recache=prompt_schedule.kv_recache, recache_anchor=prompt_schedule.recache_anchor)
+            text, switches, more_notes = scheduled_text(prompt_schedule, context, cfg, geometry, dit.cfg)
+            notes += more_notes
+        total = sum(len(plan.calls(geometry, cfg.drc)) for plan in plan_video(geometry, cfg, switches))
         device = model.device
         host.make_room(device)
         bar = host.progress_bar(total, unique_id)
@@ -252,7 +279,11 @@ class HiStreamDualResSampler:
         with torch.no_grad(), out_of_memory_advice(width, height, (
                 "use fp8 weights (HiStream Loader weight_dtype fp8_e4m3fn), keep the sliding window on, or lower "
                 "the resolution")):
-            for chunk in stream_video(dit, context.to(device), width, height, length, cfg, seed,
+            if isinstance(text, torch.Tensor):
+                text = text.to(device)
+            else:
+                text = [(start, states.to(device)) for start, states in text]
+            for chunk in stream_video(dit, text, width, height, length, cfg, seed,
                                       on_progress=on_progress, should_stop=host.raise_if_interrupted):
                 chunks.append(denormalize(chunk.latents).to(host.output_device()))
                 seconds += chunk.seconds

@@ -86,12 +86,19 @@ def test_pack_imports_as_comfyui_does_without_comfyui():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["['HiStreamAnchorWindow',", "'HiStreamCostReadout',", "'HiStreamDualResSampler',",
-                                  "'HiStreamLoader',", "'HiStreamVAEChunkDecode']", "./web", "[]"]
+                                  "'HiStreamLoader',", "'HiStreamPromptSchedule',", "'HiStreamVAEChunkDecode']", "./web", "[]"]
     assert (ROOT / "web" / "histream.js").is_file() and (ROOT / "web" / "icon.svg").is_file()
 
 
-@pytest.mark.parametrize("node_id", ["HiStreamLoader", "HiStreamAnchorWindow", "HiStreamDualResSampler",
-                                     "HiStreamVAEChunkDecode", "HiStreamCostReadout"])
+NODE_IDS = ["HiStreamLoader", "HiStreamAnchorWindow", "HiStreamDualResSampler", "HiStreamVAEChunkDecode",
+            "HiStreamCostReadout", "HiStreamPromptSchedule"]
+
+
+def test_every_node_has_its_contract_checked(comfy_host):
+    assert sorted(nodes()) == sorted(NODE_IDS)
+
+
+@pytest.mark.parametrize("node_id", NODE_IDS)
 def test_node_contract(comfy_host, node_id):
     pack = load_pack()
     cls = pack.NODE_CLASS_MAPPINGS[node_id]
@@ -303,3 +310,27 @@ def test_cost_readout_matches_the_flop_count(comfy_host):
     assert f"{flops.tflop_total:,.0f} TFLOP total" in text and out["ui"]["text"] == [text]
     assert math.isclose(flops.tflop_per_frame, 53, rel_tol=0.05)  # DESIGN.md section 7
     assert f"{1000 * flops.tflop_per_frame / 798:,.1f} ms/frame" in text
+
+
+# -- prompt schedule ----------------------------------------------------------------------------------------------------
+def test_prompt_schedule_switches_prompt_with_a_recache(comfy_host, loaded):
+    schedule = nodes()["HiStreamPromptSchedule"]().build(True, True, positive_2=wan_conditioning(12, seed=5),
+                                                          start_frame_2=13)[0]
+    out = sample(loaded, length=25, prompt_schedule=schedule)  # 7 latent frames: chunks at latent 0, 3, 6
+    kinds = [e["kind"] for name, e in comfy_host.events if name == "histream.progress"]
+    assert kinds.count("recache_high") == 2 and kinds.count("recache_low") == 2  # runs [0] and [4, 5] at chunk 3
+    plain = sample(loaded, length=25)
+    samples, reference = out["result"][0]["samples"], plain["result"][0]["samples"]
+    assert torch.equal(samples[:, :, :6], reference[:, :, :6]) and not torch.allclose(samples[:, :, 6:],
+                                                                                       reference[:, :, 6:])
+
+
+def test_prompt_schedule_bad_inputs(comfy_host, loaded):
+    node = nodes()["HiStreamPromptSchedule"]()
+    with pytest.raises(ValueError, match="input 'positive_2'.*connect at least one"):
+        node.build(True, True)
+    with pytest.raises(ValueError, match="start frames must increase"):
+        node.build(True, True, positive_2=wan_conditioning(4), start_frame_2=40,
+                   positive_3=wan_conditioning(4), start_frame_3=20)
+    late = node.build(True, True, positive_2=wan_conditioning(4), start_frame_2=500)[0]
+    assert any("unused" in note for note in sample(loaded, length=13, prompt_schedule=late)["ui"]["text"])

@@ -1,0 +1,71 @@
+"""HiStream Prompt Schedule: later prompts that take over at a given video frame (a story told across chunks).
+
+At each switch the sampler re-encodes its cached frames under the new prompt (LongLive's KV recache), so the new
+prompt takes hold at once instead of fading in; ``recache_anchor`` off keeps the first frame on the old prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import input_error
+
+NODE = "HiStream Prompt Schedule"
+LATER_PROMPTS = 3
+
+
+@dataclass(frozen=True)
+class HiStreamPrompts:
+    """The HISTREAM_PROMPTS value: (first video frame, CONDITIONING) of each later prompt, and the recache switches."""
+
+    entries: tuple[tuple[int, list], ...]
+    kv_recache: bool
+    recache_anchor: bool
+
+    def chunk_starts(self, chunk_frames: int) -> list[tuple[int, list]]:
+        """(first chunk, conditioning): a prompt starts with the first chunk that begins at or after its frame."""
+        starts = []
+        for frame, conditioning in self.entries:
+            latent = (frame + 3) // 4  # video frame 0 is latent 0; frames 4k-3..4k are latent k
+            starts.append((-(-latent // chunk_frames), conditioning))
+        return starts
+
+
+class HiStreamPromptSchedule:
+    @classmethod
+    def INPUT_TYPES(cls):
+        optional = {}
+        for i in range(2, LATER_PROMPTS + 2):
+            optional[f"positive_{i}"] = ("CONDITIONING", {"tooltip": f"Prompt {i} (CLIPTextEncode, wan)."})
+            optional[f"start_frame_{i}"] = ("INT", {"default": 48 * (i - 1), "min": 1, "max": 100000, "step": 1,
+                                                    "tooltip": (f"Video frame where prompt {i} takes over (it starts "
+                                                                "with the next chunk, every 12 frames).")})
+        return {
+            "required": {
+                "kv_recache": ("BOOLEAN", {"default": True, "tooltip": (
+                    "Re-encode the cached frames under the new prompt at each switch, so it takes hold at once. "
+                    "Off: the cache keeps the old prompt and the new one fades in slowly or not at all.")}),
+                "recache_anchor": ("BOOLEAN", {"default": True, "tooltip": (
+                    "Re-encode the anchor (first) frame too. Off keeps the first frame's look on the old prompt.")}),
+            },
+            "optional": optional,
+        }
+
+    RETURN_TYPES = ("HISTREAM_PROMPTS",)
+    RETURN_NAMES = ("prompt_schedule",)
+    FUNCTION = "build"
+    CATEGORY = "HiStream"
+    DESCRIPTION = "Prompts that take over later in the video; connect to the Dual-Res Sampler's prompt_schedule."
+
+    def build(self, kv_recache, recache_anchor, **inputs):
+        entries = []
+        for i in range(2, LATER_PROMPTS + 2):
+            conditioning = inputs.get(f"positive_{i}")
+            if conditioning is not None:
+                entries.append((int(inputs.get(f"start_frame_{i}", 48 * (i - 1))), conditioning))
+        if not entries:
+            raise input_error(NODE, "positive_2", "connect at least one later prompt (CLIPTextEncode)")
+        frames = [frame for frame, _ in entries]
+        if frames != sorted(set(frames)):
+            raise input_error(NODE, "start_frame_3", f"start frames must increase from prompt to prompt, got {frames}")
+        return (HiStreamPrompts(tuple(entries), kv_recache, recache_anchor),)
