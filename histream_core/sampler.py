@@ -296,8 +296,9 @@ def stream_video(
             raise GenerationInterrupted(f"interrupted in chunk {plan.index + 1} of {len(plans)}")
         settings = AttentionSettings(cfg.attention_backend, factors, logit_scale)
         timestep = torch.full((x.shape[0],), t, device=device)
+        # Only full-size chunks use compiled graphs: a short last chunk or a recache run happens once per video.
         v = model(x, timestep, text_kv, cache=cache, frame_start=plan.rope_start if frame_start is None else frame_start,
-                  update_cache=update, settings=settings)
+                  update_cache=update, settings=settings, compiled=x.shape[2] == cfg.stream.chunk_frames)
         calls_done += 1
         x0 = None if update else x0_from_flow(x, v, t)
         if on_progress is not None:

@@ -137,7 +137,7 @@ class Head(nn.Module):
         return self.head(h.to(compute_dtype))
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=8)  # one chunk's calls share their tables; older positions are never asked for again
 def _cached_rope(grid, split, frame_start, theta, factors, device, dtype):
     return rope_cos_sin(rope_angles(grid, split, frame_start, theta, factors, device), dtype)
 
@@ -161,12 +161,18 @@ class CausalWanModel(nn.Module):
 
         With the sliding window every chunk after the second has the same shapes, so a video needs only a handful
         of graphs (low/high resolution x cache sizes x cache pass); the dynamo cache limit is raised to hold them.
+        Calls made with ``compiled=False`` (a short last chunk, a recache run) use the eager blocks instead of
+        compiling a graph they would use once. The compiled callables are kept outside the module tree, so the
+        state dict and parameters are unchanged.
         """
         import torch._dynamo
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        for block in self.blocks:
-            block.compile(dynamic=False, mode=mode)
+        self.__dict__["_compiled_blocks"] = [torch.compile(block, dynamic=False, mode=mode) for block in self.blocks]
         return self
+
+    @property
+    def is_compiled(self) -> bool:
+        return bool(self.__dict__.get("_compiled_blocks"))
 
     # -- text -------------------------------------------------------------------------------------------------
     def encode_text(self, context: torch.Tensor) -> TextKV:
@@ -199,6 +205,7 @@ class CausalWanModel(nn.Module):
         update_cache: bool = False,
         settings: AttentionSettings = AttentionSettings(),
         mask: torch.Tensor | None = None,
+        compiled: bool = True,
     ) -> torch.Tensor:
         """Predict the flow v for latent frames ``x`` at temporal positions frame_start, frame_start+1, ...
 
@@ -206,6 +213,7 @@ class CausalWanModel(nn.Module):
         text: TextKV from ``encode_text`` (reuse it across calls) or raw text states.
         cache: frames this chunk attends to besides itself; ``update_cache`` writes this chunk's K/V into it.
         mask: optional boolean # [L, L_keys] (True = attend), for whole-sequence block-causal runs (sdpa only).
+        compiled: use the compiled blocks if ``compile_blocks`` was called (False: eager, for one-off shapes).
         Returns v # [B, out_dim, F, H, W] float32.
         """
         cfg = self.cfg
@@ -228,7 +236,8 @@ class CausalWanModel(nn.Module):
         cos, sin = _cached_rope(grid, cfg.rope_split, frame_start, cfg.rope_theta,
                                 tuple(float(f) for f in settings.rope_factors), x.device, torch.float32)
         new_kv = []
-        for index, block in enumerate(self.blocks):
+        blocks = self.__dict__["_compiled_blocks"] if compiled and self.is_compiled else self.blocks
+        for index, block in enumerate(blocks):
             cached = cache.layer(index) if cache is not None else None
             x_tok, kv = block(x_tok, e_proj, frames, cos, sin, text_kv.layers[index], cached, settings, mask,
                               self.compute_dtype)
