@@ -68,14 +68,36 @@ def cmd_generate(args) -> int:
                                            text_cache_dir=args.text_cache)
         context = load_text_embeddings(args.text_embeds) if args.text_embeds else pipe.encode(args.prompt)
         width, height, frames = args.width or 1920, args.height or 1088, args.frames or 81
+    if args.schedule:
+        context = _schedule(args, pipe, context)
     if args.compile and args.checkpoint is None:
         pipe.model.compile_blocks()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    report = generate_to_file(pipe.model, pipe.vae, context.to(device), out, width, height, frames,
-                              _sampler_config(args), args.seed, fps=args.fps, tile=args.tile)
+    report = generate_to_file(pipe.model, pipe.vae, context, out, width, height, frames, _sampler_config(args),
+                              args.seed, fps=args.fps, tile=args.tile)
     print(json.dumps(report.as_dict(), indent=2) if args.json else report.table())
     return 0
+
+
+def _schedule(args, pipe, first: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """--schedule FRAME:PROMPT ... -> the engine's prompt schedule [(first chunk, states)], the --prompt first."""
+    from .pipeline import random_text_embedding
+    from .sampler import chunk_at_frame
+    chunk_frames = args.chunk_frames or mode_config(args.mode).stream.chunk_frames
+    entries = [(0, first)]
+    for item in args.schedule:
+        frame, sep, prompt = item.partition(":")
+        if not sep or not frame.strip().isdigit() or not prompt.strip():
+            raise ValueError(f"--schedule {item!r}: write FRAME:PROMPT, e.g. --schedule '48:the fox jumps'")
+        start = chunk_at_frame(int(frame), chunk_frames)
+        if start <= entries[-1][0]:
+            raise ValueError(f"--schedule {item!r}: starts in chunk {start + 1}, not after the previous prompt's "
+                             f"chunk {entries[-1][0] + 1}; give increasing frames at least {4 * chunk_frames} apart")
+        states = (pipe.encode(prompt) if pipe.text_encoder is not None
+                  else random_text_embedding(prompt, pipe.model.cfg.text_dim))
+        entries.append((start, states))
+    return entries
 
 
 def _apply_config_file(parser: argparse.ArgumentParser, argv: list[str] | None) -> None:
@@ -134,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--text-embeds", help="precomputed umT5 states (.safetensors key 'context' or .pt)")
     gen.add_argument("--prompt", default="a red fox running through snow, cinematic",
                      help="the prompt (with the embedded default it seeds a stand-in text embedding)")
+    gen.add_argument("--schedule", action="append", metavar="FRAME:PROMPT",
+                     help="a later prompt taking over at a video frame (repeatable; KV recache at each switch)")
     gen.add_argument("--config", help="JSON file of generate options used as defaults (e.g. {\"mode\": \"histream+\"})")
     gen.add_argument("--width", type=int, help="pixels (default 1920; 256 for the embedded default)")
     gen.add_argument("--height", type=int, help="pixels (default 1088; 160 for the embedded default)")

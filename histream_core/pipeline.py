@@ -12,13 +12,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
 from .config import MODEL_PRESETS, SamplerConfig
 from .model import CausalWanModel
-from .sampler import LatentChunk, stream_video
+from .sampler import LatentChunk, PromptSchedule, stream_video
 from .vae import TiledDecoder, WanVAE, WanVAEConfig, denormalize
 from .video import WAN_FPS, VideoWriter
 
@@ -100,7 +100,7 @@ def _sync(device: torch.device) -> None:
 def generate_to_file(
     model: CausalWanModel,
     vae: WanVAE,
-    context: torch.Tensor,
+    context: torch.Tensor | PromptSchedule,
     out: str | Path,
     width: int,
     height: int,
@@ -113,9 +113,14 @@ def generate_to_file(
     on_chunk: Callable[[LatentChunk, ChunkTiming], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> RunReport:
-    """Generate a video and stream it into ``out`` (.mp4 or .webm). On any error no file is left under ``out``."""
+    """Generate a video and stream it into ``out`` (.mp4 or .webm). On any error no file is left under ``out``.
+
+    ``context``: umT5 states # [1, tokens, dim], or a prompt schedule [(first chunk, states), ...].
+    """
     out = Path(out)
     device = next(model.parameters()).device
+    context = (context.to(device) if isinstance(context, torch.Tensor)
+               else [(start, states.to(device)) for start, states in context])
     decoder = TiledDecoder(vae, tile=tile, overlap=max(1, tile // 4)) if tile else vae
     timings = []
     # Encoding to H.264 is CPU work: it runs in a thread while the GPU denoises the next chunk. At most one
@@ -184,13 +189,23 @@ class HiStreamPipeline:
         finally:
             self.text_encoder.free()
 
-    def generate(self, prompt: str | torch.Tensor, *, width: int = 1920, height: int = 1088, frames: int = 81,
-                 mode: str = "histream", config: SamplerConfig | None = None, seed: int = 0,
-                 out: str | Path = "histream.mp4", fps: float = WAN_FPS, tile: int | None = None,
+    def generate(self, prompt: str | torch.Tensor | Sequence[tuple[int, str]], *, width: int = 1920,
+                 height: int = 1088, frames: int = 81, mode: str = "histream", config: SamplerConfig | None = None,
+                 seed: int = 0, out: str | Path = "histream.mp4", fps: float = WAN_FPS, tile: int | None = None,
                  on_chunk: Callable[[LatentChunk, ChunkTiming], None] | None = None) -> RunReport:
-        """Generate ``frames`` frames into ``out``; ``config`` (a SamplerConfig) overrides the named ``mode``."""
+        """Generate ``frames`` frames into ``out``; ``config`` (a SamplerConfig) overrides the named ``mode``.
+
+        ``prompt``: a prompt, precomputed umT5 states, or a story [(first video frame, prompt), ...] starting at
+        frame 0 (each later prompt takes over with the first chunk at or after its frame, with a KV recache).
+        """
         from .modes import mode_config
-        context = self.encode(prompt) if isinstance(prompt, str) else prompt
-        device = next(self.model.parameters()).device
-        return generate_to_file(self.model, self.vae, context.to(device), out, width, height, frames,
-                                config or mode_config(mode), seed, fps=fps, tile=tile, on_chunk=on_chunk)
+        from .sampler import chunk_at_frame
+        config = config or mode_config(mode)
+        if isinstance(prompt, str):
+            context = self.encode(prompt)
+        elif isinstance(prompt, torch.Tensor):
+            context = prompt
+        else:
+            context = [(chunk_at_frame(frame, config.stream.chunk_frames), self.encode(text)) for frame, text in prompt]
+        return generate_to_file(self.model, self.vae, context, out, width, height, frames, config, seed, fps=fps,
+                                tile=tile, on_chunk=on_chunk)

@@ -237,6 +237,12 @@ def _synchronize(device: torch.device) -> None:
 PromptSchedule = Sequence[tuple[int, "TextKV | torch.Tensor"]]  # (first chunk index, conditioning), from chunk 0
 
 
+def chunk_at_frame(frame: int, chunk_frames: int) -> int:
+    """The first chunk that starts at or after a video frame (frame 0 is latent 0; frames 4k-3..4k are latent k)."""
+    latent = (frame + VAE_TEMPORAL_STRIDE - 1) // VAE_TEMPORAL_STRIDE
+    return -(-latent // chunk_frames)
+
+
 def prompt_schedule(model: CausalWanModel, text: TextKV | torch.Tensor | PromptSchedule) -> list[tuple[int, TextKV]]:
     """One conditioning, or a schedule of them, as [(first chunk, TextKV)] with text K/V computed once each."""
     entries = [(0, text)] if isinstance(text, (TextKV, torch.Tensor)) else sorted(text, key=lambda e: e[0])
@@ -382,4 +388,4 @@ def generate_video(model: CausalWanModel, text, width: int, height: int, frames:
 
 
 __all__ = ["RequestError", "GenerationInterrupted", "VideoGeometry", "video_geometry", "ModelCall", "ChunkPlan", "plan_video",
-           "Progress", "LatentChunk", "PromptSchedule", "prompt_schedule", "stream_video", "generate_video", "chunk_noise", "resize_latents"]
+           "Progress", "LatentChunk", "PromptSchedule", "prompt_schedule", "chunk_at_frame", "stream_video", "generate_video", "chunk_noise", "resize_latents"]

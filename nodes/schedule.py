@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..histream_core.sampler import chunk_at_frame
 from .errors import input_error
 
 NODE = "HiStream Prompt Schedule"
@@ -24,11 +25,7 @@ class HiStreamPrompts:
 
     def chunk_starts(self, chunk_frames: int) -> list[tuple[int, list]]:
         """(first chunk, conditioning): a prompt starts with the first chunk that begins at or after its frame."""
-        starts = []
-        for frame, conditioning in self.entries:
-            latent = (frame + 3) // 4  # video frame 0 is latent 0; frames 4k-3..4k are latent k
-            starts.append((-(-latent // chunk_frames), conditioning))
-        return starts
+        return [(chunk_at_frame(frame, chunk_frames), conditioning) for frame, conditioning in self.entries]
 
 
 class HiStreamPromptSchedule:

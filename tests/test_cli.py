@@ -107,3 +107,26 @@ def test_inspect_prints_layout_and_config(user_files, capsys):
     assert main(["inspect", str(user_files / "dit.safetensors")]) == 0
     info = json.loads(capsys.readouterr().out)
     assert "model.diffusion_model." in json.dumps(info) and info["parameters"] > 0
+
+
+def test_schedule_switches_prompt_at_a_frame(tmp_path, capsys):
+    out = tmp_path / "story.mp4"
+    assert main(["generate", *SMALL[:4], "--frames", "37", "--device", "cpu", "--dtype", "fp32", "--out", str(out),
+                 "--schedule", "13:the fox jumps", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    # frame 13 is latent 4, inside chunk 2 (latents 3-5): the prompt takes over with chunk 3, which recaches
+    # runs [0] and [4, 5] at both resolutions before its own 6 calls
+    assert [c["model_calls"] for c in report["chunks"]] == [6, 6, 10, 6]
+    assert main(["generate", *SMALL, "--schedule", "nonsense", "--out", str(tmp_path / "bad.mp4")]) == 2
+    assert "FRAME:PROMPT" in capsys.readouterr().err
+
+
+def test_pipeline_story_prompts(user_files, tmp_path):
+    from histream_core.pipeline import HiStreamPipeline
+    pipe = HiStreamPipeline.from_files(user_files / "dit.safetensors", user_files / "vae.safetensors",
+                                       user_files / "umt5.pth", user_files / "tokenizer.json", device="cpu",
+                                       text_cache_dir=tmp_path / "cache")
+    report = pipe.generate([(0, "a fox runs"), (13, "a fox in snow")], width=64, height=64, frames=25,
+                           mode="histream+", out=tmp_path / "story.mp4")
+    assert [c.model_calls for c in report.chunks] == [6, 4, 8]
+    assert not pipe.text_encoder.loaded
