@@ -9,9 +9,9 @@ Layouts (DESIGN.md section 3), detected from the keys:
   * Self-Forcing / CausVid / LongLive ``.pt`` dicts holding ``generator_ema`` (preferred) or ``generator``.
 Training wrappers (``_fsdp_wrapped_module.``, ``_checkpoint_wrapped_module.``, ``_orig_mod.``) are stripped anywhere.
 
-``.safetensors`` files are read through ``safetensors`` (the header alone gives shapes, so ``inspect_checkpoint``
-loads no weights); ``.pt``/``.pth``/``.ckpt``/``.bin`` only through ``torch.load(weights_only=True)``, memory-mapped
-when the file is in torch's zip format, so no code in a file is ever run.
+Files are read by ``weight_files.open_weight_file``: a ``.safetensors`` header alone gives the shapes, so
+``inspect_checkpoint`` loads no weights; ``.pt``/``.pth``/``.ckpt``/``.bin`` files only through
+``torch.load(weights_only=True)``, so no code in a file is ever run.
 
 ComfyUI "scaled fp8" files (fp8 weights with a per-tensor ``scale_weight``) are dequantized on load
 (weight * scale, into ``weight_dtype`` or else the compute dtype): the model has no per-layer scales to keep them
@@ -23,22 +23,21 @@ from __future__ import annotations
 import logging
 import math
 import re
-import zipfile
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Mapping
 
 import torch
 
 from .config import ModelConfig
 from .model.wan import CausalWanModel
+from .weight_files import (DROPPED_SUFFIXES, FP8_DTYPES, TensorEntry, Unusable, WeightFile, check_fit, dequantize,
+                           few, open_weight_file, require_keys, scaled_weight_key)
 
 log = logging.getLogger(__name__)
 
-SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
-TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.", "")
 WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 GENERATOR_KEYS = ("generator_ema", "generator")
@@ -50,7 +49,6 @@ LAYOUTS_TRIED = (
 )
 WHAT_TO_DO = ("pick a Wan2.1 text-to-video diffusion model (DiT) such as self_forcing_dmd.pt or "
               "wan2.1_t2v_1.3B_fp16.safetensors, placed in models/diffusion_models")
-MAX_LISTED_KEYS = 5
 
 # Keys whose presence identifies a layout (after the prefix); any one of them is enough.
 _SIGNATURES = {
@@ -84,46 +82,10 @@ _DIFFUSERS_BLOCK = {
     "ffn.net.0.proj": "ffn.0",
     "ffn.net.2": "ffn.2",
 }
-_SCALE_SUFFIXES = (".scale_weight", ".weight_scale")  # ComfyUI scaled fp8: real weight = weight * scale
-_DROPPED_SUFFIXES = (".scale_input", ".input_scale", ".comfy_quant")  # fp8-matmul input scales, quant metadata
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
-    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-}
-_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 class CheckpointError(ValueError):
     """A file that cannot be loaded as a Wan2.1 T2V DiT; the message says why and what to do."""
-
-
-class _Mismatch(Exception):
-    """Internal: what is wrong with a state dict, before the file name and layouts are added."""
-
-    def __init__(self, problem: str, hint: str = WHAT_TO_DO) -> None:
-        super().__init__(problem)
-        self.problem, self.hint = problem, hint
-
-
-@dataclass(frozen=True)
-class _Entry:
-    """One stored tensor, known by its header before it is read."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype | None  # None: a dtype torch has no name for (reported as unsupported)
-    load: Callable[[], torch.Tensor]
-
-    @staticmethod
-    def of(tensor: torch.Tensor) -> "_Entry":
-        return _Entry(tuple(tensor.shape), tensor.dtype, lambda: tensor)
-
-
-@dataclass
-class _RawCheckpoint:
-    container: str  # "safetensors" | "torch"
-    source: str | None  # the Self-Forcing dict entry read ("generator_ema" / "generator"), if any
-    entries: dict[str, _Entry]
 
 
 @dataclass
@@ -132,11 +94,11 @@ class _WanCheckpoint:
 
     layout: str  # "wan" | "diffusers"
     prefix: str
-    entries: dict[str, _Entry]
-    scales: dict[str, _Entry] = field(default_factory=dict)  # Wan weight key -> its scaled-fp8 scale
+    entries: dict[str, TensorEntry]
+    scales: dict[str, TensorEntry] = field(default_factory=dict)  # Wan weight key -> its scaled-fp8 scale
     ignored: list[str] = field(default_factory=list)  # keys outside the prefix (bundled VAE, text encoder)
 
-    def describe(self, raw: _RawCheckpoint) -> str:
+    def describe(self, raw: WeightFile) -> str:
         parts = [self.layout + " keys"]
         if self.prefix:
             parts.append(f"under '{self.prefix}'")
@@ -170,8 +132,8 @@ def load_wan_model(
     path = Path(path)
     with _open_checkpoint(path) as raw:
         ckpt, model = _prepare(path, raw, config, head_dim, text_len, compute_dtype)
-        if ckpt.scales and weight_dtype in _FP8_DTYPES:
-            raise _error(path, _Mismatch(
+        if ckpt.scales and weight_dtype in FP8_DTYPES:
+            raise _error(path, Unusable(
                 "it is a ComfyUI scaled-fp8 file, whose weights cannot stay fp8 here (the model keeps no per-layer "
                 "scales, so they are dequantized on load)", "load it with weight_dtype bf16 or fp16, or the default"),
                 ckpt.describe(raw))
@@ -189,10 +151,9 @@ def detect_config(state_dict: Mapping[str, Any], head_dim: int = 128, text_len: 
     Values only need a ``.shape``. num_heads = dim // head_dim; qk_norm and cross_attn_norm follow key presence.
     """
     try:
-        ckpt = _to_wan_layout({key: _Entry(tuple(value.shape), getattr(value, "dtype", None), lambda v=value: v)
-                               for key, value in state_dict.items()})
+        ckpt = _to_wan_layout({key: TensorEntry.of(value) for key, value in state_dict.items()})
         return _config_from_shapes(ckpt.entries, head_dim, text_len)
-    except _Mismatch as problem:
+    except Unusable as problem:
         raise _error("<state dict>", problem, None) from None
 
 
@@ -216,7 +177,7 @@ def inspect_checkpoint(path: str | Path, *, head_dim: int = 128, text_len: int =
     }
 
 
-def _prepare(path: Path, raw: _RawCheckpoint, config: ModelConfig | None, head_dim: int, text_len: int,
+def _prepare(path: Path, raw: WeightFile, config: ModelConfig | None, head_dim: int, text_len: int,
              compute_dtype: torch.dtype) -> tuple[_WanCheckpoint, CausalWanModel]:
     """Rename to Wan keys, detect the config (unless given), build the model on the meta device, check the fit."""
     ckpt = None
@@ -226,73 +187,16 @@ def _prepare(path: Path, raw: _RawCheckpoint, config: ModelConfig | None, head_d
         with torch.device("meta"):
             model = CausalWanModel(cfg, compute_dtype)
         _check_fits(ckpt, model)
-    except _Mismatch as problem:
+    except Unusable as problem:
         raise _error(path, problem, ckpt.describe(raw) if ckpt else None) from None
     return ckpt, model
 
 
 # -- reading files ------------------------------------------------------------------------------------------------
-@contextmanager
-def _open_checkpoint(path: Path) -> Iterator[_RawCheckpoint]:
-    """Open ``path`` and yield its tensors as lazy entries; every read failure becomes a CheckpointError."""
-    if not path.is_file():
-        raise _error(path, _Mismatch("the file does not exist", f"check the path; {WHAT_TO_DO}"), None)
-    suffix = path.suffix.lower()
-    if suffix in SAFETENSORS_SUFFIXES:
-        from safetensors import safe_open
-
-        try:
-            handle = safe_open(str(path), framework="pt", device="cpu")
-        except Exception as exc:  # header or size errors: the file is truncated or not safetensors
-            raise _unreadable(path, exc) from exc
-        with handle:
-            entries = {}
-            for key in handle.keys():
-                view = handle.get_slice(key)
-                entries[key] = _Entry(tuple(view.get_shape()), _SAFETENSORS_DTYPES.get(view.get_dtype()),
-                                      lambda key=key: handle.get_tensor(key))
-            yield _RawCheckpoint("safetensors", None, entries)
-    elif suffix in TORCH_SUFFIXES:
-        obj = _torch_load(path)
-        try:
-            state, source = _unwrap(obj)
-        except _Mismatch as problem:
-            raise _error(path, problem, None) from None
-        yield _RawCheckpoint("torch", source, {k: _Entry.of(v) for k, v in state.items()})
-    else:
-        raise _error(path, _Mismatch(f"unsupported file type '{path.suffix}'",
-                                     f"use a {' / '.join(SAFETENSORS_SUFFIXES + TORCH_SUFFIXES)} file; {WHAT_TO_DO}"),
-                     None)
-
-
-def _torch_load(path: Path) -> Any:
-    """torch.load that can only rebuild tensors and plain containers (weights_only), mmap'd for zip-format files."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except Exception as exc:
-        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
-        if refused:
-            raise _error(path, _Mismatch(
-                f"refused to unpickle {refused[1]}: the file holds Python objects besides tensors",
-                "only plain tensor checkpoints are read (torch.load weights_only=True), so no code in a file can run; "
-                f"if you trust the file, re-save its state dict with torch.save or as .safetensors; {WHAT_TO_DO}"),
-                None) from exc
-        raise _unreadable(path, exc.__context__ if isinstance(exc.__context__, Exception) else exc) from exc
-
-
-def _unwrap(obj: Any) -> tuple[Mapping[str, torch.Tensor], str | None]:
-    """The state dict inside a torch file: a Self-Forcing ``generator_ema`` / ``generator`` entry or the file itself."""
-    if not isinstance(obj, Mapping):
-        raise _Mismatch(f"the file holds a {type(obj).__name__}, not a dict of tensors")
-    source = next((name for name in GENERATOR_KEYS if isinstance(obj.get(name), Mapping) and obj[name]), None)
-    state = obj[source] if source else obj
-    not_tensors = [str(k) for k, v in state.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
-    if not_tensors:
-        where = f"its '{source}' entry" if source else f"it (with no non-empty {' / '.join(GENERATOR_KEYS)} entry)"
-        raise _Mismatch(f"{where} is a dict whose entries are not all tensors: {_few(not_tensors)}")
-    if source:
-        log.info("reading the '%s' weights of a Self-Forcing-style checkpoint", source)
-    return state, source
+def _open_checkpoint(path: Path) -> AbstractContextManager[WeightFile]:
+    """``path``'s tensors as lazy entries, those of a Self-Forcing dict's generator; CheckpointError if unreadable."""
+    return open_weight_file(path, advice=WHAT_TO_DO, error=lambda problem: _error(path, problem, None),
+                            nested=GENERATOR_KEYS)
 
 
 # -- layouts ------------------------------------------------------------------------------------------------------
@@ -307,8 +211,8 @@ def _detect_layout(keys: set[str]) -> tuple[str, str]:
         for layout, signature in _SIGNATURES.items():
             if any(prefix + key in keys for key in signature):
                 return layout, prefix
-    raise _Mismatch(f"none of its keys belong to a Wan2.1 DiT; its keys include {_few(sorted(keys))}",
-                    _guess_what_it_is(keys))
+    raise Unusable(f"none of its keys belong to a Wan2.1 DiT; its keys include {few(sorted(keys))}",
+                   _guess_what_it_is(keys))
 
 
 def _guess_what_it_is(keys: set[str]) -> str:
@@ -331,7 +235,7 @@ def _diffusers_to_wan_key(key: str) -> str:
     return head + table.get(module, module) + "." + param if module else key
 
 
-def _to_wan_layout(raw: Mapping[str, _Entry]) -> _WanCheckpoint:
+def _to_wan_layout(raw: Mapping[str, TensorEntry]) -> _WanCheckpoint:
     """Detect the layout and prefix, rename to Wan keys and set the scaled-fp8 scales and metadata aside."""
     stripped = {_strip_wrappers(k): v for k, v in raw.items()}
     layout, prefix = _detect_layout(set(stripped))
@@ -342,36 +246,33 @@ def _to_wan_layout(raw: Mapping[str, _Entry]) -> _WanCheckpoint:
             ckpt.ignored.append(key)
             continue
         key = key[len(prefix):]
-        if key == "scaled_fp8" or key.endswith(_DROPPED_SUFFIXES):
+        if key == "scaled_fp8" or key.endswith(DROPPED_SUFFIXES):
             continue
-        scale_suffix = next((s for s in _SCALE_SUFFIXES if key.endswith(s)), None)
-        if scale_suffix:
-            ckpt.scales[rename(key[:-len(scale_suffix)] + ".weight")] = entry
+        weight = scaled_weight_key(key)
+        if weight:
+            ckpt.scales[rename(weight)] = entry
         else:
             ckpt.entries[rename(key)] = entry
     if ckpt.ignored:
-        log.info("ignoring %d keys outside '%s' (e.g. %s)", len(ckpt.ignored), prefix, _few(ckpt.ignored))
+        log.info("ignoring %d keys outside '%s' (e.g. %s)", len(ckpt.ignored), prefix, few(ckpt.ignored))
     return ckpt
 
 
 # -- config and validation ----------------------------------------------------------------------------------------
-def _config_from_shapes(entries: Mapping[str, _Entry], head_dim: int, text_len: int) -> ModelConfig:
+def _config_from_shapes(entries: Mapping[str, TensorEntry], head_dim: int, text_len: int) -> ModelConfig:
     """Read dim, layers, FFN, text/freq dims, in/out channels, patch and norms from Wan-named tensor shapes."""
     if any(key.startswith("img_emb.") or ".k_img." in key for key in entries):
-        raise _Mismatch("it is an image-to-video Wan checkpoint (img_emb / k_img keys), which HiStream does not "
-                        "support", WHAT_TO_DO)
-    needed = ("patch_embedding.weight", "text_embedding.0.weight", "time_embedding.0.weight",
-              "head.head.weight", "blocks.0.ffn.0.weight")
-    absent = [key for key in needed if key not in entries]
-    if absent:
-        raise _Mismatch(f"{len(absent)} missing keys that the model's shape is read from: {_few(absent)}")
+        raise Unusable("it is an image-to-video Wan checkpoint (img_emb / k_img keys), which HiStream does not "
+                       "support", WHAT_TO_DO)
+    require_keys(entries, ("patch_embedding.weight", "text_embedding.0.weight", "time_embedding.0.weight",
+                           "head.head.weight", "blocks.0.ffn.0.weight"))
     dim, in_dim, *patch = entries["patch_embedding.weight"].shape
     if in_dim == 36:
-        raise _Mismatch("it is an image-to-video Wan checkpoint (36 input channels), which HiStream does not "
-                        "support", WHAT_TO_DO)
+        raise Unusable("it is an image-to-video Wan checkpoint (36 input channels), which HiStream does not "
+                       "support", WHAT_TO_DO)
     if dim % head_dim:
-        raise _Mismatch(f"its width {dim} is not a multiple of head_dim {head_dim}",
-                        "pass the head_dim this checkpoint was trained with (Wan2.1 uses 128)")
+        raise Unusable(f"its width {dim} is not a multiple of head_dim {head_dim}",
+                       "pass the head_dim this checkpoint was trained with (Wan2.1 uses 128)")
     layers = {int(m[1]) for key in entries if (m := re.match(r"blocks\.(\d+)\.", key))}
     try:
         return ModelConfig(
@@ -382,48 +283,26 @@ def _config_from_shapes(entries: Mapping[str, _Entry], head_dim: int, text_len: 
             qk_norm="blocks.0.self_attn.norm_q.weight" in entries,
             cross_attn_norm="blocks.0.norm3.weight" in entries)
     except ValueError as exc:
-        raise _Mismatch(f"its shapes give an invalid config ({exc})",
-                        f"pass head_dim or config to match the checkpoint; {WHAT_TO_DO}") from None
+        raise Unusable(f"its shapes give an invalid config ({exc})",
+                       f"pass head_dim or config to match the checkpoint; {WHAT_TO_DO}") from None
 
 
 def _check_fits(ckpt: _WanCheckpoint, model: CausalWanModel) -> None:
-    """Compare the file's keys, shapes and dtypes with the model's; one message lists every kind of mismatch."""
-    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
-    missing = [key for key in expected if key not in ckpt.entries]
-    unexpected = [key for key in ckpt.entries if key not in expected]
-    unexpected += [key.removesuffix(".weight") + ".scale_weight" for key in ckpt.scales if key not in ckpt.entries]
-    wrong = [f"{key} (file {list(entry.shape)}, model {list(expected[key])})"
-             for key, entry in ckpt.entries.items() if key in expected and entry.shape != expected[key]]
-    wrong += [f"{key.removesuffix('.weight')}.scale_weight {list(scale.shape)} (per tensor or per output row)"
-              for key, scale in ckpt.scales.items()
-              if key in ckpt.entries and math.prod(scale.shape) not in (1, ckpt.entries[key].shape[0])]
-    problems = [f"{len(keys)} {what}: {_few(keys)}" for what, keys in
-                (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)) if keys]
-    if problems:
-        cfg = model.cfg
-        raise _Mismatch(f"it does not fit a model of width {cfg.dim}, {cfg.num_layers} layers, FFN {cfg.ffn_dim}, "
-                        f"text dim {cfg.text_dim}: " + "; ".join(problems))
-    packed = [key for key, entry in ckpt.entries.items() if entry.dtype is None or not entry.dtype.is_floating_point]
-    if packed:
-        raise _Mismatch(f"it holds non-float (packed or quantized) weights, not supported yet: {_few(packed)}",
-                        f"use an fp16, bf16, fp32 or fp8 e4m3fn version of the model; {WHAT_TO_DO}")
+    cfg = model.cfg
+    check_fit(model.state_dict(), ckpt.entries, ckpt.scales,
+              model=f"a model of width {cfg.dim}, {cfg.num_layers} layers, FFN {cfg.ffn_dim}, text dim {cfg.text_dim}",
+              float_hint=f"use an fp16, bf16, fp32 or fp8 e4m3fn version of the model; {WHAT_TO_DO}")
 
 
 # -- dtypes -------------------------------------------------------------------------------------------------------
-def _materialize(key: str, entry: _Entry, scale: _Entry | None, weight_dtype: torch.dtype | None,
+def _materialize(key: str, entry: TensorEntry, scale: TensorEntry | None, weight_dtype: torch.dtype | None,
                  compute_dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
     """Read one tensor, dequantize it if it carries a scaled-fp8 scale, cast it as asked, move it to ``device``."""
     tensor = entry.load()
     if scale is not None:
-        return _dequantize(tensor, scale.load(), weight_dtype or compute_dtype).to(device)
-    keep = weight_dtype is None or (weight_dtype in _FP8_DTYPES and not (key.endswith(".weight") and tensor.ndim >= 2))
+        return dequantize(tensor, scale.load(), weight_dtype or compute_dtype).to(device)
+    keep = weight_dtype is None or (weight_dtype in FP8_DTYPES and not (key.endswith(".weight") and tensor.ndim >= 2))
     return tensor.to(device=device, dtype=tensor.dtype if keep else weight_dtype)
-
-
-def _dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """ComfyUI scaled fp8: weight * scale (per tensor, or per output row) into ``dtype``."""
-    scale = scale.reshape(()) if scale.numel() == 1 else scale.reshape(-1, *([1] * (weight.ndim - 1)))
-    return (weight.float() * scale.float()).to(dtype)
 
 
 def _dtype_name(dtype: torch.dtype | None) -> str:
@@ -436,25 +315,8 @@ def _dtype_summary(state: Mapping[str, torch.Tensor]) -> str:
 
 
 # -- messages -----------------------------------------------------------------------------------------------------
-def _few(keys: Sequence[str]) -> str:
-    shown = ", ".join(list(keys)[:MAX_LISTED_KEYS])
-    rest = len(keys) - MAX_LISTED_KEYS
-    return shown + (f" (and {rest} more)" if rest > 0 else "")
-
-
-def _error(path: str | Path, problem: _Mismatch, read_as: str | None) -> CheckpointError:
-    how = f" (read as {read_as})" if read_as else ""
-    return CheckpointError(
-        f"cannot load '{path}'{how} as a Wan2.1 text-to-video model: {problem.problem}.\n"
-        f"Layouts tried: {'; '.join(LAYOUTS_TRIED)}.\n"
-        f"What to do: {problem.hint}.")
-
-
-def _unreadable(path: Path, exc: Exception) -> CheckpointError:
-    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return _error(path, _Mismatch(f"the file could not be read ({type(exc).__name__}: {detail})",
-                                  f"it is truncated, corrupt or not a checkpoint: download it again; {WHAT_TO_DO}"),
-                  None)
+def _error(path: str | Path, problem: Unusable, read_as: str | None) -> CheckpointError:
+    return CheckpointError(problem.message(path, "a Wan2.1 text-to-video model", LAYOUTS_TRIED, WHAT_TO_DO, read_as))
 
 
 __all__ = ["CheckpointError", "load_wan_model", "detect_config", "inspect_checkpoint"]

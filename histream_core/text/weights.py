@@ -20,30 +20,29 @@ encoder-decoder file); keys outside it, and the decoder and LM head of a full tr
 ``<module>.scale_weight`` (real weight = weight * scale), a ``scaled_fp8`` marker tensor, maybe ``scale_input``;
 they are dequantized on load. ComfyUI files may also embed the sentencepiece tokenizer as a uint8 ``spiece_model``.
 
-``.safetensors`` files are read tensor by tensor (peak memory: the model in the target dtype); ``.pt``/``.pth``/``.bin``
-only through ``torch.load(weights_only=True)``, memory-mapped when the file is in torch's zip format.
+Files are read by ``weight_files.open_weight_file``: ``.safetensors`` files tensor by tensor (peak memory: the model in
+the target dtype); ``.pt``/``.pth``/``.bin`` only through ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import re
-import zipfile
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Mapping
 
 import torch
 
-from .errors import EXPECTED_ENCODER, TextEncoderError, few
+from ..weight_files import (DROPPED_SUFFIXES, FP8_DTYPES, SAFETENSORS_SUFFIXES, TensorEntry, Unusable, WeightFile,
+                            check_fit, dequantize, few, open_weight_file, require_keys,
+                            scaled_weight_key)
+from .errors import EXPECTED_ENCODER, TextEncoderError
 from .umt5 import UMT5Config, UMT5Encoder
 
 log = logging.getLogger(__name__)
 
-SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
-TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 LAYOUTS_TRIED = (
     "hf (transformers UMT5EncoderModel / ComfyUI umt5_xxl: encoder.block.0.layer.0.SelfAttention.q.weight)",
     "wan (Wan2.1 models_t5_umt5-xxl-enc-bf16.pth: blocks.0.attn.q.weight)",
@@ -61,40 +60,16 @@ _HF_BLOCK = {
     "layer.1.DenseReluDense.wo": "ffn.fc2",
 }
 _HF_OTHER_PARTS = ("decoder.", "lm_head.")  # of a full encoder-decoder transformers checkpoint: not needed
-_SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
-_DROPPED_SUFFIXES = (".scale_input", ".input_scale", ".comfy_quant")
 _MARKERS = ("scaled_fp8", "spiece_model")  # not weights: the fp8 marker and the embedded tokenizer
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "U8": torch.uint8, "I8": torch.int8,
-    "I32": torch.int32, "I64": torch.int64,
-}
-_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
-
-
-class _Mismatch(Exception):
-    """Internal: what is wrong with the keys, before the file name and layouts are added."""
-
-    def __init__(self, problem: str, hint: str = f"use {EXPECTED_ENCODER}") -> None:
-        super().__init__(problem)
-        self.problem, self.hint = problem, hint
-
-
-@dataclass(frozen=True)
-class _Entry:
-    """One stored tensor, known by its header before it is read."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype | None
-    load: Callable[[], torch.Tensor]
+_USE_ENCODER = f"use {EXPECTED_ENCODER}"
 
 
 @dataclass
 class _Renamed:
     layout: str
     prefix: str
-    entries: dict[str, _Entry] = field(default_factory=dict)  # Wan name -> tensor
-    scales: dict[str, _Entry] = field(default_factory=dict)  # Wan weight name -> its scaled-fp8 scale
+    entries: dict[str, TensorEntry] = field(default_factory=dict)  # Wan name -> tensor
+    scales: dict[str, TensorEntry] = field(default_factory=dict)  # Wan weight name -> its scaled-fp8 scale
 
 
 # -- public API ---------------------------------------------------------------------------------------------------
@@ -112,17 +87,17 @@ def load_umt5_encoder(path: str | Path, *, dtype: torch.dtype | None = None, dev
     Returns the model in eval mode with gradients off. Raises TextEncoderError for any file it cannot use.
     """
     dtype = dtype or default_dtype(device)
-    if not dtype.is_floating_point or dtype in _FP8:
+    if not dtype.is_floating_point or dtype in FP8_DTYPES:
         raise ValueError(f"dtype must be float32, bfloat16 or float16 (fp8 files are dequantized on load), got {dtype}")
     path = Path(path)
-    with _open(path) as entries:
+    with _open(path) as file:
         try:
-            renamed = _rename(entries)
+            renamed = _rename(file.entries)
             cfg = _config_from_shapes(renamed.entries, max_distance, text_len)
             with torch.device("meta"):
                 model = UMT5Encoder(cfg)
             _check_fits(renamed, model)
-        except _Mismatch as problem:
+        except Unusable as problem:
             raise _error(path, problem) from None
         state = {key: _materialize(entry, renamed.scales.get(key), dtype).to(device)
                  for key, entry in renamed.entries.items()}
@@ -142,56 +117,15 @@ def read_embedded_tokenizer(path: str | Path) -> bytes | None:
     path = Path(path)
     if path.suffix.lower() not in SAFETENSORS_SUFFIXES or not path.is_file():
         return None
-    with _open(path) as entries:
-        key = next((k for k in entries if k == "spiece_model" or k.endswith(".spiece_model")), None)
-        return None if key is None else entries[key].load().numpy().tobytes()
+    with _open(path) as file:
+        key = next((k for k in file.entries if k == "spiece_model" or k.endswith(".spiece_model")), None)
+        return None if key is None else file.entries[key].load().numpy().tobytes()
 
 
 # -- reading files ------------------------------------------------------------------------------------------------
-@contextmanager
-def _open(path: Path) -> Iterator[dict[str, _Entry]]:
-    """Yield the file's tensors as lazy entries; every read failure becomes a TextEncoderError."""
-    if not path.is_file():
-        raise _error(path, _Mismatch("the file does not exist", f"check the path; use {EXPECTED_ENCODER}"))
-    suffix = path.suffix.lower()
-    if suffix in SAFETENSORS_SUFFIXES:
-        from safetensors import safe_open
-
-        try:
-            handle = safe_open(str(path), framework="pt", device="cpu")
-        except Exception as exc:  # header or size errors: truncated, or not a safetensors file
-            raise _unreadable(path, exc) from exc
-        with handle:
-            entries = {}
-            for key in handle.keys():
-                view = handle.get_slice(key)
-                entries[key] = _Entry(tuple(view.get_shape()), _SAFETENSORS_DTYPES.get(view.get_dtype()),
-                                      lambda key=key: handle.get_tensor(key))
-            yield entries
-    elif suffix in TORCH_SUFFIXES:
-        yield _torch_entries(path)
-    else:
-        raise _error(path, _Mismatch(f"unsupported file type '{path.suffix}'",
-                                     f"use a .safetensors or .pth file holding {EXPECTED_ENCODER}"))
-
-
-def _torch_entries(path: Path) -> dict[str, _Entry]:
-    try:
-        obj: Any = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except Exception as exc:
-        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
-        if refused:
-            raise _error(path, _Mismatch(
-                f"refused to unpickle {refused[1]}: the file holds Python objects besides tensors",
-                "only plain tensor files are read (torch.load weights_only=True); re-save the state dict with "
-                "torch.save or as .safetensors")) from exc
-        raise _unreadable(path, exc) from exc
-    if not isinstance(obj, Mapping):
-        raise _error(path, _Mismatch(f"the file holds a {type(obj).__name__}, not a dict of tensors"))
-    not_tensors = [str(k) for k, v in obj.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
-    if not_tensors:
-        raise _error(path, _Mismatch(f"its entries are not all tensors: {few(not_tensors)}"))
-    return {k: _Entry(tuple(v.shape), v.dtype, lambda v=v: v) for k, v in obj.items()}
+def _open(path: Path) -> AbstractContextManager[WeightFile]:
+    """``path``'s tensors as lazy entries; TextEncoderError if it cannot be read."""
+    return open_weight_file(path, advice=_USE_ENCODER, error=lambda problem: _error(path, problem))
 
 
 # -- layouts ------------------------------------------------------------------------------------------------------
@@ -201,8 +135,8 @@ def _detect(keys: set[str]) -> tuple[str, str]:
              for layout, sig in _SIGNATURES.items() for key in keys
              if key.endswith(sig) and (key == sig or key[-len(sig) - 1] == ".")]
     if not found:
-        raise _Mismatch(f"none of its keys belong to a umT5 encoder; its keys include {few(sorted(keys))}",
-                        _guess_what_it_is(keys))
+        raise Unusable(f"none of its keys belong to a umT5 encoder; its keys include {few(sorted(keys))}",
+                       _guess_what_it_is(keys))
     _, layout, prefix = min(found)
     return layout, prefix
 
@@ -221,7 +155,7 @@ def _guess_what_it_is(keys: set[str]) -> str:
     elif has("model.layers.0."):
         what = "a decoder-only language model"
     else:
-        return f"use {EXPECTED_ENCODER}"
+        return _USE_ENCODER
     return f"this looks like {what}; the text encoder must be {EXPECTED_ENCODER}"
 
 
@@ -233,27 +167,27 @@ def _hf_to_wan(key: str) -> str:
     return f"{_HF_TOP.get(module, module)}.{param}" if module else key
 
 
-def _rename(raw: Mapping[str, _Entry]) -> _Renamed:
+def _rename(raw: Mapping[str, TensorEntry]) -> _Renamed:
     """Detect the layout and prefix, rename to Wan keys, set scales aside and drop markers and input scales."""
     layout, prefix = _detect(set(raw))
     rename = _hf_to_wan if layout == "hf" else (lambda key: key)
     out, ignored = _Renamed(layout, prefix), []
     for key, entry in raw.items():
-        if key in _MARKERS or key.endswith(tuple("." + m for m in _MARKERS)) or key.endswith(_DROPPED_SUFFIXES):
+        if key in _MARKERS or key.endswith(tuple("." + m for m in _MARKERS)) or key.endswith(DROPPED_SUFFIXES):
             continue
         if not key.startswith(prefix) or (layout == "hf" and key[len(prefix):].startswith(_HF_OTHER_PARTS)):
             ignored.append(key)
             continue
         key = key[len(prefix):]
-        scale = next((s for s in _SCALE_SUFFIXES if key.endswith(s)), None)
-        if scale:
-            out.scales[rename(key[:-len(scale)] + ".weight")] = entry
+        weight = scaled_weight_key(key)
+        if weight:
+            out.scales[rename(weight)] = entry
             continue
         name = rename(key)
         if name in out.entries:  # tied copies: shared.weight and encoder.embed_tokens.weight
             if out.entries[name].shape != entry.shape:
-                raise _Mismatch(f"two tensors map to {name} with different shapes {out.entries[name].shape} and "
-                                f"{entry.shape} (untied input embeddings?)")
+                raise Unusable(f"two tensors map to {name} with different shapes {out.entries[name].shape} and "
+                               f"{entry.shape} (untied input embeddings?)")
             continue
         out.entries[name] = entry
     if ignored:
@@ -262,17 +196,13 @@ def _rename(raw: Mapping[str, _Entry]) -> _Renamed:
 
 
 # -- config and validation ----------------------------------------------------------------------------------------
-def _config_from_shapes(entries: Mapping[str, _Entry], max_distance: int, text_len: int) -> UMT5Config:
-    needed = ("token_embedding.weight", "blocks.0.attn.q.weight", "blocks.0.ffn.fc1.weight",
-              "blocks.0.pos_embedding.embedding.weight")
-    absent = [key for key in needed if key not in entries]
-    if absent:
-        raise _Mismatch(f"{len(absent)} missing keys that the model's shape is read from: {few(absent)}")
+def _config_from_shapes(entries: Mapping[str, TensorEntry], max_distance: int, text_len: int) -> UMT5Config:
+    require_keys(entries, ("token_embedding.weight", "blocks.0.attn.q.weight", "blocks.0.ffn.fc1.weight",
+                           "blocks.0.pos_embedding.embedding.weight"))
     layers = {int(m[1]) for key in entries if (m := re.match(r"blocks\.(\d+)\.", key))}
     if len(layers) > 1 and "blocks.1.pos_embedding.embedding.weight" not in entries:
-        raise _Mismatch("only its first layer has a relative position bias: it is a T5 v1.1 encoder (t5xxl, as "
-                        "Flux and SD3 use), not umT5, whose every layer has its own",
-                        f"use {EXPECTED_ENCODER}")
+        raise Unusable("only its first layer has a relative position bias: it is a T5 v1.1 encoder (t5xxl, as "
+                       "Flux and SD3 use), not umT5, whose every layer has its own")
     vocab, dim = entries["token_embedding.weight"].shape
     buckets, heads = entries["blocks.0.pos_embedding.embedding.weight"].shape
     try:
@@ -281,55 +211,26 @@ def _config_from_shapes(entries: Mapping[str, _Entry], max_distance: int, text_l
                           num_layers=max(layers) + 1, num_buckets=buckets, max_distance=max_distance,
                           text_len=text_len)
     except ValueError as exc:
-        raise _Mismatch(f"its shapes give an invalid config ({exc})") from None
+        raise Unusable(f"its shapes give an invalid config ({exc})") from None
 
 
 def _check_fits(renamed: _Renamed, model: UMT5Encoder) -> None:
-    """Compare the file's keys, shapes and dtypes with the model's; one message lists every kind of mismatch."""
-    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
-    missing = [key for key in expected if key not in renamed.entries]
-    unexpected = [key for key in renamed.entries if key not in expected]
-    unexpected += [f"{key} scale" for key in renamed.scales if key not in renamed.entries]
-    wrong = [f"{key} (file {list(e.shape)}, model {list(expected[key])})"
-             for key, e in renamed.entries.items() if key in expected and e.shape != expected[key]]
-    wrong += [f"{key} scale {list(s.shape)} (must be one number or one per output row)"
-              for key, s in renamed.scales.items()
-              if key in renamed.entries and math.prod(s.shape) not in (1, renamed.entries[key].shape[0])]
-    problems = [f"{len(keys)} {what}: {few(keys)}" for what, keys in
-                (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)) if keys]
-    if problems:
-        cfg = model.cfg
-        raise _Mismatch(f"it does not fit a umT5 encoder of width {cfg.dim}, {cfg.num_layers} layers, FFN "
-                        f"{cfg.ffn_dim}, {cfg.num_heads} heads: " + "; ".join(problems))
-    packed = [key for key, e in renamed.entries.items() if e.dtype is None or not e.dtype.is_floating_point]
-    if packed:
-        raise _Mismatch(f"it holds non-float (packed or quantized) weights, not supported: {few(packed)}",
-                        f"use an fp32, bf16, fp16 or (scaled) fp8 file of {EXPECTED_ENCODER}")
+    cfg = model.cfg
+    check_fit(model.state_dict(), renamed.entries, renamed.scales,
+              model=f"a umT5 encoder of width {cfg.dim}, {cfg.num_layers} layers, FFN {cfg.ffn_dim}, "
+                    f"{cfg.num_heads} heads",
+              float_hint=f"use an fp32, bf16, fp16 or (scaled) fp8 file of {EXPECTED_ENCODER}")
 
 
-def _materialize(entry: _Entry, scale: _Entry | None, dtype: torch.dtype) -> torch.Tensor:
-    """Read one tensor into ``dtype``; scaled fp8: weight * scale (per tensor, or per output row), in fp32 first."""
+def _materialize(entry: TensorEntry, scale: TensorEntry | None, dtype: torch.dtype) -> torch.Tensor:
+    """Read one tensor into ``dtype``, dequantized if it carries a scaled-fp8 scale."""
     tensor = entry.load()
-    if scale is None:
-        return tensor.to(dtype)
-    factor = scale.load().float()
-    factor = factor.reshape(()) if factor.numel() == 1 else factor.reshape(-1, *([1] * (tensor.ndim - 1)))
-    return (tensor.float() * factor).to(dtype)
+    return tensor.to(dtype) if scale is None else dequantize(tensor, scale.load(), dtype)
 
 
 # -- messages -----------------------------------------------------------------------------------------------------
-def _error(path: Path, problem: _Mismatch) -> TextEncoderError:
-    return TextEncoderError(
-        f"cannot load '{path}' as a umT5-XXL text encoder: {problem.problem}.\n"
-        f"Layouts tried: {'; '.join(LAYOUTS_TRIED)}.\n"
-        f"What to do: {problem.hint}.")
-
-
-def _unreadable(path: Path, exc: BaseException) -> TextEncoderError:
-    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return _error(path, _Mismatch(f"the file could not be read ({type(exc).__name__}: {detail})",
-                                  f"it is truncated, corrupt or not a weights file: download it again; "
-                                  f"use {EXPECTED_ENCODER}"))
+def _error(path: Path, problem: Unusable) -> TextEncoderError:
+    return TextEncoderError(problem.message(path, "a umT5-XXL text encoder", LAYOUTS_TRIED, _USE_ENCODER))
 
 
 __all__ = ["default_dtype", "load_umt5_encoder", "read_embedded_tokenizer"]
