@@ -100,13 +100,13 @@ def _schedule(args, pipe, first: torch.Tensor) -> list[tuple[int, torch.Tensor]]
     return entries
 
 
-def _apply_config_file(parser: argparse.ArgumentParser, argv: list[str] | None) -> None:
+def config_file_defaults(argv: list[str] | None) -> dict:
     """``--config FILE``: a JSON object of generate options (CLI names, dashes or underscores) used as defaults."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
     if not known.config:
-        return
+        return {}
     path = Path(known.config)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
@@ -114,12 +114,9 @@ def _apply_config_file(parser: argparse.ArgumentParser, argv: list[str] | None) 
         values = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"config file {path} is not valid JSON: {exc}") from None
-    generate = parser._subparsers._group_actions[0].choices["generate"]  # noqa: SLF001 - argparse has no public API
-    known_names = {a.dest for a in generate._actions}  # noqa: SLF001
-    unknown = sorted(set(k.replace("-", "_") for k in values) - known_names)
-    if unknown:
-        raise ValueError(f"config file {path} has unknown options {unknown}; use generate's option names")
-    generate.set_defaults(**{k.replace("-", "_"): v for k, v in values.items()})
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path} must hold a JSON object of generate options")
+    return {key.replace("-", "_"): value for key, value in values.items()}
 
 
 def cmd_flops(args) -> int:
@@ -140,7 +137,8 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(generate_defaults: dict | None = None) -> argparse.ArgumentParser:
+    """The CLI; ``generate_defaults`` (from a --config file) replace generate's defaults."""
     parser = argparse.ArgumentParser(prog="python -m histream_core", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -178,6 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (CUDA: ~1.4x)")
     gen.add_argument("--json", action="store_true", help="print the timings as JSON")
     gen.set_defaults(run=cmd_generate)
+    if generate_defaults:
+        unknown = sorted(set(generate_defaults) - {action.dest for action in gen._actions})  # noqa: SLF001
+        if unknown:
+            raise ValueError(f"config file has unknown options {unknown}; use generate's option names")
+        gen.set_defaults(**generate_defaults)
 
     flops = sub.add_parser("flops", help="exact transformer FLOPs of every mode (no weights, no memory)")
     flops.add_argument("--model", default="wan2.1-1.3b", choices=list(MODEL_PRESETS))
@@ -196,10 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    parser = build_parser()
     try:
-        _apply_config_file(parser, argv)
-        args = parser.parse_args(argv)
+        args = build_parser(config_file_defaults(argv)).parse_args(argv)
         return args.run(args)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
