@@ -238,9 +238,14 @@ PromptSchedule = Sequence[tuple[int, "TextKV | torch.Tensor"]]  # (first chunk i
 
 
 def chunk_at_frame(frame: int, chunk_frames: int) -> int:
-    """The first chunk that starts at or after a video frame (frame 0 is latent 0; frames 4k-3..4k are latent k)."""
-    latent = (frame + VAE_TEMPORAL_STRIDE - 1) // VAE_TEMPORAL_STRIDE
-    return -(-latent // chunk_frames)
+    """The first chunk whose first video frame is at or after ``frame`` (0-based).
+
+    Chunk c starts at latent c*M, i.e. video frame 4*c*M - 3 (frame 0 for the first chunk).
+    """
+    if frame <= 0:
+        return 0
+    per_chunk = VAE_TEMPORAL_STRIDE * chunk_frames
+    return -(-(frame + VAE_TEMPORAL_STRIDE - 1) // per_chunk)
 
 
 def prompt_schedule(model: CausalWanModel, text: TextKV | torch.Tensor | PromptSchedule) -> list[tuple[int, TextKV]]:

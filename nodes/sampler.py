@@ -216,12 +216,12 @@ class HiStreamDualResSampler:
                                  "tooltip": "Noise seed; each chunk's noise depends only on (seed, chunk)."}),
             },
             "optional": {
-                "prompt_schedule": ("HISTREAM_PROMPTS", {"tooltip": (
-                    "From HiStream Prompt Schedule: later prompts taking over at given frames (positive is the "
-                    "first prompt).")}),
                 "window": ("HISTREAM_WINDOW", {"tooltip": (
                     "From Anchor Window Cache; without it the mode's window (anchor 1 + local 2, or the full cache "
                     "of self-forcing and no-agsw).")}),
+                "prompt_schedule": ("HISTREAM_PROMPTS", {"tooltip": (
+                    "From HiStream Prompt Schedule: later prompts taking over at given frames (positive is the "
+                    "first prompt).")}),
                 "low_res_scale": _override("FLOAT", MODE_VALUE, (
                     "Size of the low-resolution passes relative to the video (0.5: 960x544 for 1080p). -1: the "
                     "mode's."), min=-1.0, max=1.0, step=0.05),

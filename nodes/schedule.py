@@ -35,8 +35,10 @@ class HiStreamPromptSchedule:
         for i in range(2, LATER_PROMPTS + 2):
             optional[f"positive_{i}"] = ("CONDITIONING", {"tooltip": f"Prompt {i} (CLIPTextEncode, wan)."})
             optional[f"start_frame_{i}"] = ("INT", {"default": 48 * (i - 1), "min": 1, "max": 100000, "step": 1,
-                                                    "tooltip": (f"Video frame where prompt {i} takes over (it starts "
-                                                                "with the next chunk, every 12 frames).")})
+                                                    "tooltip": (f"Video frame (from 0) where prompt {i} takes over: "
+                                                                "it starts with the first chunk beginning at or "
+                                                                "after it (chunks begin every 12 frames: 0, 9, 21, "
+                                                                "33, 45, ...).")})
         return {
             "required": {
                 "kv_recache": ("BOOLEAN", {"default": True, "tooltip": (

@@ -10,7 +10,7 @@ from histream_core.cache import DualResCache, KVCache
 from histream_core.config import ChunkSteps, HDConfig, SamplerConfig, StreamConfig
 from histream_core.model import AttentionSettings
 from histream_core.modes import MODES, mode_config
-from histream_core.sampler import (GenerationInterrupted, RequestError, generate_video, plan_video, stream_video, video_geometry)
+from histream_core.sampler import (GenerationInterrupted, RequestError, chunk_at_frame, generate_video, plan_video, stream_video, video_geometry)
 
 W, H = 64, 96  # latent 12x8 at high resolution, 6x4 at low
 
@@ -222,3 +222,10 @@ def test_prompt_schedule_must_start_at_chunk_zero(model, context, other_context)
         list(stream_video(model, [(1, context)], W, H, 37, mode_config("histream"), 0))
     with pytest.raises(ValueError, match="same chunk"):
         list(stream_video(model, [(0, context), (0, other_context)], W, H, 37, mode_config("histream"), 0))
+
+
+@pytest.mark.parametrize("frame,chunk", [(0, 0), (1, 1), (9, 1), (10, 2), (13, 2), (21, 2), (45, 4), (48, 5)])
+def test_chunk_at_frame_is_the_first_chunk_starting_at_or_after_it(frame, chunk):
+    assert chunk_at_frame(frame, 3) == chunk
+    first_frames = [0] + [4 * 3 * c - 3 for c in range(1, 8)]
+    assert first_frames[chunk] >= frame and (chunk == 0 or first_frames[chunk - 1] < frame)
