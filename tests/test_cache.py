@@ -45,3 +45,18 @@ def test_reindexed_keys_equal_keys_computed_at_the_new_position():
     for moved, direct in zip(at_two.keys, at_five.keys):
         torch.testing.assert_close(moved, direct, atol=1e-5, rtol=1e-5)
     assert torch.equal(at_two.values[0], at_five.values[0])
+
+
+def test_chunked_forward_is_differentiable_for_training():
+    """DMD-style training runs the same chunk-wise rollout with gradients on: cache writes are detached, the math
+    is not inference-only."""
+    model = tiny_model(seed=2).train()
+    text = model.encode_text(torch.randn(1, 5, model.cfg.text_dim))
+    cache = KVCache(2)
+    model(torch.randn(1, 16, 3, 4, 4), torch.zeros(1), text, cache=cache, frame_start=0, update_cache=True)
+    assert all(not k.requires_grad for k in cache.keys)
+    v = model(torch.randn(1, 16, 3, 4, 4), torch.tensor([700.0]), text, cache=cache, frame_start=3)
+    v.square().mean().backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    assert all(g is not None and g.abs().sum() > 0 for name, g in grads.items()), \
+        [name for name, g in grads.items() if g is None or g.abs().sum() == 0]
