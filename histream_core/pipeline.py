@@ -20,7 +20,7 @@ from .config import MODEL_PRESETS, SamplerConfig
 from .model import CausalWanModel
 from .sampler import LatentChunk, PromptSchedule, stream_video
 from .vae import TiledDecoder, WanVAE, WanVAEConfig, denormalize
-from .video import WAN_FPS, VideoWriter
+from .video import WAN_FPS, VideoWriter, uint8_frames
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def generate_to_file(
             decoded = time.perf_counter()
             if pending is not None:
                 pending.result()
-            pending = encoder.submit(writer.write, video.cpu())
+            pending = encoder.submit(writer.write, uint8_frames(video).cpu())
             timing = ChunkTiming(chunk.index, chunk.latents.shape[2], video.shape[2], chunk.cached_frames,
                                  chunk.model_calls, chunk.seconds, decoded - started, time.perf_counter() - decoded)
             timings.append(timing)

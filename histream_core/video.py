@@ -33,6 +33,23 @@ _CONTAINERS: dict[str, tuple[str, int, int, tuple[str, ...]]] = {
 FrameArray = torch.Tensor | np.ndarray
 
 
+def uint8_frames(frames: torch.Tensor) -> torch.Tensor:
+    """VAE output [1, 3, T, H, W] in [-1, 1] or frames [T, H, W, 3] (float 0..1 or uint8) -> uint8 [T, H, W, 3],
+    computed on the tensor's own device (on a GPU this quarters what crosses to the CPU)."""
+    if frames.ndim == 5:
+        if frames.shape[0] != 1 or frames.shape[1] != 3:
+            raise ValueError(f"VAE frames must be [1, 3, T, H, W] (one video per writer), got {tuple(frames.shape)}")
+        frames = (frames[0].permute(1, 2, 3, 0).float() + 1.0) / 2.0  # [-1, 1] -> [0, 1], [T, H, W, 3]
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames must be [T, H, W, 3] (uint8 or float 0..1) or [1, 3, T, H, W] (float -1..1), "
+                         f"got shape {tuple(frames.shape)}")
+    if frames.dtype == torch.uint8:
+        return frames
+    if not frames.is_floating_point():
+        raise ValueError(f"frames must be uint8 or floating point, got {frames.dtype}")
+    return (frames.float().clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
+
+
 def to_uint8_frames(frames: FrameArray) -> np.ndarray:
     """Convert frames to what the writer sends ffmpeg: a C-contiguous uint8 array [T, H, W, 3].
 
@@ -40,19 +57,8 @@ def to_uint8_frames(frames: FrameArray) -> np.ndarray:
     ``[1, 3, T, H, W]`` float in [-1, 1] (torch or numpy; one video per writer, so the batch must be 1).
     Floats are clamped and rounded.
     """
-    array = frames.detach().cpu() if isinstance(frames, torch.Tensor) else torch.from_numpy(np.asarray(frames))
-    if array.ndim == 5:
-        if array.shape[0] != 1 or array.shape[1] != 3:
-            raise ValueError(f"VAE frames must be [1, 3, T, H, W] (one video per writer), got {tuple(array.shape)}")
-        array = (array[0].permute(1, 2, 3, 0).float() + 1.0) / 2.0  # [-1, 1] -> [0, 1], [T, H, W, 3]
-    if array.ndim != 4 or array.shape[-1] != 3:
-        raise ValueError(f"frames must be [T, H, W, 3] (uint8 or float 0..1) or [1, 3, T, H, W] (float -1..1), "
-                         f"got shape {tuple(array.shape)}")
-    if array.dtype == torch.uint8:
-        return np.ascontiguousarray(array.numpy())
-    if not array.is_floating_point():
-        raise ValueError(f"frames must be uint8 or floating point, got {array.dtype}")
-    return np.ascontiguousarray((array.float().clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).numpy())
+    tensor = frames.detach() if isinstance(frames, torch.Tensor) else torch.from_numpy(np.asarray(frames))
+    return np.ascontiguousarray(uint8_frames(tensor).cpu().numpy())
 
 
 class VideoWriter:
