@@ -56,7 +56,9 @@ class AttentionSettings:
     logit_scale: float = 1.0
 
 
-class SelfAttention(nn.Module):
+class _Projections(nn.Module):
+    """q, k, v, o projections and the q/k RMSNorms (across heads) that Wan's self- and cross-attention share."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.num_heads = cfg.num_heads
@@ -64,6 +66,8 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
         self.norm_k = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
 
+
+class SelfAttention(_Projections):
     def forward(self, x, cos, sin, cached, settings: AttentionSettings, mask):
         """x # [B, L, C] in compute dtype -> (out # [B, L, C], (k, v) of these tokens after RoPE)."""
         q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1)), cos, sin)
@@ -74,14 +78,7 @@ class SelfAttention(nn.Module):
         return self.o(out.flatten(2)), (k, v)
 
 
-class CrossAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.num_heads = cfg.num_heads
-        self.q, self.k, self.v, self.o = (CastLinear(cfg.dim, cfg.dim) for _ in range(4))
-        self.norm_q = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
-        self.norm_k = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
-
+class CrossAttention(_Projections):
     def text_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """context # [B, text_len, C] (embedded text, compute dtype) -> (k, v) # [B, text_len, heads, head_dim]"""
         k = self.norm_k(self.k(context)).unflatten(-1, (self.num_heads, -1))
