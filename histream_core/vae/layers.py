@@ -27,15 +27,20 @@ class CausalPass:
     """
 
     def __init__(self, caches: tuple[torch.Tensor | None, ...] | None, first_frame: bool) -> None:
-        self._old = caches
+        # A list, emptied slot by slot as layers take their cache: a cache nobody else holds (those of the previous
+        # pass inside one decode call) is freed as soon as its layer has used it, so a pass holds about one set of
+        # caches instead of two (9 GiB less at 1080p in bf16).
+        self._old = None if caches is None else list(caches)
         self._new: list[torch.Tensor | None] = []
         self.first_frame = first_frame
 
     def take(self) -> torch.Tensor | None:
         if self._old is None:
             return None
-        assert len(self._new) < len(self._old), "more cached layers called than the state holds"
-        return self._old[len(self._new)]
+        index = len(self._new)
+        assert index < len(self._old), "more cached layers called than the state holds"
+        cache, self._old[index] = self._old[index], None
+        return cache
 
     def give(self, cache: torch.Tensor | None) -> None:
         self._new.append(cache)

@@ -126,7 +126,7 @@ class WanVAE(nn.Module):
         x = self.conv2(latents.to(device=weight.device, dtype=weight.dtype))
         caches, frames = state.caches, []
         for start, stop in _passes(x.shape[2], first_alone=not state.started, size=frames_per_pass):
-            stream = CausalPass(caches, first_frame=not state.started and start == 0)
+            stream, caches = CausalPass(caches, first_frame=not state.started and start == 0), None
             frames.append(self.decoder(x[:, :, start:stop], stream))
             caches = stream.result()
         out = torch.cat(frames, dim=2).clamp_(-1.0, 1.0)
@@ -161,7 +161,7 @@ class WanVAE(nn.Module):
         x = video.to(device=weight.device, dtype=weight.dtype)
         caches, moments = state.caches, []
         for start, stop in _passes(t, first_alone=not state.started, size=step):
-            stream = CausalPass(caches, first_frame=not state.started and start == 0)
+            stream, caches = CausalPass(caches, first_frame=not state.started and start == 0), None
             moments.append(self.encoder(x[:, :, start:stop], stream))
             caches = stream.result()
         mean = self.conv1(torch.cat(moments, dim=2))[:, :cfg.z_dim]
