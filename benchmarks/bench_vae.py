@@ -52,14 +52,11 @@ def run_mode(opts: dict, mode: str, results: mp.Queue) -> None:
     chunk = opts["chunk"] if mode == "stream" else t_lat
 
     def decode() -> int:
-        state, frames_out = decoder.initial_state(), 0
-        kept = []
-        for start in range(0, t_lat, chunk):
-            frames, state = decoder.decode_chunk(latents[:, :, start:start + chunk], state)
-            frames_out += frames.shape[2]
-            if mode == "whole":
-                kept.append(frames)  # a whole-video decode holds all frames; a stream hands each chunk on
-            del frames
+        if mode == "whole":  # a whole-video decode holds all frames
+            frames_out = decoder.decode_chunk(latents, decoder.initial_state())[0].shape[2]
+        else:  # a stream hands each chunk on (decode_stream: the decoder owns and frees its caches)
+            pieces = (latents[:, :, start:start + chunk] for start in range(0, t_lat, chunk))
+            frames_out = sum(frames.shape[2] for frames in decoder.decode_stream(pieces))
         _sync(device)
         return frames_out
 

@@ -97,6 +97,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _timed(items):
+    """Yield (time the pull started, item) for each item of an iterator."""
+    iterator = iter(items)
+    while True:
+        started = time.perf_counter()
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        yield started, item
+
+
 def generate_to_file(
     model: CausalWanModel,
     vae: WanVAE,
@@ -125,18 +137,27 @@ def generate_to_file(
     timings = []
     # Encoding to H.264 is CPU work: it runs in a thread while the GPU denoises the next chunk. At most one
     # chunk is in flight, so memory stays flat; an error in the thread surfaces at the next chunk.
-    with torch.no_grad(), VideoWriter(out, fps=fps) as writer, ThreadPoolExecutor(max_workers=1) as encoder:
-        state, pending = decoder.initial_state(), None
+    produced: list[LatentChunk] = []
+
+    def latents():
         for chunk in stream_video(model, context, width, height, frames, config, seed, should_stop=should_stop):
-            started = time.perf_counter()
-            video, state = decoder.decode_chunk(denormalize(chunk.latents), state)
+            produced.append(chunk)
+            yield denormalize(chunk.latents)
+
+    with torch.no_grad(), VideoWriter(out, fps=fps) as writer, ThreadPoolExecutor(max_workers=1) as encoder:
+        pending = None
+        # The decoder pulls each latent chunk (denoising it) and decodes it with caches it owns, freeing the
+        # previous chunk's as it goes; a chunk's decode time is the pull's time minus its denoising time.
+        for started, video in _timed(decoder.decode_stream(latents())):
             _sync(device)
+            chunk = produced.pop()
             decoded = time.perf_counter()
             if pending is not None:
                 pending.result()
             pending = encoder.submit(writer.write, uint8_frames(video).cpu())
             timing = ChunkTiming(chunk.index, chunk.latents.shape[2], video.shape[2], chunk.cached_frames,
-                                 chunk.model_calls, chunk.seconds, decoded - started, time.perf_counter() - decoded)
+                                 chunk.model_calls, chunk.seconds, decoded - started - chunk.seconds,
+                                 time.perf_counter() - decoded)
             timings.append(timing)
             log.info("chunk %d/%d decoded (%d frames)", chunk.index + 1, chunk.num_chunks, video.shape[2])
             if on_chunk is not None:

@@ -47,12 +47,16 @@ def streaming_vae(vae) -> WanVAE:
 
 
 def decoded_chunks(decoder, latents: torch.Tensor, bar) -> Iterator[torch.Tensor]:
-    """Frames [B, 3, t, H, W] in [-1, 1], chunk by chunk; checks for an interrupt before each chunk."""
-    state = decoder.initial_state()
+    """Frames [B, 3, t, H, W] in [-1, 1], chunk by chunk; checks for an interrupt before each chunk. The decoder's
+    stream owns its causal caches, so the previous chunk's are freed as the next one uses them."""
     starts = range(0, latents.shape[2], CHUNK_LATENT_FRAMES)
-    for done, start in enumerate(starts, 1):
-        host.raise_if_interrupted()
-        frames, state = decoder.decode_chunk(latents[:, :, start:start + CHUNK_LATENT_FRAMES], state)
+
+    def pieces():
+        for start in starts:
+            host.raise_if_interrupted()
+            yield latents[:, :, start:start + CHUNK_LATENT_FRAMES]
+
+    for done, frames in enumerate(decoder.decode_stream(pieces()), 1):
         bar.update_absolute(done, len(starts))
         yield frames
 

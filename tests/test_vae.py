@@ -367,3 +367,18 @@ def test_incomplete_vae_lists_keys(vae: WanVAE, tmp_path) -> None:
     save_file(sd, str(tmp_path / "broken.safetensors"))
     _expect_error(tmp_path / "broken.safetensors", "1 missing (decoder.head.2.weight)",
                   "1 unexpected (decoder.extra.weight)", "decoder.conv1.bias (5,)", "wan layout")
+
+
+def test_decode_stream_owns_its_state_and_equals_whole_decode(vae: WanVAE, latents: torch.Tensor) -> None:
+    """decode_stream (which frees caches as it goes) gives decode_chunk's frames, untiled and tiled."""
+    whole = vae.decode(latents)
+    pieces = [latents[:, :, :1], latents[:, :, 1:3], latents[:, :, 3:]]
+    assert torch.equal(torch.cat(list(vae.decode_stream(iter(pieces))), dim=2), whole)
+    tiled = TiledDecoder(vae, tile=6, overlap=2)
+    state, by_chunk = tiled.initial_state(), []
+    for piece in pieces:
+        frames, state = tiled.decode_chunk(piece, state)
+        by_chunk.append(frames)
+    assert torch.equal(torch.cat(list(tiled.decode_stream(iter(pieces))), dim=2), torch.cat(by_chunk, dim=2))
+    with pytest.raises(ValueError, match="initial_state"):
+        list(vae.decode_stream(iter([latents[:, :, :1], latents[:, :, 1:2, :2]])))

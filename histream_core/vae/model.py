@@ -14,6 +14,8 @@ as its latents arrive and the result is the same as decoding it whole.
 
 from __future__ import annotations
 
+from typing import Iterable, Iterator
+
 import torch
 import torch.nn as nn
 
@@ -114,24 +116,46 @@ class WanVAE(nn.Module):
         device) and the new state; ``T' = 1 + 4 * (T - 1)`` for the video's first chunk and ``4 * T`` after it.
         ``frames_per_pass`` latent frames go through the network together (``None``: the whole chunk). Wan uses
         1, the least memory (a 1080p pass is ~4 full-resolution frames); more can be faster at low resolution.
-        The output is the same up to float rounding.
+        The output is the same up to float rounding. The given state is left as it was (so it keeps its caches
+        alive during the call); :meth:`decode_stream` owns its state and needs one set of caches less.
         """
+        self._check_latents(latents, state, frames_per_pass)
+        box = [state.caches]
+        out = self._decode_passes(latents, box, state.started, frames_per_pass)
+        return out, state.advanced(box[0], latents)
+
+    @torch.no_grad()
+    def decode_stream(self, chunks: Iterable[torch.Tensor], frames_per_pass: int | None = 1
+                      ) -> Iterator[torch.Tensor]:
+        """Decode a video's latent chunks as they arrive, yielding each chunk's frames (as :meth:`decode_chunk`
+        threaded through a state, bit for bit). The stream owns its causal caches, so each is freed as soon as the
+        next pass has used it: one set of caches is resident (about 9 GiB at 1080p in bf16) instead of two."""
+        meta, box = self.initial_state(), [None]
+        for latents in chunks:
+            self._check_latents(latents, meta, frames_per_pass)
+            yield self._decode_passes(latents, box, meta.started, frames_per_pass)
+            meta = meta.advanced(None, latents)
+
+    def _check_latents(self, latents: torch.Tensor, state: StreamState, frames_per_pass: int | None) -> None:
         z = self.config.z_dim
         if latents.ndim != 5 or latents.shape[1] != z:
             raise ValueError(f"latents must be raw Wan latents [B, {z}, T, H/8, W/8], got shape {tuple(latents.shape)}")
         state.check_input(latents, "latents")
         if frames_per_pass is not None and frames_per_pass < 1:
             raise ValueError(f"frames_per_pass must be >= 1 or None, got {frames_per_pass}")
+
+    def _decode_passes(self, latents: torch.Tensor, box: list, started: bool,
+                       frames_per_pass: int | None) -> torch.Tensor:
+        """Run the decoder pass by pass. ``box`` holds the caches: its content is handed to each pass and replaced
+        by the pass's result, so whatever the caller does not hold elsewhere is freed as it is consumed."""
         weight = self.conv2.weight
         x = self.conv2(latents.to(device=weight.device, dtype=weight.dtype))
-        caches, frames = state.caches, []
-        for start, stop in _passes(x.shape[2], first_alone=not state.started, size=frames_per_pass):
-            stream, caches = CausalPass(caches, first_frame=not state.started and start == 0), None
+        frames = []
+        for start, stop in _passes(x.shape[2], first_alone=not started, size=frames_per_pass):
+            stream = CausalPass(box.pop(), first_frame=not started and start == 0)
             frames.append(self.decoder(x[:, :, start:stop], stream))
-            caches = stream.result()
-        out = torch.cat(frames, dim=2).clamp_(-1.0, 1.0)
-        geometry = (latents.shape[0], z, latents.shape[3], latents.shape[4])
-        return out, StreamState(caches, state.frames_in + latents.shape[2], geometry)
+            box.append(stream.result())
+        return torch.cat(frames, dim=2).clamp_(-1.0, 1.0)
 
     def decode(self, latents: torch.Tensor, frames_per_pass: int | None = 1) -> torch.Tensor:
         """Decode a whole video: raw [B, z, T, h, w] -> frames [B, 3, 1 + 4 * (T - 1), 8h, 8w] in [-1, 1]."""
@@ -165,7 +189,7 @@ class WanVAE(nn.Module):
             moments.append(self.encoder(x[:, :, start:stop], stream))
             caches = stream.result()
         mean = self.conv1(torch.cat(moments, dim=2))[:, :cfg.z_dim]
-        return mean, StreamState(caches, state.frames_in + t, (video.shape[0], 3, h, w))
+        return mean, state.advanced(caches, video)
 
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         """Encode a whole video [B, 3, 1 + 4k, H, W] in [-1, 1] to raw latents [B, z, 1 + k, H/8, W/8]."""

@@ -12,7 +12,7 @@ Feeding the chunks of a video one after another gives exactly the frames of deco
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Iterable, Iterator, Protocol, TypeVar
 
 import torch
 
@@ -30,6 +30,10 @@ class ChunkDecoder(Protocol[StateT]):
     def initial_state(self) -> StateT: ...
 
     def decode_chunk(self, latents: torch.Tensor, state: StateT) -> tuple[torch.Tensor, StateT]: ...
+
+    def decode_stream(self, chunks: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """The frames of each chunk in turn, the decoder owning the state (it may free caches earlier)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,10 @@ class StreamState:
     def started(self) -> bool:
         """Whether the video's first frame has been seen (Wan treats that frame specially)."""
         return self.frames_in > 0
+
+    def advanced(self, caches: tuple[torch.Tensor | None, ...] | None, x: torch.Tensor) -> "StreamState":
+        """The state after ``x`` # [B, C, T, H, W] went through: the new caches, T more frames, the stream's geometry."""
+        return StreamState(caches, self.frames_in + x.shape[2], (x.shape[0], x.shape[1], x.shape[3], x.shape[4]))
 
     def check_input(self, x: torch.Tensor, what: str) -> None:
         """Raise a ValueError if ``x`` [B, C, T, H, W] cannot continue this stream."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Iterable, Iterator
 
 import torch
 
@@ -76,34 +77,55 @@ class TiledDecoder:
 
     def decode_chunk(self, latents: torch.Tensor, state: TiledState) -> tuple[torch.Tensor, TiledState]:
         """Raw latents [B, z, T, h, w] -> frames [B, 3, T', 8h, 8w] in [-1, 1] and the new state (as WanVAE)."""
-        frames, tiles = self._decode(latents, state.tiles, keep_states=True)
-        return frames, TiledState(tiles)
+        rows, cols = self._spans(latents)
+        tiles = state.tiles or (self.vae.initial_state(),) * (len(rows) * len(cols))
+        if len(tiles) != len(rows) * len(cols):
+            raise ValueError(f"latents of size {tuple(latents.shape[3:])} do not fit this tiled stream's "
+                             f"{len(tiles)} tiles; start each video from initial_state()")
+        new_tiles: list[StreamState] = []
+
+        def decode_tile(k: int, tile: torch.Tensor) -> torch.Tensor:
+            frames, tile_state = self.vae.decode_chunk(tile, tiles[k], self.frames_per_pass)
+            new_tiles.append(tile_state)
+            return frames
+
+        frames = self._blend(latents, rows, cols, decode_tile)
+        return frames, TiledState(tuple(new_tiles))
+
+    def decode_stream(self, chunks: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """Each chunk's frames in turn; every tile streams with caches it owns, freed as they are consumed (see
+        WanVAE.decode_stream), so the tiles together hold one set of caches."""
+        meta, boxes = self.vae.initial_state(), None
+        for latents in chunks:
+            rows, cols = self._spans(latents)
+            self.vae._check_latents(latents, meta, self.frames_per_pass)
+            boxes = boxes or [[None] for _ in range(len(rows) * len(cols))]
+            started = meta.started
+            yield self._blend(latents, rows, cols, lambda k, tile: self.vae._decode_passes(
+                tile, boxes[k], started, self.frames_per_pass))
+            meta = meta.advanced(None, latents)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Decode a whole video tile by tile (see :meth:`WanVAE.decode`); each tile's caches are freed when it is
         done, so only one tile's caches are alive at a time."""
-        return self._decode(latents, (), keep_states=False)[0]
+        rows, cols = self._spans(latents)
+        return self._blend(latents, rows, cols,
+                           lambda k, tile: self.vae.decode_chunk(tile, self.vae.initial_state(),
+                                                                 self.frames_per_pass)[0])
 
-    def _decode(self, latents: torch.Tensor, tiles: tuple[StreamState, ...],
-                keep_states: bool) -> tuple[torch.Tensor, tuple[StreamState, ...]]:
+    def _spans(self, latents: torch.Tensor) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
         if latents.ndim != 5:
             raise ValueError(f"latents must be [B, z, T, h, w], got shape {tuple(latents.shape)}")
+        return (tile_spans(latents.shape[3], self.tile, self.overlap),
+                tile_spans(latents.shape[4], self.tile, self.overlap))
+
+    def _blend(self, latents: torch.Tensor, rows, cols, decode_tile) -> torch.Tensor:
+        """Decode every tile (row-major, tile k by ``decode_tile(k, tile_latents)``) and blend them into frames."""
         scale = self.vae.config.spatial_factor
-        rows = tile_spans(latents.shape[3], self.tile, self.overlap)
-        cols = tile_spans(latents.shape[4], self.tile, self.overlap)
-        grid = [(i, j) for i in range(len(rows)) for j in range(len(cols))]  # row-major, as the state's tiles
-        if tiles and len(tiles) != len(grid):
-            raise ValueError(f"latents of size {tuple(latents.shape[3:])} do not fit this tiled stream's "
-                             f"{len(tiles)} tiles; start each video from initial_state()")
-        out = weights = None
-        new_tiles: list[StreamState] = []
-        for k, (i, j) in enumerate(grid):
+        out = weights = frames = None
+        for k, (i, j) in enumerate((i, j) for i in range(len(rows)) for j in range(len(cols))):
             (r0, r1), (c0, c1) = rows[i], cols[j]
-            tile_state = tiles[k] if tiles else self.vae.initial_state()
-            frames, tile_state = self.vae.decode_chunk(latents[:, :, :, r0:r1, c0:c1], tile_state,
-                                                       self.frames_per_pass)
-            if keep_states:
-                new_tiles.append(tile_state)
+            frames = decode_tile(k, latents[:, :, :, r0:r1, c0:c1])
             if out is None:
                 b, c, t = frames.shape[:3]
                 out = frames.new_zeros(b, c, t, latents.shape[3] * scale, latents.shape[4] * scale,
@@ -113,8 +135,8 @@ class TiledDecoder:
             ys, xs = slice(r0 * scale, r1 * scale), slice(c0 * scale, c1 * scale)
             out[:, :, :, ys, xs] += frames.float() * w
             weights[ys, xs] += w
-        assert out is not None and weights is not None
-        return (out / weights).to(frames.dtype), tuple(new_tiles)
+        assert out is not None and weights is not None and frames is not None
+        return (out / weights).to(frames.dtype)
 
 
 __all__ = ["TiledDecoder", "TiledState", "tile_spans"]
