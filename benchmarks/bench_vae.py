@@ -118,8 +118,8 @@ def main() -> None:
           f"{f'tiles {args.tile}/{args.overlap} latent px' if args.tile else 'untiled'}, on {device_name}, "
           f"torch {torch.__version__}")
     print(f"memory: {memory}; timing: best of {args.repeats} after {opts['warmup']} warm-up run(s)")
-    print(f"| mode | latent frames / chunk | total s | ms / latent frame | ms / video frame | peak MiB | "
-          f"peak over baseline MiB |")
+    print("| mode | latent frames / chunk | total s | ms / latent frame | ms / video frame | peak MiB | "
+          "peak over baseline MiB |")
     print("|---|---|---|---|---|---|---|")
     for row in rows:
         per_chunk = args.chunk if row["mode"] == "stream" else row["latent_frames"]

@@ -13,6 +13,14 @@ from dataclasses import dataclass, field
 import torch
 
 
+def window_indices(num_frames: int, anchor_frames: int, local_frames: int) -> list[int]:
+    """Which of ``num_frames`` ordered frames the anchor-guided sliding window keeps: the first ``anchor_frames``
+    and the last ``local_frames`` (the same rule for the caches and for the plan that predicts them)."""
+    first = range(min(anchor_frames, num_frames))
+    last = range(max(num_frames - local_frames, 0), num_frames)
+    return sorted(set(first) | set(last))
+
+
 @dataclass
 class KVCache:
     num_layers: int
@@ -84,9 +92,7 @@ class KVCache:
 
     def slide_window(self, anchor_frames: int, local_frames: int) -> None:
         """Anchor-guided sliding window: keep the first ``anchor_frames`` and the last ``local_frames`` frames."""
-        n = self.num_frames
-        keep = sorted(set(range(min(anchor_frames, n))) | set(range(max(n - local_frames, 0), n)))
-        self.keep(keep)
+        self.keep(window_indices(self.num_frames, anchor_frames, local_frames))
 
     def reposition(self, new_positions: list[int], rotate) -> None:
         """Give the cached frames new temporal RoPE positions, re-rotating their keys in place of recomputing them.
@@ -103,11 +109,6 @@ class KVCache:
                 self.keys[i] = torch.stack(moved, dim=1).flatten(1, 2)
         self.positions = list(new_positions)
 
-    def clear(self) -> None:
-        self.keys = [None] * self.num_layers
-        self.values = [None] * self.num_layers
-        self.positions = []
-        self.tokens_per_frame = None
 
 
 @dataclass

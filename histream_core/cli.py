@@ -20,6 +20,8 @@ from .flops import flops_table, format_table
 from .model.attention import BACKENDS
 from .modes import MODES, mode_config
 
+log = logging.getLogger(__name__)
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 H100_BF16_TFLOPS = 798.0  # measured bf16 8192^3 matmul rate on the lent H100 (DESIGN.md section 7)
 
@@ -55,8 +57,8 @@ def cmd_generate(args) -> int:
         width, height, frames = args.width or 256, args.height or 160, args.frames or 33
         context = (load_text_embeddings(args.text_embeds) if args.text_embeds
                    else random_text_embedding(args.prompt, model.cfg.text_dim))
-        print("embedded default: tiny random DiT + small random VAE (a plumbing check; pass --checkpoint for art)",
-              file=sys.stderr)
+        log.warning("embedded default: tiny random DiT + small random VAE (a plumbing check; pass --checkpoint "
+                    "for art)")
     else:
         if args.vae is None:
             raise ValueError("with --checkpoint also pass --vae (wan_2.1_vae.safetensors)")
@@ -198,16 +200,17 @@ def build_parser(generate_defaults: dict | None = None) -> argparse.ArgumentPars
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    """Run the CLI: tables and JSON go to stdout, messages and errors through logging to stderr."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s", stream=sys.stderr, force=True)
     try:
         args = build_parser(config_file_defaults(argv)).parse_args(argv)
         return args.run(args)
     except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        log.error("%s", exc)
         return 2
     except torch.OutOfMemoryError:
-        print("error: out of GPU memory: decode in tiles (--tile 64), lower --width/--height, or use a smaller "
-              "mode (histream+); the VAE decode at 1080p is the largest single step", file=sys.stderr)
+        log.error("out of GPU memory: decode in tiles (--tile 64), lower --width/--height, or use a smaller mode "
+                  "(histream+); the VAE decode at 1080p is the largest single step")
         return 3
 
 

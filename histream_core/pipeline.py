@@ -6,7 +6,6 @@ file as soon as it exists, so a long video costs the memory of one chunk.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +17,7 @@ import torch
 
 from .config import MODEL_PRESETS, SamplerConfig
 from .model import CausalWanModel
-from .sampler import LatentChunk, PromptSchedule, stream_video
+from .sampler import LatentChunk, PromptSchedule, seeded_generator, stream_video
 from .vae import TiledDecoder, WanVAE, WanVAEConfig, denormalize
 from .video import WAN_FPS, VideoWriter, uint8_frames
 
@@ -78,9 +77,7 @@ def random_text_embedding(prompt: str, text_dim: int, tokens: int = 16) -> torch
 
     # [1, tokens, text_dim]
     """
-    digest = hashlib.sha256(prompt.encode()).digest()
-    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
-    return torch.randn(1, tokens, text_dim, generator=generator)
+    return torch.randn(1, tokens, text_dim, generator=seeded_generator(prompt))
 
 
 def embedded_default(device: str | torch.device = "cpu") -> tuple[CausalWanModel, WanVAE]:

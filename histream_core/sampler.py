@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from .cache import DualResCache
+from .cache import DualResCache, window_indices
 from .config import SamplerConfig
 from .model.rope import shift_time
 from .model.wan import AttentionSettings, CausalWanModel, TextKV
@@ -128,14 +128,12 @@ def first_chunk_logit_scale(cfg: SamplerConfig) -> float:
     return math.log(hd.train_tokens_per_frame * hd.first_chunk_attn_coef) / math.log(hd.train_tokens_per_frame)
 
 
-def window_keep(frames: list[int], cfg: SamplerConfig) -> list[int]:
+def window_keep(frames: list, cfg: SamplerConfig) -> list:
     """Which of the (ordered) cached frames survive the anchor-guided sliding window."""
     stream = cfg.stream
     if not stream.window:
         return frames
-    n = len(frames)
-    keep = sorted(set(range(min(stream.anchor_frames, n))) | set(range(max(n - stream.local_frames, 0), n)))
-    return [frames[i] for i in keep]
+    return [frames[i] for i in window_indices(len(frames), stream.anchor_frames, stream.local_frames)]
 
 
 def recache_runs(positions: tuple[int, ...], cfg: SamplerConfig) -> tuple[tuple[int, int], ...]:
@@ -212,9 +210,13 @@ def chunk_noise(seed: int, chunk: int, draw: int, shape: tuple[int, ...], device
 
     Drawn on the CPU so a seed gives the same video on every device.
     """
-    digest = hashlib.sha256(f"histream:{seed}:{chunk}:{draw}".encode()).digest()
-    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
-    return torch.randn(shape, generator=generator).to(device)
+    return torch.randn(shape, generator=seeded_generator(f"histream:{seed}:{chunk}:{draw}")).to(device)
+
+
+def seeded_generator(key: str) -> torch.Generator:
+    """A CPU generator seeded from any string (sha256), the same on every machine."""
+    digest = hashlib.sha256(key.encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
 def resize_latents(x: torch.Tensor, hw: tuple[int, int], mode: str) -> torch.Tensor:
@@ -393,4 +395,4 @@ def generate_video(model: CausalWanModel, text, width: int, height: int, frames:
 
 
 __all__ = ["RequestError", "GenerationInterrupted", "VideoGeometry", "video_geometry", "ModelCall", "ChunkPlan", "plan_video",
-           "Progress", "LatentChunk", "PromptSchedule", "prompt_schedule", "chunk_at_frame", "stream_video", "generate_video", "chunk_noise", "resize_latents"]
+           "Progress", "LatentChunk", "PromptSchedule", "prompt_schedule", "chunk_at_frame", "stream_video", "generate_video", "chunk_noise", "seeded_generator", "resize_latents"]

@@ -15,7 +15,7 @@ from PIL import Image
 
 from ..histream_core.config import ChunkSteps, SamplerConfig
 from ..histream_core.modes import MODES, mode_config
-from ..histream_core.sampler import RequestError, VideoGeometry, plan_video, stream_video, video_geometry
+from ..histream_core.sampler import RequestError, VideoGeometry, stream_video, video_geometry
 from ..histream_core.vae import denormalize, latent_preview
 from . import host
 from .errors import input_error, out_of_memory_advice
@@ -160,9 +160,9 @@ def text_context(positive, text_dim: int, text_len: int) -> tuple[torch.Tensor, 
 
 
 def scheduled_text(schedule: HiStreamPrompts, first: torch.Tensor, cfg: SamplerConfig, geometry: VideoGeometry,
-                   model_cfg) -> tuple[list[tuple[int, torch.Tensor]], frozenset[int], list[str]]:
+                   model_cfg) -> tuple[list[tuple[int, torch.Tensor]], list[str]]:
     """The engine's prompt schedule [(first chunk, states)] from the first prompt and the schedule node's prompts."""
-    num_chunks = len(plan_video(geometry, cfg))
+    num_chunks = -(-geometry.latent_frames // cfg.stream.chunk_frames)
     entries, notes = [(0, first)], []
     for start, conditioning in schedule.chunk_starts(cfg.stream.chunk_frames):
         if start >= num_chunks:
@@ -174,7 +174,7 @@ def scheduled_text(schedule: HiStreamPrompts, first: torch.Tensor, cfg: SamplerC
         states, more = text_context(conditioning, model_cfg.text_dim, model_cfg.text_len)
         entries.append((start, states))
         notes += more
-    return entries, frozenset(start for start, _ in entries[1:]), notes
+    return entries, notes
 
 
 def chunk_preview(latents: torch.Tensor, width: int, height: int) -> Image.Image:
@@ -258,18 +258,19 @@ class HiStreamDualResSampler:
         dit = model.model
         geometry = request_geometry(NODE, width, height, length, cfg, dit.cfg.patch_size[1])
         context, notes = text_context(positive, dit.cfg.text_dim, dit.cfg.text_len)
-        text, switches = context, frozenset()
+        text = context
         if prompt_schedule is not None:
             cfg = cfg.with_(kv_recache=prompt_schedule.kv_recache, recache_anchor=prompt_schedule.recache_anchor)
-            text, switches, more_notes = scheduled_text(prompt_schedule, context, cfg, geometry, dit.cfg)
+            text, more_notes = scheduled_text(prompt_schedule, context, cfg, geometry, dit.cfg)
             notes += more_notes
-        total = sum(len(plan.calls(geometry, cfg.drc)) for plan in plan_video(geometry, cfg, switches))
         device = model.device
         host.make_room(device)
-        bar = host.progress_bar(total, unique_id)
+        bar = {}  # made at the first model call: the engine reports how many calls the video takes
 
         def on_progress(p):
-            bar.update_absolute(p.call, p.total_calls)
+            if not bar:
+                bar.update(bar=host.progress_bar(p.total_calls, unique_id), total=p.total_calls)
+            bar["bar"].update_absolute(p.call, p.total_calls)
             host.send_event("histream.progress", {
                 "node": unique_id, "chunk": p.chunk + 1, "num_chunks": p.num_chunks, "call": p.call,
                 "total_calls": p.total_calls, "kind": p.kind, "timestep": p.timestep,
@@ -288,8 +289,8 @@ class HiStreamDualResSampler:
                 chunks.append(denormalize(chunk.latents).to(host.output_device()))
                 seconds += chunk.seconds
                 calls += chunk.model_calls
-                bar.update_absolute(calls, total, preview=("JPEG", chunk_preview(chunk.latents, width, height),
-                                                           host.PREVIEW_MAX_SIDE))
+                bar["bar"].update_absolute(calls, bar["total"], preview=(
+                    "JPEG", chunk_preview(chunk.latents, width, height), host.PREVIEW_MAX_SIDE))
         summary = (f"{mode}: {len(chunks)} chunks, {calls} model calls, {seconds:.1f} s "
                    f"({1000 * seconds / length:.0f} ms/frame)")
         log.info("%s: %s", NODE, summary)

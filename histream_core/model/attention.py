@@ -21,9 +21,8 @@ class AttentionBackendError(RuntimeError):
     """An attention backend was asked for but cannot run here."""
 
 
-def _sdpa(q, k, v, scale, mask):
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         attn_mask=mask, scale=scale)
+def _sdpa(q, k, v, scale):
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
     return out.transpose(1, 2)
 
 
@@ -32,15 +31,13 @@ def _sdpa_pinned(kernel):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     backend = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[kernel]
 
-    def run(q, k, v, scale, mask):
+    def run(q, k, v, scale):
         with sdpa_kernel(backend):
-            return _sdpa(q, k, v, scale, mask)
+            return _sdpa(q, k, v, scale)
     return run
 
 
-def _flash_attn(q, k, v, scale, mask):
-    if mask is not None:
-        raise AttentionBackendError("flash_attn does not take an arbitrary mask; use backend 'sdpa' for masked attention")
+def _flash_attn(q, k, v, scale):
     for module_name in ("flash_attn_interface", "flash_attn.cute", "flash_attn"):
         try:
             module = importlib.import_module(module_name)
@@ -54,9 +51,7 @@ def _flash_attn(q, k, v, scale, mask):
     return out[0] if isinstance(out, tuple) else out
 
 
-def _sage(q, k, v, scale, mask):
-    if mask is not None:
-        raise AttentionBackendError("sage attention does not take a mask; use backend 'sdpa' for masked attention")
+def _sage(q, k, v, scale):
     try:
         from sageattention import sageattn
     except ImportError:
@@ -76,7 +71,7 @@ def check_backend(name: str) -> None:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa",
-              logit_scale: float = 1.0, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Softmax attention.  mask: optional boolean  # [Lq, Lk], True = may attend (sdpa only)."""
+              logit_scale: float = 1.0) -> torch.Tensor:
+    """Softmax attention of every query over every key (a chunk sees itself and its cache in full)."""
     scale = logit_scale / math.sqrt(q.shape[-1])
-    return _IMPLEMENTATIONS[backend](q, k, v, scale, mask)
+    return _IMPLEMENTATIONS[backend](q, k, v, scale)

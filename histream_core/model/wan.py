@@ -68,13 +68,13 @@ class _Projections(nn.Module):
 
 
 class SelfAttention(_Projections):
-    def forward(self, x, cos, sin, cached, settings: AttentionSettings, mask):
+    def forward(self, x, cos, sin, cached, settings: AttentionSettings):
         """x # [B, L, C] in compute dtype -> (out # [B, L, C], (k, v) of these tokens after RoPE)."""
         q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1)), cos, sin)
         k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1)), cos, sin)
         v = self.v(x).unflatten(-1, (self.num_heads, -1))
         k_all, v_all = (k, v) if cached is None else (torch.cat([cached[0], k], 1), torch.cat([cached[1], v], 1))
-        out = attention(q, k_all, v_all, settings.backend, settings.logit_scale, mask)
+        out = attention(q, k_all, v_all, settings.backend, settings.logit_scale)
         return self.o(out.flatten(2)), (k, v)
 
 
@@ -103,13 +103,13 @@ class WanBlock(nn.Module):
         self.ffn = gelu_mlp(cfg.dim, cfg.ffn_dim, cfg.dim)
         self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim ** 0.5)
 
-    def forward(self, x, e, frames, cos, sin, text_kv, cached, settings, mask, compute_dtype):
+    def forward(self, x, e, frames, cos, sin, text_kv, cached, settings, compute_dtype):
         """x # [B, L, C] fp32 residual stream; e # [B, F, 6, C] fp32 time projection, one row per frame."""
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float().unsqueeze(0) + e).unbind(2)
         per_frame = lambda t: t.unflatten(1, (frames, -1))  # noqa: E731  [B, L, C] -> [B, F, S, C]
 
         h = modulate(per_frame(self.norm1(x)), shift_sa, scale_sa).flatten(1, 2)
-        y, new_kv = self.self_attn(h.to(compute_dtype), cos, sin, cached, settings, mask)
+        y, new_kv = self.self_attn(h.to(compute_dtype), cos, sin, cached, settings)
         x = x + (per_frame(y.float()) * gate_sa.unsqueeze(2)).flatten(1, 2)
 
         x = x + self.cross_attn(self.norm3(x).to(compute_dtype), text_kv, settings.backend).float()
@@ -201,7 +201,6 @@ class CausalWanModel(nn.Module):
         frame_start: int = 0,
         update_cache: bool = False,
         settings: AttentionSettings = AttentionSettings(),
-        mask: torch.Tensor | None = None,
         compiled: bool = True,
     ) -> torch.Tensor:
         """Predict the flow v for latent frames ``x`` at temporal positions frame_start, frame_start+1, ...
@@ -209,7 +208,6 @@ class CausalWanModel(nn.Module):
         x # [B, in_dim, F, H, W]; timestep # [B] or [B, F] in 0..1000 (one per frame allowed);
         text: TextKV from ``encode_text`` (reuse it across calls) or raw text states.
         cache: frames this chunk attends to besides itself; ``update_cache`` writes this chunk's K/V into it.
-        mask: optional boolean # [L, L_keys] (True = attend), for whole-sequence block-causal runs (sdpa only).
         compiled: use the compiled blocks if ``compile_blocks`` was called (False: eager, for one-off shapes).
         Returns v # [B, out_dim, F, H, W] float32.
         """
@@ -236,7 +234,7 @@ class CausalWanModel(nn.Module):
         blocks = self.__dict__["_compiled_blocks"] if compiled and self.is_compiled else self.blocks
         for index, block in enumerate(blocks):
             cached = cache.layer(index) if cache is not None else None
-            x_tok, kv = block(x_tok, e_proj, frames, cos, sin, text_kv.layers[index], cached, settings, mask,
+            x_tok, kv = block(x_tok, e_proj, frames, cos, sin, text_kv.layers[index], cached, settings,
                               self.compute_dtype)
             new_kv.append(kv)
         if update_cache:
