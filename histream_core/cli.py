@@ -86,6 +86,9 @@ def _schedule(args, pipe, first: torch.Tensor) -> list[tuple[int, torch.Tensor]]
     """--schedule FRAME:PROMPT ... -> the engine's prompt schedule [(first chunk, states)], the --prompt first."""
     from .pipeline import random_text_embedding
     from .sampler import chunk_at_frame
+    if args.checkpoint is not None and pipe.text_encoder is None:
+        raise ValueError("--schedule needs --text-encoder (and --tokenizer) to encode its prompts; with --text-embeds "
+                         "alone only the first prompt is known")
     chunk_frames = args.chunk_frames or mode_config(args.mode).stream.chunk_frames
     entries = [(0, first)]
     for item in args.schedule:

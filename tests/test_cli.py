@@ -130,3 +130,14 @@ def test_pipeline_story_prompts(user_files, tmp_path):
                            mode="histream+", out=tmp_path / "story.mp4")
     assert [c.model_calls for c in report.chunks] == [6, 4, 8]
     assert not pipe.text_encoder.loaded
+
+
+def test_schedule_with_a_real_checkpoint_needs_the_text_encoder(user_files, tmp_path, capsys):
+    """Without an encoder the later prompts cannot be encoded: an error, never stand-in embeddings."""
+    embeds = tmp_path / "first.safetensors"
+    save_file({"context": torch.randn(1, 5, UMT5_PRESETS["tiny"].dim)}, str(embeds))
+    out = tmp_path / "x.mp4"
+    assert main(["generate", *SMALL, "--checkpoint", str(user_files / "dit.safetensors"), "--vae",
+                 str(user_files / "vae.safetensors"), "--text-embeds", str(embeds), "--schedule", "13:later",
+                 "--out", str(out)]) == 2
+    assert "--schedule needs --text-encoder" in capsys.readouterr().err and not out.exists()
