@@ -49,15 +49,17 @@ def test_equal_resolutions_make_drc_a_no_op(model, context):
     assert torch.equal(run(model, context, drc), run(model, context, plain))
 
 
-@pytest.mark.parametrize("mode,first,later", [
-    ("histream", 4 + 2, 4 + 2), ("histream+", 4 + 2, 2 + 2), ("self-forcing", 4 + 1, 4 + 1),
-    ("no-drc", 4 + 1, 4 + 1), ("no-agsw", 4 + 2, 4 + 2), ("two-step", 2 + 2, 2 + 2)])
-def test_model_calls_per_chunk(model, context, mode, first, later):
+@pytest.mark.parametrize("mode,first,later,cache_passes", [
+    ("histream", 4 + 2, 4 + 2, 2), ("histream+", 4 + 2, 2 + 2, 2), ("self-forcing", 4 + 1, 4 + 1, 1),
+    ("no-drc", 4 + 1, 4 + 1, 1), ("no-agsw", 4 + 2, 4 + 2, 2), ("two-step", 2 + 2, 2 + 2, 2)])
+def test_model_calls_per_chunk(model, context, mode, first, later, cache_passes):
     kinds_per_chunk: dict[int, list[str]] = {}
     with torch.no_grad():
         chunks = list(stream_video(model, context, W, H, 37, MODES[mode], 0,
                                    on_progress=lambda p: kinds_per_chunk.setdefault(p.chunk, []).append(p.kind)))
-    assert [c.model_calls for c in chunks] == [first] + [later] * (len(chunks) - 1)
+    # the last chunk writes no cache: nothing reads it
+    assert [c.model_calls for c in chunks] == [first] + [later] * (len(chunks) - 2) + [later - cache_passes]
+    assert not any(kind.startswith("cache") for kind in kinds_per_chunk[len(chunks) - 1])
     assert [len(kinds_per_chunk[i]) for i in range(len(chunks))] == [c.model_calls for c in chunks]
     assert kinds_per_chunk[1].count("cache_high") == 1
 
@@ -72,7 +74,7 @@ def test_caches_hold_anchor_plus_local_frames_at_their_positions(model, context)
             seen.append((list(caches.high.positions), list(caches.low.positions)))
             assert caches.high.keys[0].shape[1] == caches.high.num_frames * tokens_high
             assert caches.low.keys[0].shape[1] == caches.low.num_frames * tokens_low
-    assert seen == [([0, 1, 2],) * 2, ([0, 4, 5],) * 2, ([0, 7, 8],) * 2, ([0, 8, 9],) * 2]
+    assert seen == [([0, 1, 2],) * 2, ([0, 4, 5],) * 2, ([0, 7, 8],) * 2, ([0, 7, 8],) * 2]  # last chunk: no write
 
 
 def test_last_chunk_may_be_shorter(model, context):
@@ -117,10 +119,14 @@ def test_progress_reports_x0_previews(model, context):
     events = []
     with torch.no_grad():
         list(stream_video(model, context, W, H, 5, mode_config("histream"), 0, on_progress=events.append))
-    assert [e.kind for e in events] == ["low", "low", "high", "high", "cache_high", "cache_low"]
+    assert [e.kind for e in events] == ["low", "low", "high", "high"]  # a one-chunk video writes no cache
     assert events[0].x0.shape == (1, 16, 2, 12, 8)[:2] + (2, 6, 4)
     assert events[2].x0.shape == (1, 16, 2, 12, 8)
-    assert events[-1].x0 is None and events[-1].call == events[-1].total_calls == 6
+    assert events[-1].call == events[-1].total_calls == 4
+    events.clear()
+    with torch.no_grad():
+        list(stream_video(model, context, W, H, 13, mode_config("histream"), 0, on_progress=events.append))
+    assert [e.kind for e in events][4:6] == ["cache_high", "cache_low"] and events[4].x0 is None
 
 
 @pytest.mark.parametrize("width,height,frames,cfg,field,match", [
