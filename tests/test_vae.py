@@ -382,3 +382,14 @@ def test_decode_stream_owns_its_state_and_equals_whole_decode(vae: WanVAE, laten
     assert torch.equal(torch.cat(list(tiled.decode_stream(iter(pieces))), dim=2), torch.cat(by_chunk, dim=2))
     with pytest.raises(ValueError, match="initial_state"):
         list(vae.decode_stream(iter([latents[:, :, :1], latents[:, :, 1:2, :2]])))
+
+
+def test_no_decode_path_records_autograd(vae: WanVAE, latents: torch.Tensor) -> None:
+    """With grad mode on (a plain Python caller), streamed decodes must not build graphs: through the causal caches
+    a graph would keep every earlier pass's activations alive (TiledDecoder.decode_stream once did)."""
+    assert torch.is_grad_enabled() and next(vae.parameters()).requires_grad
+    pieces = [latents[:, :, :1], latents[:, :, 1:]]
+    tiled = TiledDecoder(vae, tile=6, overlap=2)
+    outputs = [*vae.decode_stream(iter(pieces)), *tiled.decode_stream(iter(pieces)), vae.decode(latents),
+               tiled.decode(latents), tiled.decode_chunk(latents, tiled.initial_state())[0]]
+    assert not any(frames.requires_grad for frames in outputs)

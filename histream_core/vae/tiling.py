@@ -92,6 +92,7 @@ class TiledDecoder:
         frames = self._blend(latents, rows, cols, decode_tile)
         return frames, TiledState(tuple(new_tiles))
 
+    @torch.no_grad()
     def decode_stream(self, chunks: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
         """Each chunk's frames in turn; every tile streams with caches it owns, freed as they are consumed (see
         WanVAE.decode_stream), so the tiles together hold one set of caches."""
