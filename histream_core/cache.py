@@ -55,27 +55,18 @@ class KVCache:
         """
         if len(new_kv) != self.num_layers:
             raise ValueError(f"cache has {self.num_layers} layers but got K/V for {len(new_kv)}")
+        pending = self.begin_write(positions, tokens_per_frame)
+        for index, (k, v) in enumerate(new_kv):
+            pending.layer(index, k, v)
+        pending.finish()
+
+    def begin_write(self, positions: list[int], tokens_per_frame: int) -> "CacheWrite":
+        """Start writing frames at ``positions`` block by block (see :class:`CacheWrite`), so a model can store each
+        block's K/V as soon as it exists instead of holding every block's until the end of the call."""
         if self.tokens_per_frame not in (None, tokens_per_frame):
             raise ValueError(f"cache holds {self.tokens_per_frame} tokens per frame, cannot add frames of "
                              f"{tokens_per_frame}: use one cache per resolution")
-        self.tokens_per_frame = tokens_per_frame
-        merged = sorted(set(self.positions) | set(positions))
-        for i, (k, v) in enumerate(new_kv):
-            self.keys[i] = self._merge(self.keys[i], k.detach(), positions, merged)
-            self.values[i] = self._merge(self.values[i], v.detach(), positions, merged)
-        self.positions = merged
-
-    def _merge(self, old: torch.Tensor | None, new: torch.Tensor, new_positions: list[int],
-               merged: list[int]) -> torch.Tensor:
-        new = self._frames(new)
-        if old is None:
-            return new.flatten(1, 2)
-        old = self._frames(old)
-        if merged == self.positions + list(new_positions):
-            return torch.cat([old, new], dim=1).flatten(1, 2)  # the common case: append after the last frame
-        by_position = {p: old[:, j] for j, p in enumerate(self.positions)}
-        by_position.update({p: new[:, j] for j, p in enumerate(new_positions)})
-        return torch.stack([by_position[p] for p in merged], dim=1).flatten(1, 2)
+        return CacheWrite(self, list(positions), tokens_per_frame)
 
     def _frames(self, t: torch.Tensor) -> torch.Tensor:
         return t.unflatten(1, (-1, self.tokens_per_frame))  # [B, F, S, heads, head_dim]
@@ -109,6 +100,45 @@ class KVCache:
                 self.keys[i] = torch.stack(moved, dim=1).flatten(1, 2)
         self.positions = list(new_positions)
 
+
+class CacheWrite:
+    """A write of new frames into a :class:`KVCache`, one block at a time.
+
+    Blocks already written hold the new frames while the others do not, so the cache must not be read as a whole
+    until :meth:`finish`; a model reads only block ``i`` before writing block ``i``, which is consistent.
+    """
+
+    def __init__(self, cache: KVCache, positions: list[int], tokens_per_frame: int) -> None:
+        self.cache, self.positions, self.tokens_per_frame = cache, positions, tokens_per_frame
+        self.merged = sorted(set(cache.positions) | set(positions))
+        self.written: set[int] = set()
+
+    def layer(self, index: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store block ``index``'s K/V of the new frames  # each [B, len(positions)*S, heads, head_dim] (detached)."""
+        cache = self.cache
+        cache.keys[index] = self._merge(cache.keys[index], k.detach())
+        cache.values[index] = self._merge(cache.values[index], v.detach())
+        self.written.add(index)
+
+    def _merge(self, old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
+        new = new.unflatten(1, (-1, self.tokens_per_frame))  # [B, F, S, heads, head_dim]
+        if old is None:
+            return new.flatten(1, 2)
+        held = self.cache.positions
+        old = self.cache._frames(old)
+        if self.merged == held + self.positions:
+            return torch.cat([old, new], dim=1).flatten(1, 2)  # the common case: append after the last frame
+        by_position = {p: old[:, j] for j, p in enumerate(held)}
+        by_position.update({p: new[:, j] for j, p in enumerate(self.positions)})
+        return torch.stack([by_position[p] for p in self.merged], dim=1).flatten(1, 2)
+
+    def finish(self) -> None:
+        """Make the new frames part of the cache; every block must have been written."""
+        missing = sorted(set(range(self.cache.num_layers)) - self.written)
+        if missing:
+            raise ValueError(f"cache write left blocks {missing} without K/V for frames {self.positions}")
+        self.cache.tokens_per_frame = self.tokens_per_frame
+        self.cache.positions = self.merged
 
 
 @dataclass

@@ -230,15 +230,18 @@ class CausalWanModel(nn.Module):
         e, e_proj = self._time_embedding(timestep, x.shape[0], frames)
         cos, sin = _cached_rope(grid, cfg.rope_split, frame_start, cfg.rope_theta,
                                 tuple(float(f) for f in settings.rope_factors), x.device, torch.float32)
-        new_kv = []
+        # A cache pass stores each block's K/V as soon as it exists; other calls drop them with the block.
+        writing = cache.begin_write(list(range(frame_start, frame_start + frames)), tokens_per_frame) \
+            if update_cache else None
         blocks = self.__dict__["_compiled_blocks"] if compiled and self.is_compiled else self.blocks
         for index, block in enumerate(blocks):
             cached = cache.layer(index) if cache is not None else None
             x_tok, kv = block(x_tok, e_proj, frames, cos, sin, text_kv.layers[index], cached, settings,
                               self.compute_dtype)
-            new_kv.append(kv)
-        if update_cache:
-            cache.write(new_kv, list(range(frame_start, frame_start + frames)), tokens_per_frame)
+            if writing is not None:
+                writing.layer(index, *kv)
+        if writing is not None:
+            writing.finish()
 
         out = self.head(x_tok, e, frames, self.compute_dtype).float()
         return self._unpatchify(out, grid)

@@ -81,8 +81,11 @@ class CausalConv3d(nn.Conv3d):
 class RMSNorm(nn.Module):
     """Wan's ``RMS_norm``: L2-normalize over channels, times sqrt(C) and a learned per-channel gain ``gamma``.
 
-    ``images=True`` is for [N, C, H, W] inputs (attention), otherwise [B, C, T, H, W]. Half-precision inputs are
-    normalized in float32 (as diffusers does), then cast back.
+    ``images=True`` is for [N, C, H, W] inputs (attention), otherwise [B, C, T, H, W]. It normalizes in the input
+    dtype, as Wan and ComfyUI do (in bf16, about 2 ulp from normalizing an fp32 copy): the copy and its quotient
+    would be two full-size fp32 tensors, 6 GB of a 1080p decode pass. ``inplace=True`` overwrites ``x`` (for an
+    activation nobody else holds), otherwise the result is a new tensor; either way the SiLU after it may work in
+    place.
     """
 
     def __init__(self, dim: int, images: bool) -> None:
@@ -90,9 +93,10 @@ class RMSNorm(nn.Module):
         self.scale = dim ** 0.5
         self.gamma = nn.Parameter(torch.ones(dim, 1, 1) if images else torch.ones(dim, 1, 1, 1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        normed = F.normalize(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x, dim=1).to(x.dtype)
-        return normed * self.scale * self.gamma.to(x.dtype)
+    def forward(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        denominator = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min_(1e-12)  # as F.normalize
+        normed = x.div_(denominator) if inplace else x / denominator
+        return normed.mul_(self.gamma.to(x.dtype) * self.scale)
 
 
 class ResidualBlock(nn.Module):
@@ -105,15 +109,18 @@ class ResidualBlock(nn.Module):
     def __init__(self, in_dim: int, out_dim: int) -> None:
         super().__init__()
         self.residual = nn.Sequential(
-            RMSNorm(in_dim, images=False), nn.SiLU(), CausalConv3d(in_dim, out_dim, 3, padding=1),
-            RMSNorm(out_dim, images=False), nn.SiLU(), nn.Identity(), CausalConv3d(out_dim, out_dim, 3, padding=1))
+            RMSNorm(in_dim, images=False), nn.SiLU(inplace=True), CausalConv3d(in_dim, out_dim, 3, padding=1),
+            RMSNorm(out_dim, images=False), nn.SiLU(inplace=True), nn.Identity(),
+            CausalConv3d(out_dim, out_dim, 3, padding=1))
         self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
 
     def forward(self, x: torch.Tensor, stream: CausalPass) -> torch.Tensor:  # [B, C, T, H, W]
+        # conv1's output is normalized in place and conv2's output takes the shortcut in place: at 1080p every
+        # full-size activation is 1.5 GB in bf16, and only x (for the shortcut) must outlive its use.
         norm1, act1, conv1, norm2, act2, _, conv2 = self.residual
         h = conv1(act1(norm1(x)), stream)
-        h = conv2(act2(norm2(h)), stream)
-        return h + self.shortcut(x)
+        h = conv2(act2(norm2(h, inplace=True)), stream)
+        return h.add_(self.shortcut(x))
 
 
 class AttentionBlock(nn.Module):

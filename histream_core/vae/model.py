@@ -41,7 +41,7 @@ class Encoder3d(nn.Module):
         self.downsamples = nn.ModuleList(downsamples)
         width = dims[-1]
         self.middle = nn.ModuleList([ResidualBlock(width, width), AttentionBlock(width), ResidualBlock(width, width)])
-        self.head = nn.Sequential(RMSNorm(width, images=False), nn.SiLU(),
+        self.head = nn.Sequential(RMSNorm(width, images=False), nn.SiLU(inplace=True),
                                   CausalConv3d(width, 2 * cfg.z_dim, 3, padding=1))
 
     def forward(self, x: torch.Tensor, stream: CausalPass) -> torch.Tensor:
@@ -74,7 +74,7 @@ class Decoder3d(nn.Module):
             if i < len(cfg.dim_mult) - 1:
                 upsamples.append(Upsample(out_dim, temporal=temporal_upsample[i]))
         self.upsamples = nn.ModuleList(upsamples)
-        self.head = nn.Sequential(RMSNorm(dims[-1], images=False), nn.SiLU(), CausalConv3d(dims[-1], 3, 3, padding=1))
+        self.head = nn.Sequential(RMSNorm(dims[-1], images=False), nn.SiLU(inplace=True), CausalConv3d(dims[-1], 3, 3, padding=1))
 
     def forward(self, x: torch.Tensor, stream: CausalPass) -> torch.Tensor:
         x = self.conv1(x, stream)
