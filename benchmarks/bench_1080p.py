@@ -80,8 +80,7 @@ def time_video(model, context, args, mode: str, clock: Clock) -> list[float]:
 def bench_mode(model, context, args, mode: str, clock: Clock, device: torch.device) -> dict:
     for _ in range(args.warmup):
         time_video(model, context, args, mode, clock)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    _reset_peaks(device)
     runs = [time_video(model, context, args, mode, clock) for _ in range(args.repeats)]
     totals = [sum(r) for r in runs]
     median_run = runs[totals.index(statistics.median_low(totals))]
@@ -92,69 +91,98 @@ def bench_mode(model, context, args, mode: str, clock: Clock, device: torch.devi
         "tflop_total": flops.tflop_total, "achieved_tflops": flops.tflop_total / seconds,
         "floor_fraction": (flops.tflop_per_frame / args.rate) / (seconds / args.frames),
         "chunk_s": median_run, "model_calls": flops.model_calls,
-        "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        **_peaks(device),
     }
 
 
+def _peaks(device: torch.device) -> dict:
+    """Peak bytes the tensors held (allocated) and the allocator held (reserved, nearer to nvidia-smi), in GiB."""
+    if device.type != "cuda":
+        return {"peak_gib": None, "reserved_gib": None}
+    return {"peak_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+            "reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
+
+
+def _reset_peaks(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def bench_vae(args, device: torch.device, dtype: torch.dtype, clock: Clock) -> dict:
-    from histream_core.vae import WanVAE, WanVAEConfig
+    from histream_core.vae import TiledDecoder, WanVAE, WanVAEConfig
     torch.manual_seed(0)
     with torch.device(device):
         vae = WanVAE(WanVAEConfig() if args.model != "tiny" else WanVAEConfig(base_dim=8))
     vae = vae.to(dtype).eval()
+    decoder = TiledDecoder(vae, tile=args.tile, overlap=max(1, args.tile // 4)) if args.tile else vae
     latent_frames = (args.frames - 1) // 4 + 1
     latents = torch.randn(1, 16, latent_frames, args.height // 8, args.width // 8, device=device, dtype=dtype)
     results = {}
     for name in ("whole", "streamed"):
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        _reset_peaks(device)
         start = clock.mark()
         if name == "whole":
-            vae.decode(latents)
-        else:
-            state = vae.initial_state()
-            for first in range(0, latent_frames, 3):
-                _, state = vae.decode_chunk(latents[:, :, first:first + 3], state)
-        results[name] = {"s": clock.seconds(start, clock.mark()),
-                         "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+            decoder.decode(latents)
+        else:  # as the pipeline: chunks of 3 latent frames through one stream that owns its caches
+            for _ in decoder.decode_stream(latents[:, :, first:first + 3] for first in range(0, latent_frames, 3)):
+                pass
+        results[name] = {"s": clock.seconds(start, clock.mark()), **_peaks(device)}
     return results
 
 
-def bench_end_to_end(model, context, args, device: torch.device, dtype: torch.dtype, mode: str) -> dict:
+def bench_end_to_end(model, context, args, device: torch.device, dtype: torch.dtype, mode: str, order: str) -> dict:
     from histream_core.pipeline import generate_to_file
     from histream_core.vae import WanVAE, WanVAEConfig
     with torch.device(device):
         vae = WanVAE(WanVAEConfig() if args.model != "tiny" else WanVAEConfig(base_dim=8))
     vae = vae.to(dtype).eval()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    _reset_peaks(device)
     with tempfile.TemporaryDirectory() as folder:
         start = time.perf_counter()
         report = generate_to_file(model, vae, context, Path(folder) / "bench.mp4", args.width, args.height,
-                                  args.frames, mode_config(args, mode), seed=0, tile=args.tile)
+                                  args.frames, mode_config(args, mode), seed=0, tile=args.tile, order=order)
         seconds = time.perf_counter() - start
-    return {"mode": mode, "tile": args.tile, "s": seconds, "denoise_s": report.denoise_s, "decode_s": report.decode_s,
-            "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+    return {"mode": mode, "order": order, "tile": args.tile, "s": seconds, "denoise_s": report.denoise_s,
+            "decode_s": report.decode_s, **_peaks(device)}
 
 
-def print_table(args, rows: list[dict], vae: dict | None, e2e: dict | None, device_name: str) -> None:
+def predicted_memory(args, dtype: torch.dtype, mode: str) -> dict:
+    """The meta-device prediction (histream_core.memory) of the same request, to hold against the measured peaks."""
+    from histream_core.memory import predict_memory
+    from histream_core.vae import WanVAEConfig
+    vae = WanVAEConfig() if args.model != "tiny" else WanVAEConfig(base_dim=8)
+    return predict_memory(MODEL_PRESETS[args.model], vae, args.width, args.height, args.frames,
+                          mode_config(args, mode), dtype, tile=args.tile).as_dict()
+
+
+def print_table(args, rows: list[dict], vae: dict | None, e2e: list[dict], predicted: dict | None,
+                device_name: str) -> None:
     print(f"{args.model}, {args.width}x{args.height}, {args.frames} frames, {args.dtype}, {args.attention}"
           f"{', compiled' if args.compile else ''}, {device_name}, "
           f"median of {args.repeats} after {args.warmup} warm-up")
     head = f"{'mode':<13}{'s/frame':>9}{'TFLOP':>9}{'TFLOP/s':>9}{'of floor':>9}{'peak GiB':>9}  per-chunk s"
     print(head + "\n" + "-" * len(head))
     for r in rows:
-        peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
+        peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
         chunks = " ".join(f"{s:.3f}" for s in r["chunk_s"])
         print(f"{r['mode']:<13}{r['s_per_frame']:>9.4f}{r['tflop_total']:>9.1f}{r['achieved_tflops']:>9.1f}"
               f"{r['floor_fraction']:>9.0%}{peak:>9}  {chunks}")
     if vae:
         for name, v in vae.items():
-            peak = f", peak {v['peak_gib']:.1f} GiB" if v["peak_gib"] is not None else ""
-            print(f"VAE decode {args.frames} frames ({name}): {v['s']:.2f} s{peak}")
-    if e2e:
-        print(f"end to end to mp4 ({e2e['mode']}): {e2e['s']:.2f} s (denoise {e2e['denoise_s']:.2f} s, "
-              f"decode {e2e['decode_s']:.2f} s)")
+            print(f"VAE decode {args.frames} frames ({name}{f', tiles {args.tile}' if args.tile else ''}): "
+                  f"{v['s']:.2f} s{_peak_text(v)}")
+    for run in e2e:
+        print(f"end to end to mp4 ({run['mode']}, decode {run['order']}): {run['s']:.2f} s (denoise "
+              f"{run['denoise_s']:.2f} s, decode {run['decode_s']:.2f} s){_peak_text(run)}")
+    if predicted:
+        print("predicted peaks (meta device, live tensors): " + ", ".join(f"{k} {v:.2f}" for k, v in predicted.items()))
+
+
+def _peak_text(run: dict) -> str:
+    if run["peak_gib"] is None:
+        return ""
+    return f", peak {run['peak_gib']:.2f} GiB allocated / {run['reserved_gib']:.2f} GiB reserved"
 
 
 def main() -> None:
@@ -174,6 +202,9 @@ def main() -> None:
     parser.add_argument("--attention", default="sdpa", choices=list(BACKENDS))
     parser.add_argument("--skip-vae", action="store_true")
     parser.add_argument("--e2e-mode", default="histream+", help="mode of the end-to-end mp4 run ('' to skip)")
+    parser.add_argument("--e2e-orders", default="after,interleaved", help="decode orders of the end-to-end runs")
+    parser.add_argument("--predict-memory", action="store_true",
+                        help="also print the meta-device memory prediction of the end-to-end mode")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
 
@@ -185,12 +216,15 @@ def main() -> None:
     with torch.no_grad():
         rows = [bench_mode(model, context, args, mode, clock, device) for mode in args.modes.split(",") if mode]
         vae = None if args.skip_vae else bench_vae(args, device, dtype, clock)
-        e2e = bench_end_to_end(model, context, args, device, dtype, args.e2e_mode) if args.e2e_mode else None
+        e2e = [bench_end_to_end(model, context, args, device, dtype, args.e2e_mode, order)
+               for order in args.e2e_orders.split(",") if order and args.e2e_mode]
+    predicted = predicted_memory(args, dtype, args.e2e_mode or "histream") if args.predict_memory else None
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print_table(args, rows, vae, e2e, device_name)
+    print_table(args, rows, vae, e2e, predicted, device_name)
     if args.json:
         Path(args.json).write_text(json.dumps({"device": device_name, "args": vars(args), "modes": rows,
-                                               "vae": vae, "end_to_end": e2e}, indent=2))
+                                               "vae": vae, "end_to_end": e2e, "predicted_memory": predicted},
+                                              indent=2))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Command line: `python -m histream_core generate | flops | inspect`.
+"""Command line: `python -m histream_core generate | flops | memory | inspect`.
 
 `generate` with no checkpoint runs the embedded default (the `tiny` DiT and a small VAE, seeded random weights), so
 it works on any fresh machine; with `--checkpoint`, `--vae` and `--text-embeds` it runs the user's own files.
@@ -19,6 +19,7 @@ from .config import MODEL_PRESETS
 from .flops import flops_table, format_table
 from .model.attention import BACKENDS
 from .modes import MODES, mode_config
+from .pipeline import DECODE_ORDERS
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def cmd_generate(args) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     report = generate_to_file(pipe.model, pipe.vae, context, out, width, height, frames, _sampler_config(args),
-                              args.seed, fps=args.fps, tile=args.tile)
+                              args.seed, fps=args.fps, tile=args.tile, order=args.decode_order)
     print(json.dumps(report.as_dict(), indent=2) if args.json else report.table())
     return 0
 
@@ -135,6 +136,23 @@ def cmd_flops(args) -> int:
     return 0
 
 
+def cmd_memory(args) -> int:
+    from .memory import predict_memory
+    from .pipeline import EMBEDDED_VAE
+    from .vae import WanVAEConfig
+    vae = EMBEDDED_VAE if args.model == "tiny" else WanVAEConfig()
+    prediction = predict_memory(MODEL_PRESETS[args.model], vae, args.width, args.height, args.frames,
+                                _sampler_config(args), DTYPES[args.dtype], tile=args.tile)
+    if args.json:
+        print(json.dumps(prediction.as_dict(), indent=2))
+    else:
+        print(f"{args.model} + Wan VAE, {args.dtype}, {args.mode}, {args.width}x{args.height}, {args.frames} frames"
+              f"{f', decode tiles {args.tile}' if args.tile else ''}: predicted peak of live tensors (add the CUDA "
+              "context and cuDNN workspaces, ~1-2 GiB)")
+        print(prediction.table())
+    return 0
+
+
 def cmd_inspect(args) -> int:
     from .checkpoints import inspect_checkpoint
     info = inspect_checkpoint(args.file)
@@ -172,6 +190,9 @@ def build_parser(generate_defaults: dict | None = None) -> argparse.ArgumentPars
     gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     gen.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", choices=list(DTYPES))
     gen.add_argument("--tile", type=int, help="decode in spatial tiles of this many latent pixels (saves memory)")
+    gen.add_argument("--decode-order", choices=list(DECODE_ORDERS), default="after",
+                     help="after: decode once denoising is done (least memory, the default); interleaved: decode "
+                     "each chunk as soon as it exists (first frames sooner, DiT caches and VAE share memory)")
     gen.add_argument("--shift", type=float, help="override the mode's timestep shift")
     gen.add_argument("--low-res-scale", type=float, help="override the low-resolution scale (default 0.5)")
     gen.add_argument("--no-window", action="store_true", help="keep every past frame in the cache (no AGSW)")
@@ -195,6 +216,18 @@ def build_parser(generate_defaults: dict | None = None) -> argparse.ArgumentPars
     flops.add_argument("--rate", type=float, default=H100_BF16_TFLOPS, help="matmul TFLOP/s for the floor column")
     flops.add_argument("--json", action="store_true")
     flops.set_defaults(run=cmd_flops)
+
+    memory = sub.add_parser("memory", help="predicted peak GPU memory of a request, computed on the CPU in seconds")
+    memory.add_argument("--model", default="wan2.1-1.3b", choices=list(MODEL_PRESETS))
+    memory.add_argument("--width", type=int, default=1920)
+    memory.add_argument("--height", type=int, default=1088)
+    memory.add_argument("--frames", type=int, default=81)
+    memory.add_argument("--mode", default="histream", choices=list(MODES))
+    memory.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    memory.add_argument("--tile", type=int, help="decode in spatial tiles of this many latent pixels")
+    memory.add_argument("--json", action="store_true")
+    memory.set_defaults(run=cmd_memory, shift=None, low_res_scale=None, rope_positions=None, attention=None,
+                        no_window=False, chunk_frames=None)
 
     inspect = sub.add_parser("inspect", help="what a checkpoint is (layout, config, dtype, parameters)")
     inspect.add_argument("file")

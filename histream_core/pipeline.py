@@ -1,17 +1,19 @@
 """Generate -> decode -> write, streamed chunk by chunk: the engine's end-to-end path (CLI and Python API).
 
-Each latent chunk from the sampler is decoded with the VAE's cache-in/cache-out decoder and appended to the video
-file as soon as it exists, so a long video costs the memory of one chunk.
+Latent chunks from the sampler are decoded by the VAE as one causal stream and appended to the video file chunk by
+chunk, so a long video costs the memory of one chunk. By default the VAE runs after the denoising (the peak is the
+larger step, not their sum); it can also decode each chunk as soon as it exists.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -94,16 +96,42 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(items):
-    """Yield (time the pull started, item) for each item of an iterator."""
-    iterator = iter(items)
+DECODE_ORDERS = ("after", "interleaved")
+
+
+def decoded_chunks(model: CausalWanModel, decoder, context: torch.Tensor | PromptSchedule, width: int, height: int,
+                   frames: int, config: SamplerConfig, seed: int, *, order: str = "after",
+                   should_stop: Callable[[], bool] | None = None) -> Iterator[tuple[LatentChunk, torch.Tensor, float]]:
+    """Yield (chunk, its frames [B, 3, t, H, W] in [-1, 1], decode seconds) chunk by chunk, in video order.
+
+    ``order="after"``: denoise every chunk first, keeping only its latents (about 1 MB per latent frame at 1080p),
+    then decode them as one stream: the DiT's caches are gone before the VAE starts, so the peak is the larger of
+    the two steps instead of their sum (what fits 1080p into 24 GiB). ``"interleaved"``: decode each chunk as soon
+    as it is denoised: the first frames are ready sooner, but the DiT's caches and the decode share memory.
+    The decoder's stream owns its causal caches (decode_stream) in both orders; the frames are identical.
+    """
+    if order not in DECODE_ORDERS:
+        raise ValueError(f"unknown decode order {order!r}; choose one of {DECODE_ORDERS}")
+    device = next(model.parameters()).device
+    produced: deque[LatentChunk] = deque()  # chunks whose frames are not out yet, in video order
+
+    def latents():
+        for chunk in stream_video(model, context, width, height, frames, config, seed, should_stop=should_stop):
+            produced.append(chunk)
+            yield denormalize(chunk.latents)
+
+    interleaved = order == "interleaved"  # then pulling a chunk's frames denoises it first
+    # "after": list() runs the sampler to its end, so it (and its caches) is freed before the first decode.
+    stream = decoder.decode_stream(latents() if interleaved else iter(list(latents())))
     while True:
         started = time.perf_counter()
         try:
-            item = next(iterator)
+            video = next(stream)
         except StopIteration:
             return
-        yield started, item
+        _sync(device)
+        chunk = produced.popleft()
+        yield chunk, video, time.perf_counter() - started - (chunk.seconds if interleaved else 0.0)
 
 
 def generate_to_file(
@@ -119,12 +147,15 @@ def generate_to_file(
     *,
     fps: float = WAN_FPS,
     tile: int | None = None,
+    order: str = "after",
     on_chunk: Callable[[LatentChunk, ChunkTiming], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> RunReport:
     """Generate a video and stream it into ``out`` (.mp4 or .webm). On any error no file is left under ``out``.
 
     ``context``: umT5 states # [1, tokens, dim], or a prompt schedule [(first chunk, states), ...].
+    ``order``: when the VAE runs, see :func:`decoded_chunks` ("after": least memory; "interleaved": first frames
+    sooner). ``tile``: decode in spatial tiles of this many latent pixels.
     """
     out = Path(out)
     device = next(model.parameters()).device
@@ -132,29 +163,18 @@ def generate_to_file(
                else [(start, states.to(device)) for start, states in context])
     decoder = TiledDecoder(vae, tile=tile, overlap=max(1, tile // 4)) if tile else vae
     timings = []
-    # Encoding to H.264 is CPU work: it runs in a thread while the GPU denoises the next chunk. At most one
+    # Encoding to H.264 is CPU work: it runs in a thread while the GPU works on the next chunk. At most one
     # chunk is in flight, so memory stays flat; an error in the thread surfaces at the next chunk.
-    produced: list[LatentChunk] = []
-
-    def latents():
-        for chunk in stream_video(model, context, width, height, frames, config, seed, should_stop=should_stop):
-            produced.append(chunk)
-            yield denormalize(chunk.latents)
-
     with torch.no_grad(), VideoWriter(out, fps=fps) as writer, ThreadPoolExecutor(max_workers=1) as encoder:
         pending = None
-        # The decoder pulls each latent chunk (denoising it) and decodes it with caches it owns, freeing the
-        # previous chunk's as it goes; a chunk's decode time is the pull's time minus its denoising time.
-        for started, video in _timed(decoder.decode_stream(latents())):
-            _sync(device)
-            chunk = produced.pop()
-            decoded = time.perf_counter()
+        for chunk, video, decode_s in decoded_chunks(model, decoder, context, width, height, frames, config, seed,
+                                                     order=order, should_stop=should_stop):
+            handed = time.perf_counter()
             if pending is not None:
                 pending.result()
             pending = encoder.submit(writer.write, uint8_frames(video).cpu())
             timing = ChunkTiming(chunk.index, chunk.latents.shape[2], video.shape[2], chunk.cached_frames,
-                                 chunk.model_calls, chunk.seconds, decoded - started - chunk.seconds,
-                                 time.perf_counter() - decoded)
+                                 chunk.model_calls, chunk.seconds, decode_s, time.perf_counter() - handed)
             timings.append(timing)
             log.info("chunk %d/%d decoded (%d frames)", chunk.index + 1, chunk.num_chunks, video.shape[2])
             if on_chunk is not None:
@@ -210,7 +230,7 @@ class HiStreamPipeline:
     def generate(self, prompt: str | torch.Tensor | Sequence[tuple[int, str]], *, width: int = 1920,
                  height: int = 1088, frames: int = 81, mode: str = "histream", config: SamplerConfig | None = None,
                  seed: int = 0, out: str | Path = "histream.mp4", fps: float = WAN_FPS, tile: int | None = None,
-                 on_chunk: Callable[[LatentChunk, ChunkTiming], None] | None = None) -> RunReport:
+                 order: str = "after", on_chunk: Callable[[LatentChunk, ChunkTiming], None] | None = None) -> RunReport:
         """Generate ``frames`` frames into ``out``; ``config`` (a SamplerConfig) overrides the named ``mode``.
 
         ``prompt``: a prompt, precomputed umT5 states, or a story [(first video frame, prompt), ...] starting at
@@ -226,4 +246,4 @@ class HiStreamPipeline:
         else:
             context = [(chunk_at_frame(frame, config.stream.chunk_frames), self.encode(text)) for frame, text in prompt]
         return generate_to_file(self.model, self.vae, context, out, width, height, frames, config, seed, fps=fps,
-                                tile=tile, on_chunk=on_chunk)
+                                tile=tile, order=order, on_chunk=on_chunk)

@@ -46,6 +46,24 @@ def test_embedded_default_writes_a_video_and_a_timing_table(tmp_path, capsys):
     assert out.is_file() and sum(1 for _ in iio.imiter(out)) == 9
 
 
+def test_interleaved_decode_order_writes_the_same_video(tmp_path, capsys):
+    outs = [tmp_path / "after.webm", tmp_path / "interleaved.webm"]
+    for out, order in zip(outs, ["after", "interleaved"]):
+        assert main(["generate", *SMALL, "--frames", "17", "--decode-order", order, "--out", str(out), "--json"]) == 0
+        assert [c["video_frames"] for c in json.loads(capsys.readouterr().out)["chunks"]] == [9, 8]
+    first, second = (iio.imread(out) for out in outs)  # the containers differ in their ids, the frames must not
+    assert first.shape[0] == 17 and (first == second).all()
+
+
+def test_memory_prints_a_prediction(capsys):
+    assert main(["memory", "--model", "tiny", "--width", "64", "--height", "64", "--frames", "9",
+                 "--mode", "histream+", "--json"]) == 0
+    prediction = json.loads(capsys.readouterr().out)
+    assert prediction["end to end, decode order 'after'"] <= prediction["end to end, decode order 'interleaved'"]
+    assert main(["memory", "--model", "tiny", "--width", "100", "--frames", "9"]) == 2
+    assert "multiple of 32" in capsys.readouterr().err
+
+
 def test_user_files_end_to_end(user_files, tmp_path, capsys):
     out = tmp_path / "fox.webm"
     args = ["generate", *SMALL, "--checkpoint", str(user_files / "dit.safetensors"),

@@ -1,0 +1,101 @@
+"""Memory: the live-bytes meter, the fused-attention model on meta, what a model call holds, the decode orders."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import tiny_model
+from histream_core.cache import KVCache
+from histream_core.config import MODEL_PRESETS
+from histream_core.memory import LiveTensorBytes, fused_attention_on_meta, predict_memory
+from histream_core.modes import mode_config
+from histream_core.pipeline import DECODE_ORDERS, decoded_chunks, embedded_default, random_text_embedding
+from histream_core.vae import WanVAEConfig
+
+MiB = 2**20
+
+
+def test_meter_counts_storages_once_until_freed() -> None:
+    meter = LiveTensorBytes()
+    with meter:
+        a = torch.empty(256, 1024, device="meta")  # 1 MiB
+        b = a * 2                                  # +1 MiB
+        view = b[:10]                              # a view: no new storage
+        assert meter.live == 2 * MiB
+        del b
+        assert meter.live == 2 * MiB               # the view keeps b's storage alive
+        del view
+        assert meter.live == MiB
+        c = torch.cat([a, a])                      # +2 MiB
+        assert (meter.live, meter.peak) == (3 * MiB, 3 * MiB)
+        del c
+        meter.reset_peak()
+        assert (meter.live, meter.peak) == (MiB, MiB)
+
+
+def test_attention_on_meta_allocates_like_a_fused_kernel() -> None:
+    q, k, v = (torch.empty(1, 2, 4096, 64, device="meta", dtype=torch.bfloat16) for _ in range(3))
+    out_bytes, lse_bytes = q.nbytes, 2 * 4096 * 4
+    real = F.scaled_dot_product_attention
+    meter = LiveTensorBytes()
+    with meter, fused_attention_on_meta():
+        out = F.scaled_dot_product_attention(q, k, v)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert meter.peak == out_bytes + lse_bytes  # the math path would hold the 2 x 4096 x 4096 scores
+    assert F.scaled_dot_product_attention is real
+
+
+def _call_transient(num_layers: int, update_cache: bool) -> int:
+    """Peak bytes a chunk's model call adds on top of what stays alive after it (weights, caches)."""
+    meter = LiveTensorBytes()
+    with meter, fused_attention_on_meta(), torch.no_grad(), torch.device("meta"):
+        model = tiny_model(cfg=MODEL_PRESETS["tiny"].with_(num_layers=num_layers))
+        text = model.encode_text(torch.empty(1, 8, model.cfg.text_dim))
+        cache, x = KVCache(num_layers), torch.empty(1, model.cfg.in_dim, 3, 32, 32)
+        model(x, torch.zeros(1), text, cache=cache, update_cache=True)  # a first chunk in the cache
+        meter.reset_peak()
+        model(x, torch.zeros(1), text, cache=cache, frame_start=3, update_cache=update_cache)
+        return meter.peak - meter.live
+
+
+@pytest.mark.parametrize("update_cache", [False, True])
+def test_a_model_call_holds_one_blocks_activations(update_cache: bool) -> None:
+    """Denoising calls drop each block's K/V with the block and cache passes store them as they go, so what a call
+    holds beyond its results does not grow with depth (it once held every block's K/V to the end)."""
+    assert _call_transient(2, update_cache) == _call_transient(6, update_cache)
+
+
+@pytest.fixture(scope="module")
+def tiny_prediction():
+    return predict_memory(MODEL_PRESETS["tiny"], WanVAEConfig(base_dim=8), 128, 96, 17, mode_config("histream"),
+                          torch.float32)
+
+
+def test_prediction_is_consistent(tiny_prediction) -> None:
+    p = tiny_prediction
+    assert 0 < p.dit_weights < p.denoise_peak and 0 < p.vae_weights < p.decode_peak and p.dit_caches > 0
+    after, interleaved = p.end_to_end["after"], p.end_to_end["interleaved"]
+    # decoding after denoising needs the larger step (with the other model's weights resident), not their sum
+    assert after >= max(p.denoise_peak + p.vae_weights, p.decode_peak + p.dit_weights)
+    assert after <= max(p.denoise_peak + p.vae_weights, p.decode_peak + p.dit_weights) * 1.05
+    # interleaved decodes while the DiT holds its caches
+    assert interleaved >= p.decode_peak + p.dit_weights + p.dit_caches
+    assert "end to end, decode order 'after'" in p.table() and p.as_dict()["DiT weights"] >= 0
+
+
+def test_decode_orders_give_the_same_frames() -> None:
+    model, vae = embedded_default()
+    text = random_text_embedding("a fox", model.cfg.text_dim)
+    frames = {}
+    with torch.no_grad():
+        for order in DECODE_ORDERS:
+            chunks = list(decoded_chunks(model, vae, text, 64, 64, 17, mode_config("histream+"), 3, order=order))
+            assert [chunk.index for chunk, _, _ in chunks] == list(range(len(chunks)))
+            assert all(seconds >= 0 for _, _, seconds in chunks)
+            frames[order] = torch.cat([video for _, video, _ in chunks], dim=2)
+    assert frames["after"].shape[2] == 17
+    assert torch.equal(frames["after"], frames["interleaved"])
+    with pytest.raises(ValueError, match="decode order 'sideways'.*after"):
+        next(decoded_chunks(model, vae, text, 64, 64, 17, mode_config("histream+"), 3, order="sideways"))
