@@ -11,7 +11,7 @@ import logging
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -99,13 +99,18 @@ def _sync(device: torch.device) -> None:
 DECODE_ORDERS = ("after", "interleaved")
 
 
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """A copy in CPU memory; meta tensors (memory prediction) stay as they are."""
+    return t if t.device.type == "meta" else t.cpu()
+
+
 def decoded_chunks(model: CausalWanModel, decoder, context: torch.Tensor | PromptSchedule, width: int, height: int,
                    frames: int, config: SamplerConfig, seed: int, *, order: str = "after",
                    should_stop: Callable[[], bool] | None = None) -> Iterator[tuple[LatentChunk, torch.Tensor, float]]:
     """Yield (chunk, its frames [B, 3, t, H, W] in [-1, 1], decode seconds) chunk by chunk, in video order.
 
-    ``order="after"``: denoise every chunk first, keeping only its latents (about 1 MB per latent frame at 1080p),
-    then decode them as one stream: the DiT's caches are gone before the VAE starts, so the peak is the larger of
+    ``order="after"``: denoise every chunk first, keeping only its latents (in CPU memory, about 2 MB per latent
+    frame at 1080p), then decode them as one stream: the DiT's caches are gone before the VAE starts, so the peak is the larger of
     the two steps instead of their sum (what fits 1080p into 24 GiB). ``"interleaved"``: decode each chunk as soon
     as it is denoised: the first frames are ready sooner, but the DiT's caches and the decode share memory.
     The decoder's stream owns its causal caches (decode_stream) in both orders; the frames are identical.
@@ -115,12 +120,15 @@ def decoded_chunks(model: CausalWanModel, decoder, context: torch.Tensor | Promp
     device = next(model.parameters()).device
     produced: deque[LatentChunk] = deque()  # chunks whose frames are not out yet, in video order
 
+    interleaved = order == "interleaved"  # then pulling a chunk's frames denoises it first
+
     def latents():
         for chunk in stream_video(model, context, width, height, frames, config, seed, should_stop=should_stop):
+            if not interleaved:  # waiting chunks wait in host memory, so a long video's GPU memory stays flat
+                chunk = replace(chunk, latents=_to_host(chunk.latents))
             produced.append(chunk)
             yield denormalize(chunk.latents)
 
-    interleaved = order == "interleaved"  # then pulling a chunk's frames denoises it first
     # "after": list() runs the sampler to its end, so it (and its caches) is freed before the first decode.
     stream = decoder.decode_stream(latents() if interleaved else iter(list(latents())))
     while True:
