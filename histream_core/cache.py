@@ -4,6 +4,9 @@ A ``KVCache`` holds, for every transformer block, the keys (after RoPE) and valu
 resolution, plus the temporal RoPE position of each frame. Frames are kept in video order. The model reads it
 during every call and writes to it only when asked (the timestep-0 cache pass). ``DualResCache`` pairs a
 high-resolution and a low-resolution cache (the paper's KV_high / KV_low).
+
+``fp8=True`` stores K/V as float8 e4m3 with one scale per token and head (absmax over head_dim), about half the
+bytes; reads dequantize to the dtype they were written in. Off by default: see benchmarks/NOTES.md for its error.
 """
 
 from __future__ import annotations
@@ -21,6 +24,20 @@ def window_indices(num_frames: int, anchor_frames: int, local_frames: int) -> li
     return sorted(set(first) | set(last))
 
 
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite e4m3fn value
+
+
+def quantize_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """t # [..., head_dim] -> (float8 values, scale # [..., 1] in t's dtype) with t ~= values * scale."""
+    scale = (t.abs().amax(-1, keepdim=True).float() / FP8_MAX).clamp_min(1e-12).to(t.dtype)
+    return (t.float() / scale.float()).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def dequantize_fp8(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return values.to(scale.dtype) * scale
+
+
 @dataclass
 class KVCache:
     num_layers: int
@@ -28,11 +45,21 @@ class KVCache:
     values: list[torch.Tensor | None] = field(default_factory=list)  # per block  # [B, F*S, heads, head_dim]
     positions: list[int] = field(default_factory=list)               # temporal RoPE position of each cached frame
     tokens_per_frame: int | None = None                              # S, fixed by the cache's resolution
+    fp8: bool = False                                                # keys/values float8, scales beside them
+    key_scales: list[torch.Tensor | None] = field(default_factory=list)    # fp8 only  # [B, F*S, heads, 1]
+    value_scales: list[torch.Tensor | None] = field(default_factory=list)  # fp8 only  # [B, F*S, heads, 1]
 
     def __post_init__(self) -> None:
         if not self.keys:
             self.keys = [None] * self.num_layers
             self.values = [None] * self.num_layers
+        if self.fp8 and not self.key_scales:
+            self.key_scales = [None] * self.num_layers
+            self.value_scales = [None] * self.num_layers
+
+    def _tracks(self) -> list[list[torch.Tensor | None]]:
+        """Every per-block list that holds one row per cached token (frame operations apply to all alike)."""
+        return [self.keys, self.values, self.key_scales, self.value_scales] if self.fp8 else [self.keys, self.values]
 
     @property
     def num_frames(self) -> int:
@@ -43,8 +70,12 @@ class KVCache:
         return 0 if self.tokens_per_frame is None else self.num_frames * self.tokens_per_frame
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Block ``index``'s cached (keys, values) # each [B, F*S, heads, head_dim], or None while empty."""
         if not self.positions:
             return None
+        if self.fp8:
+            return (dequantize_fp8(self.keys[index], self.key_scales[index]),
+                    dequantize_fp8(self.values[index], self.value_scales[index]))
         return self.keys[index], self.values[index]
 
     def write(self, new_kv: list[tuple[torch.Tensor, torch.Tensor]], positions: list[int],
@@ -76,9 +107,9 @@ class KVCache:
         if frame_indices == list(range(self.num_frames)):
             return
         index = torch.tensor(frame_indices, dtype=torch.long, device=self.keys[0].device)
-        for i in range(self.num_layers):
-            self.keys[i] = self._frames(self.keys[i]).index_select(1, index).flatten(1, 2)
-            self.values[i] = self._frames(self.values[i]).index_select(1, index).flatten(1, 2)
+        for track in self._tracks():
+            for i in range(self.num_layers):
+                track[i] = self._frames(track[i]).index_select(1, index).flatten(1, 2)
         self.positions = [self.positions[j] for j in frame_indices]
 
     def slide_window(self, anchor_frames: int, local_frames: int) -> None:
@@ -95,9 +126,14 @@ class KVCache:
         deltas = [new - old for new, old in zip(new_positions, self.positions)]
         if any(deltas):
             for i in range(self.num_layers):
-                frames = self._frames(self.keys[i])
-                moved = [rotate(frames[:, j], d) if d else frames[:, j] for j, d in enumerate(deltas)]
-                self.keys[i] = torch.stack(moved, dim=1).flatten(1, 2)
+                keys = self.layer(i)[0]
+                frames = self._frames(keys)
+                moved = torch.stack([rotate(frames[:, j], d) if d else frames[:, j] for j, d in enumerate(deltas)],
+                                    dim=1).flatten(1, 2)
+                if self.fp8:
+                    self.keys[i], self.key_scales[i] = quantize_fp8(moved)
+                else:
+                    self.keys[i] = moved
         self.positions = list(new_positions)
 
 
@@ -116,8 +152,13 @@ class CacheWrite:
     def layer(self, index: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store block ``index``'s K/V of the new frames  # each [B, len(positions)*S, heads, head_dim] (detached)."""
         cache = self.cache
-        cache.keys[index] = self._merge(cache.keys[index], k.detach())
-        cache.values[index] = self._merge(cache.values[index], v.detach())
+        k, v = k.detach(), v.detach()
+        if cache.fp8:
+            (k, key_scale), (v, value_scale) = quantize_fp8(k), quantize_fp8(v)
+            cache.key_scales[index] = self._merge(cache.key_scales[index], key_scale)
+            cache.value_scales[index] = self._merge(cache.value_scales[index], value_scale)
+        cache.keys[index] = self._merge(cache.keys[index], k)
+        cache.values[index] = self._merge(cache.values[index], v)
         self.written.add(index)
 
     def _merge(self, old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
@@ -149,5 +190,5 @@ class DualResCache:
     low: KVCache
 
     @classmethod
-    def empty(cls, num_layers: int) -> "DualResCache":
-        return cls(KVCache(num_layers), KVCache(num_layers))
+    def empty(cls, num_layers: int, fp8: bool = False) -> "DualResCache":
+        return cls(KVCache(num_layers, fp8=fp8), KVCache(num_layers, fp8=fp8))

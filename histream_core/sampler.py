@@ -299,7 +299,7 @@ def stream_video(
     hd = cfg.hd
     rope_high = hd.rope_factors_high if hd.enabled else (1.0, 1.0, 1.0)
     rope_low = hd.rope_factors_low if hd.enabled else (1.0, 1.0, 1.0)
-    caches = caches if caches is not None else DualResCache.empty(model.cfg.num_layers)
+    caches = caches if caches is not None else DualResCache.empty(model.cfg.num_layers, fp8=cfg.kv_cache_fp8)
     if caches.high.num_frames or caches.low.num_frames:
         raise ValueError("stream_video needs empty caches: one DualResCache per video")
     total_calls = sum(len(p.calls(geometry, cfg.drc)) for p in plans)

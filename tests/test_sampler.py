@@ -235,3 +235,18 @@ def test_chunk_at_frame_is_the_first_chunk_starting_at_or_after_it(frame, chunk)
     assert chunk_at_frame(frame, 3) == chunk
     first_frames = [0] + [4 * 3 * c - 3 for c in range(1, 8)]
     assert first_frames[chunk] >= frame and (chunk == 0 or first_frames[chunk - 1] < frame)
+
+
+def test_fp8_kv_cache_stays_close_and_stores_float8(model, context):
+    """Only the cached K/V are quantized: the first chunk (nothing cached) is identical, later chunks stay within a
+    few percent on this random model (benchmarks/quality_delta.py measures the real-size model). A caller's
+    caches decide for themselves."""
+    caches = DualResCache.empty(model.cfg.num_layers, fp8=True)
+    fp8 = run(model, context, mode_config("histream").with_(kv_cache_fp8=True), frames=21)
+    plain = run(model, context, mode_config("histream"), frames=21)
+    assert torch.equal(fp8[:, :, :3], plain[:, :, :3]) and not torch.equal(fp8, plain)  # latents [B, C, T, h, w]
+    assert ((fp8 - plain).norm() / plain.norm()).item() < 0.01
+    with torch.no_grad():
+        for _ in stream_video(model, context, W, H, 21, mode_config("histream"), 0, caches=caches):
+            pass
+    assert caches.high.keys[0].dtype == caches.low.values[0].dtype == torch.float8_e4m3fn
