@@ -116,7 +116,7 @@ def build_config(mode: str, window: HiStreamWindow | None = None, attention_back
                "first_chunk": steps["first_chunk_steps"] or cfg.first_chunk,
                "later_chunks": steps["later_chunk_steps"] or cfg.later_chunks}
     if window is not None:
-        changes.update(stream=window.stream, rope_positions=window.rope_positions)
+        changes.update(stream=window.stream, rope_positions=window.rope_positions, kv_cache_fp8=window.kv_cache_fp8)
     return cfg.with_(**changes)
 
 

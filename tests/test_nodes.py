@@ -289,6 +289,9 @@ def test_window_node(comfy_host):
     assert (window.stream.chunk_frames, window.stream.window, window.rope_positions) == (4, False, "window")
     with pytest.raises(ValueError, match="Anchor Window Cache, input 'local_frames'"):
         nodes()["HiStreamAnchorWindow"]().build(True, 3, 0, 0, "absolute")
+    assert not window.kv_cache_fp8
+    fp8 = nodes()["HiStreamAnchorWindow"]().build(True, 3, 1, 2, "absolute", kv_cache_dtype="fp8_e4m3fn")[0]
+    assert pack_module("nodes.sampler").build_config("histream+", fp8).kv_cache_fp8
 
 
 def test_overrides_change_only_their_knob(comfy_host):
