@@ -393,3 +393,38 @@ def test_no_decode_path_records_autograd(vae: WanVAE, latents: torch.Tensor) -> 
     outputs = [*vae.decode_stream(iter(pieces)), *tiled.decode_stream(iter(pieces)), vae.decode(latents),
                tiled.decode(latents), tiled.decode_chunk(latents, tiled.initial_state())[0]]
     assert not any(frames.requires_grad for frames in outputs)
+
+
+def test_tiled_stream_in_segments_parks_caches_and_stays_exact(vae: WanVAE, latents: torch.Tensor) -> None:
+    """Segments of 2 latent frames over chunks of 1, 2, 2: tiles continue their streams from host-parked caches
+    and give the per-chunk tiled decode's frames bit for bit, one output per input chunk."""
+    pieces = [latents[:, :, :1], latents[:, :, 1:3], latents[:, :, 3:]]
+    tiled = TiledDecoder(vae, tile=6, overlap=2, segment_frames=2)
+    state, by_chunk = tiled.initial_state(), []
+    for piece in pieces:
+        frames, state = tiled.decode_chunk(piece, state)
+        by_chunk.append(frames)
+    streamed = list(tiled.decode_stream(iter(pieces)))
+    assert [f.shape[2] for f in streamed] == [f.shape[2] for f in by_chunk] == [1, 8, 8]
+    for got, want in zip(streamed, by_chunk):
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="segment_frames"):
+        TiledDecoder(vae, segment_frames=0)
+
+
+def test_tiled_stream_holds_one_tiles_caches() -> None:
+    """Counted on the meta device: a tiled stream of a wide video needs well under the untiled stream's memory
+    (it once kept every tile's caches on the device, which made it need more)."""
+    from histream_core.memory import LiveTensorBytes, fused_attention_on_meta
+    meter = LiveTensorBytes()
+    with meter, fused_attention_on_meta(), torch.device("meta"):
+        vae = WanVAE(WanVAEConfig(base_dim=8)).eval()
+        chunks = [torch.empty(1, 16, 2, 48, 96) for _ in range(2)]
+        peaks = []
+        for decoder in (vae, TiledDecoder(vae, tile=32, overlap=8, segment_frames=2)):
+            meter.reset_peak()
+            for _ in decoder.decode_stream(iter(chunks)):
+                pass
+            peaks.append(meter.peak - meter.live)
+    untiled, tiled = peaks
+    assert tiled < 0.3 * untiled, (tiled, untiled)

@@ -6,9 +6,11 @@ tiled decoder still streams chunk by chunk. Decoded tiles are blended with linea
 Tiling is an approximation: the VAE's middle attention and its convolutions see only their tile. The error
 against an untiled decode shrinks as the overlap grows; one tile covering the frame gives the untiled result.
 
-Tiling bounds the activation memory of a pass. A stream's causal caches, kept between chunks, add up over the
-tiles to about the untiled size (2 frames per temporal conv: ~9.2 GiB at 1920x1088 in bf16, ~1.8 GiB at 832x480);
-a whole-video :meth:`TiledDecoder.decode` keeps only one tile's caches at a time.
+Tiling bounds the activation memory of a pass, but the causal caches a stream keeps between chunks add up over
+the tiles to about the untiled size (2 frames per temporal conv: ~9.2 GiB at 1920x1088 in bf16, ~1.8 GiB at
+832x480). So :meth:`TiledDecoder.decode_stream` decodes tile after tile over a segment of many chunks and parks
+each tile's caches in host memory between segments: the GPU holds one tile's caches and activations plus the
+segment's frames. A whole-video :meth:`TiledDecoder.decode` is one segment.
 """
 
 from __future__ import annotations
@@ -55,22 +57,52 @@ class TiledState:
     tiles: tuple[StreamState, ...] = ()
 
 
+class _Parked:
+    """A tensor waiting in host memory for its next use on ``device`` (of a meta tensor only the shape is kept)."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.device, self.shape, self.dtype = t.device, t.shape, t.dtype
+        self.host = None
+        if t.device.type != "meta":
+            self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)
+            self.host.copy_(t)
+
+    def back(self) -> torch.Tensor:
+        if self.host is None:
+            return torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        return self.host.to(self.device, non_blocking=True)
+
+
+def _park(caches: tuple[torch.Tensor | None, ...]) -> tuple[_Parked | None, ...]:
+    return tuple(None if c is None else _Parked(c) for c in caches)
+
+
+def _unpark(caches: tuple[_Parked | None, ...] | None) -> tuple[torch.Tensor | None, ...] | None:
+    return None if caches is None else tuple(None if c is None else c.back() for c in caches)
+
+
 class TiledDecoder:
     """Decode with a :class:`WanVAE` tile by tile; implements :class:`~.stream.ChunkDecoder`.
 
     ``tile`` and ``overlap`` are in latent pixels (x8 for video pixels): e.g. tile 64 / overlap 16 decodes 512 px
     tiles sharing at least 128 px. ``frames_per_pass`` is passed to :meth:`WanVAE.decode_chunk`.
+    ``segment_frames``: :meth:`decode_stream` gathers chunks until it holds this many latent frames (21 = 81 video
+    frames; at 1080p the segment's frames take ~2 GB in fp32 while they are blended) and decodes them tile by tile.
     """
 
-    def __init__(self, vae: WanVAE, tile: int = 64, overlap: int = 16, frames_per_pass: int | None = 1) -> None:
+    def __init__(self, vae: WanVAE, tile: int = 64, overlap: int = 16, frames_per_pass: int | None = 1,
+                 segment_frames: int = 21) -> None:
         if tile < 1:
             raise ValueError(f"tile must be >= 1 latent pixel, got {tile}")
         if not 0 <= overlap < tile:
             raise ValueError(f"overlap must be in [0, tile) = [0, {tile}), got {overlap}")
+        if segment_frames < 1:
+            raise ValueError(f"segment_frames must be >= 1 latent frame, got {segment_frames}")
         self.vae = vae
         self.tile = tile
         self.overlap = overlap
         self.frames_per_pass = frames_per_pass
+        self.segment_frames = segment_frames
 
     def initial_state(self) -> TiledState:
         return TiledState()
@@ -94,17 +126,49 @@ class TiledDecoder:
 
     @torch.no_grad()
     def decode_stream(self, chunks: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
-        """Each chunk's frames in turn; every tile streams with caches it owns, freed as they are consumed (see
-        WanVAE.decode_stream), so the tiles together hold one set of caches."""
-        meta, boxes = self.vae.initial_state(), None
-        for latents in chunks:
+        """Each chunk's frames in turn (the tiled decode_chunk's frames, bit for bit), decoded in segments.
+
+        Chunks are gathered into segments of ``segment_frames`` latent frames; a segment is decoded tile after tile,
+        each tile continuing its own causal stream, whose caches wait in host memory until the next segment (if
+        there is one). Gathering pulls chunks ahead: with a sampler upstream, a chunk is denoised before the frames
+        of the segment before it come out.
+        """
+        meta, parked = self.vae.initial_state(), None
+        for segment, last in self._segments(chunks):
+            for chunk in segment:
+                self.vae._check_latents(chunk, meta, self.frames_per_pass)
+            latents = torch.cat(segment, dim=2)
             rows, cols = self._spans(latents)
-            self.vae._check_latents(latents, meta, self.frames_per_pass)
-            boxes = boxes or [[None] for _ in range(len(rows) * len(cols))]
+            parked = parked or [None] * (len(rows) * len(cols))
             started = meta.started
-            yield self._blend(latents, rows, cols, lambda k, tile: self.vae._decode_passes(
-                tile, boxes[k], started, self.frames_per_pass))
+
+            def decode_tile(k: int, tile: torch.Tensor) -> torch.Tensor:
+                box = [_unpark(parked[k])]
+                frames = self.vae._decode_passes(tile, box, started, self.frames_per_pass)
+                parked[k] = None if last else _park(box[0])
+                return frames
+
+            frames = self._blend(latents, rows, cols, decode_tile)
+            sizes = [self._video_frames(c.shape[2], first=not started and i == 0) for i, c in enumerate(segment)]
+            yield from frames.split(sizes, dim=2)
             meta = meta.advanced(None, latents)
+
+    def _segments(self, chunks: Iterable[torch.Tensor]) -> Iterator[tuple[list[torch.Tensor], bool]]:
+        """(chunks of at least ``segment_frames`` latent frames, whether it is the last segment). A full segment
+        is handed out only once the next chunk exists, so the last one is known as such."""
+        segment: list[torch.Tensor] = []
+        for chunk in chunks:
+            if sum(c.shape[2] for c in segment) >= self.segment_frames:
+                yield segment, False
+                segment = []
+            segment.append(chunk)
+        if segment:
+            yield segment, True
+
+    def _video_frames(self, latent_frames: int, first: bool) -> int:
+        """Video frames decoded from ``latent_frames``; the video's first latent frame gives one frame."""
+        factor = self.vae.config.temporal_factor
+        return 1 + factor * (latent_frames - 1) if first else factor * latent_frames
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Decode a whole video tile by tile (see :meth:`WanVAE.decode`); each tile's caches are freed when it is
