@@ -38,6 +38,8 @@ def _sampler_config(args):
         changes["rope_positions"] = args.rope_positions
     if args.attention is not None:
         changes["attention_backend"] = args.attention
+    if args.kv_cache_fp8:
+        changes["kv_cache_fp8"] = True
     if args.no_window:
         changes["stream"] = replace(cfg.stream, window=False)
     if args.chunk_frames is not None:
@@ -196,6 +198,8 @@ def build_parser(generate_defaults: dict | None = None) -> argparse.ArgumentPars
     gen.add_argument("--shift", type=float, help="override the mode's timestep shift")
     gen.add_argument("--low-res-scale", type=float, help="override the low-resolution scale (default 0.5)")
     gen.add_argument("--no-window", action="store_true", help="keep every past frame in the cache (no AGSW)")
+    gen.add_argument("--kv-cache-fp8", action="store_true",
+                     help="store the K/V caches in fp8 (half their memory, slightly off; see README)")
     gen.add_argument("--chunk-frames", type=int, help="latent frames per chunk (default 3)")
     gen.add_argument("--rope-positions", choices=["absolute", "window"])
     gen.add_argument("--attention", choices=list(BACKENDS))
@@ -225,6 +229,7 @@ def build_parser(generate_defaults: dict | None = None) -> argparse.ArgumentPars
     memory.add_argument("--mode", default="histream", choices=list(MODES))
     memory.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     memory.add_argument("--tile", type=int, help="decode in spatial tiles of this many latent pixels")
+    memory.add_argument("--kv-cache-fp8", action="store_true", help="K/V caches in fp8")
     memory.add_argument("--json", action="store_true")
     memory.set_defaults(run=cmd_memory, shift=None, low_res_scale=None, rope_positions=None, attention=None,
                         no_window=False, chunk_frames=None)
@@ -245,8 +250,9 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         return 2
     except torch.OutOfMemoryError:
-        log.error("out of GPU memory: decode in tiles (--tile 64), lower --width/--height, or use a smaller mode "
-                  "(histream+); the VAE decode at 1080p is the largest single step")
+        log.error("out of GPU memory: decode in tiles (--tile 64), keep --decode-order after, store the caches in "
+                  "fp8 (--kv-cache-fp8), or lower --width/--height; 'python -m histream_core memory' predicts the "
+                  "peak of a request without a GPU")
         return 3
 
 

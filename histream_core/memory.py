@@ -34,10 +34,10 @@ GIB = 2**30
 
 
 class LiveTensorBytes(TorchDispatchMode):
-    """Counts the bytes of tensor storages alive while it is active, and their peak.
+    """Counts the bytes of device (non-CPU) tensor storages alive while it is active, and their peak.
 
     A storage counts once however many views share it, from the op that created it until it is freed. Tensors made
-    before the mode was entered are not counted.
+    before the mode was entered, and host memory, are not counted.
     """
 
     def __init__(self) -> None:
@@ -58,7 +58,7 @@ class LiveTensorBytes(TorchDispatchMode):
 
     def _track(self, storage: torch.UntypedStorage) -> None:
         key = id(storage)  # torch keeps one Python object per storage while it lives, so the id is stable
-        if key in self._tracked:
+        if key in self._tracked or storage.device.type == "cpu":
             return
         size = storage.nbytes()
         self.live += size

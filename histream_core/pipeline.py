@@ -100,8 +100,8 @@ DECODE_ORDERS = ("after", "interleaved")
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:
-    """A copy in CPU memory; meta tensors (memory prediction) stay as they are."""
-    return t if t.device.type == "meta" else t.cpu()
+    """A copy in CPU memory (of a meta tensor, in a memory prediction, an uninitialized one of its shape)."""
+    return torch.empty(t.shape, dtype=t.dtype) if t.device.type == "meta" else t.cpu()
 
 
 def decoded_chunks(model: CausalWanModel, decoder, context: torch.Tensor | PromptSchedule, width: int, height: int,
@@ -109,28 +109,34 @@ def decoded_chunks(model: CausalWanModel, decoder, context: torch.Tensor | Promp
                    should_stop: Callable[[], bool] | None = None) -> Iterator[tuple[LatentChunk, torch.Tensor, float]]:
     """Yield (chunk, its frames [B, 3, t, H, W] in [-1, 1], decode seconds) chunk by chunk, in video order.
 
+    The decode seconds are the time it took to get the frames minus any denoising done meanwhile (a tiled decoder
+    decodes a segment of chunks in the pull of its first chunk).
+
     ``order="after"``: denoise every chunk first, keeping only its latents (in CPU memory, about 2 MB per latent
-    frame at 1080p), then decode them as one stream: the DiT's caches are gone before the VAE starts, so the peak is the larger of
-    the two steps instead of their sum (what fits 1080p into 24 GiB). ``"interleaved"``: decode each chunk as soon
-    as it is denoised: the first frames are ready sooner, but the DiT's caches and the decode share memory.
-    The decoder's stream owns its causal caches (decode_stream) in both orders; the frames are identical.
+    frame at 1080p), then decode them as one stream: the DiT's caches are gone before the VAE starts, so the peak
+    is the larger of the two steps instead of their sum (what fits 1080p into 24 GiB). ``"interleaved"``: decode
+    each chunk as soon as it is denoised: the first frames are ready sooner, but the DiT's caches and the decode
+    share memory. The decoder's stream owns its causal caches (decode_stream) in both orders; the frames are
+    identical.
     """
     if order not in DECODE_ORDERS:
         raise ValueError(f"unknown decode order {order!r}; choose one of {DECODE_ORDERS}")
     device = next(model.parameters()).device
     produced: deque[LatentChunk] = deque()  # chunks whose frames are not out yet, in video order
-
-    interleaved = order == "interleaved"  # then pulling a chunk's frames denoises it first
+    interleaved = order == "interleaved"  # then pulling frames denoises chunks first
+    denoising = [0.0]  # seconds of denoising since frames last came out
 
     def latents():
         for chunk in stream_video(model, context, width, height, frames, config, seed, should_stop=should_stop):
             if not interleaved:  # waiting chunks wait in host memory, so a long video's GPU memory stays flat
                 chunk = replace(chunk, latents=_to_host(chunk.latents))
             produced.append(chunk)
+            denoising[0] += chunk.seconds
             yield denormalize(chunk.latents)
 
     # "after": list() runs the sampler to its end, so it (and its caches) is freed before the first decode.
     stream = decoder.decode_stream(latents() if interleaved else iter(list(latents())))
+    denoising[0] = 0.0
     while True:
         started = time.perf_counter()
         try:
@@ -138,8 +144,8 @@ def decoded_chunks(model: CausalWanModel, decoder, context: torch.Tensor | Promp
         except StopIteration:
             return
         _sync(device)
-        chunk = produced.popleft()
-        yield chunk, video, time.perf_counter() - started - (chunk.seconds if interleaved else 0.0)
+        decode_s, denoising[0] = time.perf_counter() - started - denoising[0], 0.0
+        yield produced.popleft(), video, decode_s
 
 
 def generate_to_file(

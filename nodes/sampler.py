@@ -278,8 +278,8 @@ class HiStreamDualResSampler:
 
         chunks, seconds, calls = [], 0.0, 0
         with torch.no_grad(), out_of_memory_advice(width, height, (
-                "use fp8 weights (HiStream Loader weight_dtype fp8_e4m3fn), keep the sliding window on, or lower "
-                "the resolution")):
+                "use fp8 weights (HiStream Loader weight_dtype fp8_e4m3fn), keep the sliding window on, store the "
+                "caches in fp8 (Anchor Window Cache kv_cache_dtype), or lower the resolution")):
             if isinstance(text, torch.Tensor):
                 text = text.to(device)
             else:

@@ -12,7 +12,7 @@ from histream_core.config import MODEL_PRESETS
 from histream_core.memory import LiveTensorBytes, fused_attention_on_meta, predict_memory
 from histream_core.modes import mode_config
 from histream_core.pipeline import DECODE_ORDERS, decoded_chunks, embedded_default, random_text_embedding
-from histream_core.vae import WanVAEConfig
+from histream_core.vae import TiledDecoder, WanVAEConfig
 
 MiB = 2**20
 
@@ -85,17 +85,27 @@ def test_prediction_is_consistent(tiny_prediction) -> None:
     assert "end to end, decode order 'after'" in p.table() and p.as_dict()["DiT weights"] >= 0
 
 
-def test_decode_orders_give_the_same_frames() -> None:
+@pytest.mark.parametrize("tiled", [False, True])
+def test_decode_orders_give_the_same_frames(tiled: bool) -> None:
     model, vae = embedded_default()
+    decoder = TiledDecoder(vae, tile=6, overlap=2, segment_frames=3) if tiled else vae  # segments of 1 chunk
     text = random_text_embedding("a fox", model.cfg.text_dim)
     frames = {}
     with torch.no_grad():
         for order in DECODE_ORDERS:
-            chunks = list(decoded_chunks(model, vae, text, 64, 64, 17, mode_config("histream+"), 3, order=order))
-            assert [chunk.index for chunk, _, _ in chunks] == list(range(len(chunks)))
+            chunks = list(decoded_chunks(model, decoder, text, 64, 64, 25, mode_config("histream+"), 3, order=order))
+            assert [chunk.index for chunk, _, _ in chunks] == [0, 1, 2]
             assert all(seconds >= 0 for _, _, seconds in chunks)
             frames[order] = torch.cat([video for _, video, _ in chunks], dim=2)
-    assert frames["after"].shape[2] == 17
+    assert frames["after"].shape[2] == 25
     assert torch.equal(frames["after"], frames["interleaved"])
     with pytest.raises(ValueError, match="decode order 'sideways'.*after"):
-        next(decoded_chunks(model, vae, text, 64, 64, 17, mode_config("histream+"), 3, order="sideways"))
+        next(decoded_chunks(model, decoder, text, 64, 64, 17, mode_config("histream+"), 3, order="sideways"))
+
+
+def test_host_memory_is_not_counted() -> None:
+    meter = LiveTensorBytes()
+    with meter:
+        on_host = torch.empty(256, 1024)
+        on_device = torch.empty(256, 1024, device="meta")
+        assert meter.live == MiB and on_host.nbytes == on_device.nbytes
