@@ -48,6 +48,7 @@ class KVCache:
     fp8: bool = False                                                # keys/values float8, scales beside them
     key_scales: list[torch.Tensor | None] = field(default_factory=list)    # fp8 only  # [B, F*S, heads, 1]
     value_scales: list[torch.Tensor | None] = field(default_factory=list)  # fp8 only  # [B, F*S, heads, 1]
+    window: tuple[int, int] | None = None  # (anchor, local) frames kept by every write; None keeps all
 
     def __post_init__(self) -> None:
         if not self.keys:
@@ -91,9 +92,10 @@ class KVCache:
             pending.layer(index, k, v)
         pending.finish()
 
-    def begin_write(self, positions: list[int], tokens_per_frame: int) -> "CacheWrite":
+    def begin_write(self, positions: list[int], tokens_per_frame: int) -> CacheWrite:
         """Start writing frames at ``positions`` block by block (see :class:`CacheWrite`), so a model can store each
-        block's K/V as soon as it exists instead of holding every block's until the end of the call."""
+        block's K/V as soon as it exists instead of holding every block's until the end of the call. With a
+        ``window``, frames it drops are never stored: the cache does not grow past the window even mid-write."""
         if self.tokens_per_frame not in (None, tokens_per_frame):
             raise ValueError(f"cache holds {self.tokens_per_frame} tokens per frame, cannot add frames of "
                              f"{tokens_per_frame}: use one cache per resolution")
@@ -146,7 +148,10 @@ class CacheWrite:
 
     def __init__(self, cache: KVCache, positions: list[int], tokens_per_frame: int) -> None:
         self.cache, self.positions, self.tokens_per_frame = cache, positions, tokens_per_frame
-        self.merged = sorted(set(cache.positions) | set(positions))
+        merged = sorted(set(cache.positions) | set(positions))
+        if cache.window is not None:
+            merged = [merged[i] for i in window_indices(len(merged), *cache.window)]
+        self.merged = merged  # the positions held after the write
         self.written: set[int] = set()
 
     def layer(self, index: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -163,14 +168,11 @@ class CacheWrite:
 
     def _merge(self, old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
         new = new.unflatten(1, (-1, self.tokens_per_frame))  # [B, F, S, heads, head_dim]
-        if old is None:
-            return new.flatten(1, 2)
-        held = self.cache.positions
-        old = self.cache._frames(old)
-        if self.merged == held + self.positions:
-            return torch.cat([old, new], dim=1).flatten(1, 2)  # the common case: append after the last frame
-        by_position = {p: old[:, j] for j, p in enumerate(held)}
-        by_position.update({p: new[:, j] for j, p in enumerate(self.positions)})
+        held = self.cache.positions if old is not None else []
+        if self.merged == held + self.positions:  # the common case without a window: append after the last frame
+            return new.flatten(1, 2) if old is None else torch.cat([self.cache._frames(old), new], 1).flatten(1, 2)
+        by_position = {} if old is None else {p: frame for p, frame in zip(held, self.cache._frames(old).unbind(1))}
+        by_position.update(zip(self.positions, new.unbind(1)))
         return torch.stack([by_position[p] for p in self.merged], dim=1).flatten(1, 2)
 
     def finish(self) -> None:
@@ -190,5 +192,5 @@ class DualResCache:
     low: KVCache
 
     @classmethod
-    def empty(cls, num_layers: int, fp8: bool = False) -> "DualResCache":
-        return cls(KVCache(num_layers, fp8=fp8), KVCache(num_layers, fp8=fp8))
+    def empty(cls, num_layers: int, fp8: bool = False, window: tuple[int, int] | None = None) -> DualResCache:
+        return cls(KVCache(num_layers, fp8=fp8, window=window), KVCache(num_layers, fp8=fp8, window=window))

@@ -286,8 +286,9 @@ def stream_video(
     than the window, and nothing of a finished chunk is kept besides its cached K/V (and, with a prompt schedule,
     the clean latents of the cached frames, for the recache).
     ``text``: one conditioning, or a prompt schedule [(first chunk, conditioning), ...] starting at chunk 0.
-    ``caches``: pass empty caches to inspect them between chunks (they are filled in place; the last chunk writes
-    none); by default the loop makes its own. ``should_stop`` is checked before every model call; True raises ``GenerationInterrupted``.
+    ``caches``: pass empty caches to inspect them between chunks (they are filled in place, the loop sets their
+    ``window``; the last chunk writes none); by default the loop makes its own. ``should_stop`` is checked before
+    every model call; True raises ``GenerationInterrupted``.
     """
     geometry = video_geometry(width, height, frames, cfg, model.cfg.patch_size[1])
     prompts = prompt_schedule(model, text)
@@ -302,6 +303,8 @@ def stream_video(
     caches = caches if caches is not None else DualResCache.empty(model.cfg.num_layers, fp8=cfg.kv_cache_fp8)
     if caches.high.num_frames or caches.low.num_frames:
         raise ValueError("stream_video needs empty caches: one DualResCache per video")
+    for cache in (caches.high, caches.low):
+        cache.window = (cfg.stream.anchor_frames, cfg.stream.local_frames) if cfg.stream.window else None
     total_calls = sum(len(p.calls(geometry, cfg.drc)) for p in plans)
     calls_done = 0
     channels = model.cfg.in_dim
@@ -380,10 +383,8 @@ def stream_video(
                 run(resize_latents(clean, geometry.low, cfg.downsample), 0.0, text_kv, caches.low, plan, rope_low,
                     1.0, "cache_low", update=True)
 
-            # 5. Anchor-guided sliding window (lines 19-25): keep the anchor frame(s) and the last local frames.
-            if cfg.stream.window:
-                for cache in (caches.high, caches.low):
-                    cache.slide_window(cfg.stream.anchor_frames, cfg.stream.local_frames)
+            # 5. Anchor-guided sliding window (lines 19-25): the caches kept only the anchor frame(s) and the last
+            #    local frames as they were written (their ``window``), so they never held more.
             if keep_clean:
                 cached_clean = window_keep(cached_clean + list(clean.split(1, dim=2)), cfg)
 

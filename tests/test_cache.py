@@ -95,3 +95,21 @@ def test_fp8_cache_follows_the_full_precision_cache():
     for index in range(2):
         for got, want in zip(fp8.layer(index), plain.layer(index)):
             assert got.dtype == want.dtype and _relative_error(got, want) < 0.04
+
+
+def test_a_windowed_cache_drops_frames_as_it_writes():
+    """Writing into a cache with a window gives what writing everything and then sliding the window gives, without
+    ever holding the frames the window drops (a 1080p cache pass once held twice the window)."""
+    windowed, plain = KVCache(num_layers=2, window=(1, 2)), KVCache(num_layers=2)
+    for start in (0, 3, 6, 9):
+        new = [(torch.randn(1, 3 * 4, 2, 6), torch.randn(1, 3 * 4, 2, 6)) for _ in range(2)]
+        pending = windowed.begin_write([start, start + 1, start + 2], tokens_per_frame=4)
+        for index, (k, v) in enumerate(new):
+            pending.layer(index, k, v)
+            assert windowed.keys[index].shape[1] <= 3 * 4  # never more than anchor + local frames
+        pending.finish()
+        plain.write(new, [start, start + 1, start + 2], tokens_per_frame=4)
+        plain.slide_window(anchor_frames=1, local_frames=2)
+        assert windowed.positions == plain.positions == [0, start + 1, start + 2]
+        for got, want in zip(windowed.keys + windowed.values, plain.keys + plain.values):
+            assert torch.equal(got, want)
