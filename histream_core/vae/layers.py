@@ -77,15 +77,36 @@ class CausalConv3d(nn.Conv3d):
         stream.give(x[:, :, -self.history:].clone())  # clone: a view would keep the whole input alive
         return super().forward(x)
 
+    def forward_normed(self, handed: list[torch.Tensor], norm: RMSNorm, act: nn.Module,
+                       stream: CausalPass) -> torch.Tensor:
+        """``self(act(norm(x)), stream)`` for ``x = handed.pop()``, with less memory: act(norm(x)) is written
+        straight behind the cached past frames in the buffer the conv reads, and x is let go once read (the caller
+        hands it over in a list and keeps no other reference if it has no further use for it). At 1080p each of
+        the normalized copy and x is 1.5 GB that would otherwise be alive during the conv."""
+        x = handed.pop()
+        b, c, t, h, w = x.shape
+        padded = x.new_empty(b, c, self.history + t, h, w)
+        past = stream.take()
+        if past is None:
+            padded[:, :, :self.history].zero_()
+        else:
+            padded[:, :, :self.history].copy_(past)
+        del past
+        current = padded[:, :, self.history:]
+        norm(x, out=current)
+        del x
+        act(current)  # in place
+        stream.give(padded[:, :, -self.history:].clone())
+        return super().forward(padded)
+
 
 class RMSNorm(nn.Module):
     """Wan's ``RMS_norm``: L2-normalize over channels, times sqrt(C) and a learned per-channel gain ``gamma``.
 
     ``images=True`` is for [N, C, H, W] inputs (attention), otherwise [B, C, T, H, W]. It normalizes in the input
     dtype, as Wan and ComfyUI do (in bf16, about 2 ulp from normalizing an fp32 copy): the copy and its quotient
-    would be two full-size fp32 tensors, 6 GB of a 1080p decode pass. ``inplace=True`` overwrites ``x`` (for an
-    activation nobody else holds), otherwise the result is a new tensor; either way the SiLU after it may work in
-    place.
+    would be two full-size fp32 tensors, 6 GB of a 1080p decode pass. The result is never ``x`` itself, so the SiLU
+    after it may work in place.
     """
 
     def __init__(self, dim: int, images: bool) -> None:
@@ -93,9 +114,10 @@ class RMSNorm(nn.Module):
         self.scale = dim ** 0.5
         self.gamma = nn.Parameter(torch.ones(dim, 1, 1) if images else torch.ones(dim, 1, 1, 1))
 
-    def forward(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The normalized x, in ``out`` if given (a tensor of x's shape, e.g. a slice of a larger buffer)."""
         denominator = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min_(1e-12)  # as F.normalize
-        normed = x.div_(denominator) if inplace else x / denominator
+        normed = x / denominator if out is None else torch.div(x, denominator, out=out)
         return normed.mul_(self.gamma.to(x.dtype) * self.scale)
 
 
@@ -115,11 +137,11 @@ class ResidualBlock(nn.Module):
         self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
 
     def forward(self, x: torch.Tensor, stream: CausalPass) -> torch.Tensor:  # [B, C, T, H, W]
-        # conv1's output is normalized in place and conv2's output takes the shortcut in place: at 1080p every
-        # full-size activation is 1.5 GB in bf16, and only x (for the shortcut) must outlive its use.
+        # At 1080p every full-size activation is 1.5 GB in bf16: conv1's output is handed to conv2's step and freed
+        # there, conv2's output takes the shortcut in place, and only x (for the shortcut) outlives its use.
         norm1, act1, conv1, norm2, act2, _, conv2 = self.residual
-        h = conv1(act1(norm1(x)), stream)
-        h = conv2(act2(norm2(h, inplace=True)), stream)
+        handed = [conv1.forward_normed([x], norm1, act1, stream)]
+        h = conv2.forward_normed(handed, norm2, act2, stream)
         return h.add_(self.shortcut(x))
 
 
@@ -196,7 +218,16 @@ class Upsample(nn.Module):
                 b, c, t, h, w = x.shape
                 y = self.time_conv(x, stream)  # [B, 2C, T, H, W]
                 x = y.reshape(b, 2, c, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * t, h, w)
-        return _per_frame(self.resample, x)
+        # Frame by frame into one output: the 4x upsampled input before the conv halves its channels is the
+        # largest tensor of the decoder (3 GB for 4 frames at 1080p); one frame of it at a time is enough.
+        b, _, t, h, w = x.shape
+        out = None
+        for i in range(t):
+            frame = self.resample(x[:, :, i])  # [B, C/2, 2H, 2W]
+            if out is None:
+                out = frame.new_empty(b, frame.shape[1], t, *frame.shape[2:])
+            out[:, :, i] = frame
+        return out
 
 
 __all__ = ["CausalPass", "CausalConv3d", "RMSNorm", "ResidualBlock", "AttentionBlock", "Downsample", "Upsample"]

@@ -51,7 +51,7 @@ class Encoder3d(nn.Module):
         res_a, attn, res_b = self.middle
         x = res_b(attn(res_a(x, stream)), stream)
         norm, act, conv = self.head
-        return conv(act(norm(x)), stream)
+        return conv.forward_normed([x], norm, act, stream)
 
 
 class Decoder3d(nn.Module):
@@ -83,7 +83,9 @@ class Decoder3d(nn.Module):
         for layer in self.upsamples:
             x = layer(x, stream)
         norm, act, conv = self.head
-        return conv(act(norm(x)), stream)
+        handed = [x]
+        del x  # the head's step frees the last stage's output once it has read it
+        return conv.forward_normed(handed, norm, act, stream)
 
 
 class WanVAE(nn.Module):
