@@ -74,7 +74,8 @@ class Decoder3d(nn.Module):
             if i < len(cfg.dim_mult) - 1:
                 upsamples.append(Upsample(out_dim, temporal=temporal_upsample[i]))
         self.upsamples = nn.ModuleList(upsamples)
-        self.head = nn.Sequential(RMSNorm(dims[-1], images=False), nn.SiLU(inplace=True), CausalConv3d(dims[-1], 3, 3, padding=1))
+        self.head = nn.Sequential(RMSNorm(dims[-1], images=False), nn.SiLU(inplace=True),
+                                  CausalConv3d(dims[-1], 3, 3, padding=1))
 
     def forward(self, x: torch.Tensor, stream: CausalPass) -> torch.Tensor:
         x = self.conv1(x, stream)
