@@ -1,15 +1,36 @@
-"""HiStream Cost Readout: exact transformer FLOPs of a request and the compute floor they imply, without a model."""
+"""HiStream Cost Readout: exact transformer FLOPs of a request and the compute floor they imply, without a model; on
+request also its predicted peak GPU memory (the request run on PyTorch's meta device: shapes, no weights)."""
 
 from __future__ import annotations
 
+import torch
+
 from ..histream_core.config import MODEL_PRESETS
 from ..histream_core.flops import run_flops
+from ..histream_core.memory import GIB, predict_memory
 from ..histream_core.modes import MODES
+from ..histream_core.vae import WanVAEConfig
 from .sampler import build_config, request_geometry
 
 NODE = "HiStream Cost Readout"
 MODEL_SIZES = ("wan2.1-1.3b", "wan2.1-14b")
 H100_BF16_TFLOPS = 798.0  # dense bf16 matmul rate measured on an H100 (DESIGN.md section 7)
+MEMORY_FRAMES = 81  # memory is flat in the length (sliding window, streamed decode): predict at most this many
+
+
+def memory_text(mode: str, width: int, height: int, length: int, model_cfg, window=None,
+                dtype: torch.dtype = torch.bfloat16, decode_tile_size: int = 0) -> str:
+    """Predicted peaks of the sampler and of VAE Chunk Decode as ComfyUI runs them (one after the other, the
+    HiStream model staying loaded during the decode)."""
+    cfg = build_config(mode, window)
+    request_geometry(NODE, width, height, length, cfg, model_cfg.patch_size[1])
+    tile = decode_tile_size // 8 or None
+    p = predict_memory(model_cfg, WanVAEConfig(), width, height, min(length, MEMORY_FRAMES), cfg, dtype,
+                       tile=tile, orders=("after",))
+    tiles = f" (tiles {decode_tile_size})" if tile else ""
+    return (f"predicted peak GPU memory ({str(dtype).removeprefix('torch.')}, tensors only; add 1-2 GiB): sampler "
+            f"{(p.denoise_peak + p.vae_weights) / GIB:.1f} GiB, VAE decode{tiles} "
+            f"{(p.decode_peak + p.dit_weights) / GIB:.1f} GiB with the model loaded")
 
 
 def cost_text(mode: str, width: int, height: int, length: int, model_name: str, model_cfg, window=None,
@@ -43,6 +64,11 @@ class HiStreamCostReadout:
             "optional": {
                 "window": ("HISTREAM_WINDOW", {"tooltip": "Count with this window instead of the mode's."}),
                 "histream_model": ("HISTREAM_MODEL", {"tooltip": "Count with this model's shape."}),
+                "predict_memory": ("BOOLEAN", {"default": False, "tooltip": (
+                    "Also predict the peak GPU memory of the sampler and of VAE Chunk Decode by running the request "
+                    "on PyTorch's meta device (no weights, no GPU; about a minute on a CPU at 1080p).")}),
+                "decode_tile_size": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 64, "tooltip": (
+                    "The tile_size of your VAE Chunk Decode, for the memory prediction (0 = whole frames).")}),
             },
         }
 
@@ -52,12 +78,17 @@ class HiStreamCostReadout:
     OUTPUT_NODE = True
     CATEGORY = "HiStream"
     DESCRIPTION = ("Transformer FLOPs of a HiStream run (denoising and cache passes, 2 per multiply-add) and the "
-                   "per-frame time floor at a given matmul rate. Counts only; runs no model.")
+                   "per-frame time floor at a given matmul rate; optionally the predicted peak GPU memory. Counts "
+                   "only; runs no model.")
 
-    def report(self, mode, width, height, length, model_size, tflops, window=None, histream_model=None):
+    def report(self, mode, width, height, length, model_size, tflops, window=None, histream_model=None,
+               predict_memory=False, decode_tile_size=0):
+        dtype = torch.bfloat16
         if histream_model is not None:
-            name, model_cfg = histream_model.name, histream_model.model.cfg
+            name, model_cfg, dtype = histream_model.name, histream_model.model.cfg, histream_model.model.compute_dtype
         else:
             name, model_cfg = model_size, MODEL_PRESETS[model_size]
         text = cost_text(mode, width, height, length, name, model_cfg, window, tflops)
+        if predict_memory:
+            text += "\n" + memory_text(mode, width, height, length, model_cfg, window, dtype, decode_tile_size)
         return {"ui": {"text": [text]}, "result": (text,)}

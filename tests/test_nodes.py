@@ -339,3 +339,15 @@ def test_prompt_schedule_bad_inputs(comfy_host, loaded):
                    positive_3=wan_conditioning(4), start_frame_3=20)
     late = node.build(True, True, positive_2=wan_conditioning(4), start_frame_2=500)[0]
     assert any("unused" in note for note in sample(loaded, length=13, prompt_schedule=late)["ui"]["text"])
+
+
+def test_cost_readout_predicts_memory_on_request(comfy_host):
+    readout = nodes()["HiStreamCostReadout"]()
+    plain = readout.report("histream+", 128, 96, 17, "wan2.1-1.3b", 798.0)["result"][0]
+    assert "memory" not in plain
+    text = readout.report("histream+", 128, 96, 17, "wan2.1-1.3b", 798.0, predict_memory=True,
+                          decode_tile_size=64)["result"][0]
+    line = text.splitlines()[-1]
+    assert line.startswith("predicted peak GPU memory (bfloat16") and "VAE decode (tiles 64)" in line
+    sampler_gib = float(line.split("sampler ")[1].split(" GiB")[0])
+    assert 2.6 < sampler_gib < 5  # 2.64 GiB of 1.3B bf16 weights, small caches at 128x96
