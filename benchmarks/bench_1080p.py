@@ -61,7 +61,7 @@ def build_model(name: str, device: torch.device, dtype: torch.dtype, compile_blo
 
 
 def mode_config(args, mode: str):
-    return MODES[mode].with_(attention_backend=args.attention)
+    return MODES[mode].with_(attention_backend=args.attention, kv_cache_fp8=args.kv_cache_fp8)
 
 
 def time_video(model, context, args, mode: str, clock: Clock) -> list[float]:
@@ -200,6 +200,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile every transformer block")
     parser.add_argument("--tile", type=int, help="end-to-end run: decode in spatial tiles of this many latent px")
     parser.add_argument("--attention", default="sdpa", choices=list(BACKENDS))
+    parser.add_argument("--kv-cache-fp8", action="store_true", help="store the K/V caches in fp8")
     parser.add_argument("--skip-vae", action="store_true")
     parser.add_argument("--e2e-mode", default="histream+", help="mode of the end-to-end mp4 run ('' to skip)")
     parser.add_argument("--e2e-orders", default="after,interleaved", help="decode orders of the end-to-end runs")
