@@ -134,8 +134,13 @@ def decoded_chunks(model: CausalWanModel, decoder, context: torch.Tensor | Promp
             denoising[0] += chunk.seconds
             yield denormalize(chunk.latents)
 
-    # "after": list() runs the sampler to its end, so it (and its caches) is freed before the first decode.
-    stream = decoder.decode_stream(latents() if interleaved else iter(list(latents())))
+    if interleaved:
+        source = latents()
+    else:  # list() runs the sampler to its end, so it (and its caches) is freed before the first decode
+        source = iter(list(latents()))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # hand the caches' blocks back rather than let the VAE fit around them
+    stream = decoder.decode_stream(source)
     denoising[0] = 0.0
     while True:
         started = time.perf_counter()
