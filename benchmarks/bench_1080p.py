@@ -203,7 +203,8 @@ def main() -> None:
     parser.add_argument("--kv-cache-fp8", action="store_true", help="store the K/V caches in fp8")
     parser.add_argument("--skip-vae", action="store_true")
     parser.add_argument("--e2e-mode", default="histream+", help="mode of the end-to-end mp4 run ('' to skip)")
-    parser.add_argument("--e2e-orders", default="after,interleaved", help="decode orders of the end-to-end runs")
+    parser.add_argument("--e2e-orders", default="after,interleaved,overlapped",
+                        help="decode orders of the end-to-end runs")
     parser.add_argument("--predict-memory", action="store_true",
                         help="also print the meta-device memory prediction of the end-to-end mode")
     parser.add_argument("--json", help="write the results here")

@@ -194,7 +194,9 @@ def build_parser(generate_defaults: dict | None = None) -> argparse.ArgumentPars
     gen.add_argument("--tile", type=int, help="decode in spatial tiles of this many latent pixels (saves memory)")
     gen.add_argument("--decode-order", choices=list(DECODE_ORDERS), default="after",
                      help="after: decode once denoising is done (least memory, the default); interleaved: decode "
-                     "each chunk as soon as it exists (first frames sooner, DiT caches and VAE share memory)")
+                     "each chunk as soon as it exists (first frames sooner, DiT caches and VAE share memory); "
+                     "overlapped: as interleaved, decoding in a second thread/CUDA stream while the next chunk "
+                     "is denoised")
     gen.add_argument("--shift", type=float, help="override the mode's timestep shift")
     gen.add_argument("--low-res-scale", type=float, help="override the low-resolution scale (default 0.5)")
     gen.add_argument("--no-window", action="store_true", help="keep every past frame in the cache (no AGSW)")

@@ -128,7 +128,9 @@ def predict_memory(model_cfg: ModelConfig, vae_cfg: WanVAEConfig, width: int, he
     """Run the denoising, the decode and the end-to-end path of a request on the meta device and return the peaks.
 
     Both models stay resident in the end-to-end runs, as in ``generate_to_file``; text states are a stand-in of
-    the model's text length (the umT5 encoder is freed before sampling and is not counted).
+    the model's text length (the umT5 encoder is freed before sampling and is not counted). The "overlapped" order
+    cannot be predicted here (its decode runs in another thread, which the meter does not see); expect about the
+    interleaved peak plus one model call's activations.
     """
     from .pipeline import decoded_chunks  # the pipeline's own loop, so the prediction follows its order of work
 

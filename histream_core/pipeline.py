@@ -19,6 +19,7 @@ import torch
 
 from .config import MODEL_PRESETS, SamplerConfig
 from .model import CausalWanModel
+from .overlap import DecodeBeside
 from .sampler import LatentChunk, PromptSchedule, seeded_generator, stream_video
 from .vae import TiledDecoder, WanVAE, WanVAEConfig, denormalize
 from .video import WAN_FPS, VideoWriter, uint8_frames
@@ -96,7 +97,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-DECODE_ORDERS = ("after", "interleaved")
+DECODE_ORDERS = ("after", "interleaved", "overlapped")
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:
@@ -116,12 +117,17 @@ def decoded_chunks(model: CausalWanModel, decoder, context: torch.Tensor | Promp
     frame at 1080p), then decode them as one stream: the DiT's caches are gone before the VAE starts, so the peak
     is the larger of the two steps instead of their sum (what fits 1080p into 24 GiB). ``"interleaved"``: decode
     each chunk as soon as it is denoised: the first frames are ready sooner, but the DiT's caches and the decode
-    share memory. The decoder's stream owns its causal caches (decode_stream) in both orders; the frames are
-    identical.
+    share memory. ``"overlapped"``: as interleaved, but the decode runs in a worker thread (on CUDA, on its own
+    stream) while the next chunk is denoised (:mod:`.overlap`); its decode seconds are wall time from the chunk's
+    arrival, overlapping the denoising. The decoder's stream owns its causal caches (decode_stream) in every order;
+    the frames are identical.
     """
     if order not in DECODE_ORDERS:
         raise ValueError(f"unknown decode order {order!r}; choose one of {DECODE_ORDERS}")
     device = next(model.parameters()).device
+    if order == "overlapped":
+        yield from _decoded_beside(model, decoder, context, width, height, frames, config, seed, device, should_stop)
+        return
     produced: deque[LatentChunk] = deque()  # chunks whose frames are not out yet, in video order
     interleaved = order == "interleaved"  # then pulling frames denoises chunks first
     denoising = [0.0]  # seconds of denoising since frames last came out
@@ -151,6 +157,23 @@ def decoded_chunks(model: CausalWanModel, decoder, context: torch.Tensor | Promp
         _sync(device)
         decode_s, denoising[0] = time.perf_counter() - started - denoising[0], 0.0
         yield produced.popleft(), video, decode_s
+
+
+def _decoded_beside(model, decoder, context, width, height, frames, config, seed, device, should_stop):
+    """decoded_chunks' "overlapped" order: the sampler runs here, the decoder in a DecodeBeside worker."""
+    produced: deque[LatentChunk] = deque()
+    beside = DecodeBeside(decoder, device)
+    try:
+        for chunk in stream_video(model, context, width, height, frames, config, seed, should_stop=should_stop):
+            produced.append(chunk)
+            beside.put(denormalize(chunk.latents))
+            for video, seconds in beside.results(block=False):
+                yield produced.popleft(), video, seconds
+        beside.close()
+        for video, seconds in beside.results(block=True):
+            yield produced.popleft(), video, seconds
+    finally:
+        beside.close()
 
 
 def generate_to_file(

@@ -98,7 +98,7 @@ def test_decode_orders_give_the_same_frames(tiled: bool) -> None:
             assert all(seconds >= 0 for _, _, seconds in chunks)
             frames[order] = torch.cat([video for _, video, _ in chunks], dim=2)
     assert frames["after"].shape[2] == 25
-    assert torch.equal(frames["after"], frames["interleaved"])
+    assert torch.equal(frames["after"], frames["interleaved"]) and torch.equal(frames["after"], frames["overlapped"])
     with pytest.raises(ValueError, match="decode order 'sideways'.*after"):
         next(decoded_chunks(model, decoder, text, 64, 64, 17, mode_config("histream+"), 3, order="sideways"))
 
@@ -109,3 +109,27 @@ def test_host_memory_is_not_counted() -> None:
         on_host = torch.empty(256, 1024)
         on_device = torch.empty(256, 1024, device="meta")
         assert meter.live == MiB and on_host.nbytes == on_device.nbytes
+
+
+def test_overlapped_decode_surfaces_errors_and_ends_its_worker() -> None:
+    """An interrupt in the sampler and an error in the decoder's thread both reach the caller, and the worker
+    thread is gone afterwards (nothing left decoding in the background)."""
+    import threading
+
+    from histream_core.sampler import GenerationInterrupted
+    model, vae = embedded_default()
+    text = random_text_embedding("a fox", model.cfg.text_dim)
+    calls = iter(range(100))
+    with torch.no_grad(), pytest.raises(GenerationInterrupted):
+        list(decoded_chunks(model, vae, text, 64, 64, 25, mode_config("histream+"), 3, order="overlapped",
+                            should_stop=lambda: next(calls) == 8))  # in chunk 2
+
+    class Broken:
+        def decode_stream(self, chunks):
+            next(iter(chunks))
+            raise RuntimeError("decoder broke")
+            yield  # a generator, like every decoder's stream
+
+    with torch.no_grad(), pytest.raises(RuntimeError, match="decoder broke"):
+        list(decoded_chunks(model, Broken(), text, 64, 64, 25, mode_config("histream+"), 3, order="overlapped"))
+    assert not any(t.name == "histream-decode" for t in threading.enumerate())
