@@ -151,6 +151,8 @@ def cmd_memory(args) -> int:
         print(f"{args.model} + Wan VAE, {args.dtype}, {args.mode}, {args.width}x{args.height}, {args.frames} frames"
               f"{f', decode tiles {args.tile}' if args.tile else ''}: predicted peak of live tensors (add the CUDA "
               "context and cuDNN workspaces, ~1-2 GiB)")
+        if prediction.frames_run != args.frames:
+            print(f"  (run at {prediction.frames_run} frames: with the sliding window the peaks are flat in the length)")
         print(prediction.table())
     return 0
 

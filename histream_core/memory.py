@@ -31,6 +31,7 @@ from .vae import TiledDecoder, WanVAE, WanVAEConfig
 from .video import uint8_frames
 
 GIB = 2**30
+FLAT_AFTER_FRAMES = 81  # with the sliding window the peaks stop changing by then (window full, one decode segment)
 
 
 class LiveTensorBytes(TorchDispatchMode):
@@ -108,6 +109,7 @@ class MemoryPrediction:
     vae_weights: int
     decode_peak: int       # VAE weights included, streamed decode of the whole video
     end_to_end: dict[str, int]  # decode order -> peak of generate_to_file's work (both models resident)
+    frames_run: int        # the length that was run: capped at FLAT_AFTER_FRAMES with the sliding window
 
     def rows(self) -> list[tuple[str, int]]:
         return [("DiT weights", self.dit_weights), ("DiT caches between chunks", self.dit_caches),
@@ -119,7 +121,7 @@ class MemoryPrediction:
         return "\n".join(f"  {name:<40} {_size(size)}" for name, size in self.rows())
 
     def as_dict(self) -> dict:
-        return {name: round(size / GIB, 3) for name, size in self.rows()}
+        return {**{name: round(size / GIB, 3) for name, size in self.rows()}, "frames run": self.frames_run}
 
 
 def predict_memory(model_cfg: ModelConfig, vae_cfg: WanVAEConfig, width: int, height: int, frames: int,
@@ -130,8 +132,11 @@ def predict_memory(model_cfg: ModelConfig, vae_cfg: WanVAEConfig, width: int, he
     Both models stay resident in the end-to-end runs, as in ``generate_to_file``; text states are a stand-in of
     the model's text length (the umT5 encoder is freed before sampling and is not counted). The "overlapped" order
     cannot be predicted here (its decode runs in another thread, which the meter does not see); expect about the
-    interleaved peak plus one model call's activations.
+    interleaved peak plus one model call's activations. With the sliding window a request longer than
+    FLAT_AFTER_FRAMES runs at that length (its memory is flat: 481 frames gave the 81-frame peaks to 0.01 GiB);
+    without it the caches grow with the video, and the whole length runs.
     """
+    frames = min(frames, FLAT_AFTER_FRAMES) if config.stream.window else frames
     from .pipeline import decoded_chunks  # the pipeline's own loop, so the prediction follows its order of work
 
     meter = LiveTensorBytes()
@@ -176,7 +181,7 @@ def predict_memory(model_cfg: ModelConfig, vae_cfg: WanVAEConfig, width: int, he
         end_to_end = {order: run(lambda order=order: end_to_end_run(order)) for order in orders}
     everything = dit_weights + vae_weights + text.nbytes
     return MemoryPrediction(dit_weights, dit_caches, dit_weights + denoise_peak, vae_weights,
-                            vae_weights + decode_peak, {o: everything + p for o, p in end_to_end.items()})
+                            vae_weights + decode_peak, {o: everything + p for o, p in end_to_end.items()}, frames)
 
 
 __all__ = ["LiveTensorBytes", "fused_attention_on_meta", "MemoryPrediction", "predict_memory", "GIB"]

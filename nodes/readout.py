@@ -15,7 +15,6 @@ from .sampler import build_config, request_geometry
 NODE = "HiStream Cost Readout"
 MODEL_SIZES = ("wan2.1-1.3b", "wan2.1-14b")
 H100_BF16_TFLOPS = 798.0  # dense bf16 matmul rate measured on an H100 (DESIGN.md section 7)
-MEMORY_FRAMES = 81  # memory is flat in the length (sliding window, streamed decode): predict at most this many
 
 
 def memory_text(mode: str, width: int, height: int, length: int, model_cfg, window=None,
@@ -25,7 +24,7 @@ def memory_text(mode: str, width: int, height: int, length: int, model_cfg, wind
     cfg = build_config(mode, window)
     request_geometry(NODE, width, height, length, cfg, model_cfg.patch_size[1])
     tile = decode_tile_size // 8 or None
-    p = predict_memory(model_cfg, WanVAEConfig(), width, height, min(length, MEMORY_FRAMES), cfg, dtype,
+    p = predict_memory(model_cfg, WanVAEConfig(), width, height, length, cfg, dtype,
                        tile=tile, orders=("after",))
     tiles = f" (tiles {decode_tile_size})" if tile else ""
     return (f"predicted peak GPU memory ({str(dtype).removeprefix('torch.')}, tensors only; add 1-2 GiB): sampler "

@@ -133,3 +133,10 @@ def test_overlapped_decode_surfaces_errors_and_ends_its_worker() -> None:
     with torch.no_grad(), pytest.raises(RuntimeError, match="decoder broke"):
         list(decoded_chunks(model, Broken(), text, 64, 64, 25, mode_config("histream+"), 3, order="overlapped"))
     assert not any(t.name == "histream-decode" for t in threading.enumerate())
+
+
+def test_long_requests_run_capped_only_with_the_sliding_window() -> None:
+    tiny, vae = MODEL_PRESETS["tiny"], WanVAEConfig(base_dim=8)
+    windowed = predict_memory(tiny, vae, 64, 64, 121, mode_config("histream+"), torch.float32)
+    full_cache = predict_memory(tiny, vae, 64, 64, 121, mode_config("self-forcing"), torch.float32)
+    assert windowed.frames_run == 81 and full_cache.frames_run == 121
