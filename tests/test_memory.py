@@ -137,6 +137,6 @@ def test_overlapped_decode_surfaces_errors_and_ends_its_worker() -> None:
 
 def test_long_requests_run_capped_only_with_the_sliding_window() -> None:
     tiny, vae = MODEL_PRESETS["tiny"], WanVAEConfig(base_dim=8)
-    windowed = predict_memory(tiny, vae, 64, 64, 85, mode_config("histream+"), torch.float32)
-    full_cache = predict_memory(tiny, vae, 64, 64, 85, mode_config("self-forcing"), torch.float32)
+    windowed = predict_memory(tiny, vae, 64, 64, 85, mode_config("histream+"), torch.float32, orders=())
+    full_cache = predict_memory(tiny, vae, 64, 64, 85, mode_config("self-forcing"), torch.float32, orders=())
     assert windowed.frames_run == 81 and full_cache.frames_run == 85
