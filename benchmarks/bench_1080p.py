@@ -109,13 +109,19 @@ def _reset_peaks(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def bench_vae(args, device: torch.device, dtype: torch.dtype, clock: Clock) -> dict:
-    from histream_core.vae import TiledDecoder, WanVAE, WanVAEConfig
+def build_decoder(args, device: torch.device, dtype: torch.dtype, tiled: bool = True):
+    """The VAE (random weights; a small one with the tiny DiT) or TAEHV's tiny decoder (--vae-kind taehv)."""
+    from histream_core.vae import TiledDecoder, TinyWanDecoder, WanVAE, WanVAEConfig
     torch.manual_seed(0)
     with torch.device(device):
-        vae = WanVAE(WanVAEConfig() if args.model != "tiny" else WanVAEConfig(base_dim=8))
-    vae = vae.to(dtype).eval()
-    decoder = TiledDecoder(vae, tile=args.tile, overlap=max(1, args.tile // 4)) if args.tile else vae
+        if args.vae_kind == "taehv":
+            return TinyWanDecoder().to(dtype).eval()
+        vae = WanVAE(WanVAEConfig() if args.model != "tiny" else WanVAEConfig(base_dim=8)).to(dtype).eval()
+    return TiledDecoder(vae, tile=args.tile, overlap=max(1, args.tile // 4)) if args.tile and tiled else vae
+
+
+def bench_vae(args, device: torch.device, dtype: torch.dtype, clock: Clock) -> dict:
+    decoder = build_decoder(args, device, dtype)
     latent_frames = (args.frames - 1) // 4 + 1
     latents = torch.randn(1, 16, latent_frames, args.height // 8, args.width // 8, device=device, dtype=dtype)
     results = {}
@@ -133,10 +139,7 @@ def bench_vae(args, device: torch.device, dtype: torch.dtype, clock: Clock) -> d
 
 def bench_end_to_end(model, context, args, device: torch.device, dtype: torch.dtype, mode: str, order: str) -> dict:
     from histream_core.pipeline import generate_to_file
-    from histream_core.vae import WanVAE, WanVAEConfig
-    with torch.device(device):
-        vae = WanVAE(WanVAEConfig() if args.model != "tiny" else WanVAEConfig(base_dim=8))
-    vae = vae.to(dtype).eval()
+    vae = build_decoder(args, device, dtype, tiled=False)  # generate_to_file tiles it itself
     _reset_peaks(device)
     with tempfile.TemporaryDirectory() as folder:
         start = time.perf_counter()
@@ -170,7 +173,8 @@ def print_table(args, rows: list[dict], vae: dict | None, e2e: list[dict], predi
               f"{r['floor_fraction']:>9.0%}{peak:>9}  {chunks}")
     if vae:
         for name, v in vae.items():
-            print(f"VAE decode {args.frames} frames ({name}{f', tiles {args.tile}' if args.tile else ''}): "
+            print(f"{'VAE' if args.vae_kind == 'wan' else 'TAEHV'} decode {args.frames} frames "
+                  f"({name}{f', tiles {args.tile}' if args.tile else ''}): "
                   f"{v['s']:.2f} s{_peak_text(v)}")
     for run in e2e:
         print(f"end to end to mp4 ({run['mode']}, decode {run['order']}): {run['s']:.2f} s (denoise "
@@ -202,6 +206,8 @@ def main() -> None:
     parser.add_argument("--attention", default="sdpa", choices=list(BACKENDS))
     parser.add_argument("--kv-cache-fp8", action="store_true", help="store the K/V caches in fp8")
     parser.add_argument("--skip-vae", action="store_true")
+    parser.add_argument("--vae-kind", default="wan", choices=["wan", "taehv"],
+                        help="decode with the Wan VAE or TAEHV's tiny decoder (random weights either way)")
     parser.add_argument("--e2e-mode", default="histream+", help="mode of the end-to-end mp4 run ('' to skip)")
     parser.add_argument("--e2e-orders", default="after,interleaved,overlapped",
                         help="decode orders of the end-to-end runs")

@@ -50,11 +50,14 @@ def _sampler_config(args):
 def cmd_generate(args) -> int:
     from .pipeline import HiStreamPipeline, embedded_default, generate_to_file, random_text_embedding
     from .text import load_text_embeddings
+    from .vae import load_tiny_decoder
 
     device = torch.device(args.device)
     compute_dtype = DTYPES[args.dtype]
     if args.checkpoint is None:
         model, vae = embedded_default(device)
+        if args.tiny_decoder:
+            vae = load_tiny_decoder(args.tiny_decoder, device=device)
         model.compute_dtype = compute_dtype
         pipe = HiStreamPipeline(model, vae)
         width, height, frames = args.width or 256, args.height or 160, args.frames or 33
@@ -63,14 +66,17 @@ def cmd_generate(args) -> int:
         log.warning("embedded default: tiny random DiT + small random VAE (a plumbing check; pass --checkpoint "
                     "for art)")
     else:
-        if args.vae is None:
-            raise ValueError("with --checkpoint also pass --vae (wan_2.1_vae.safetensors)")
+        if args.vae is None and args.tiny_decoder is None:
+            raise ValueError("with --checkpoint also pass --vae (wan_2.1_vae.safetensors), or --tiny-decoder "
+                             "(taew2_1.safetensors) for fast drafts")
+        if args.vae is not None and args.tiny_decoder is not None:
+            raise ValueError("pass --vae or --tiny-decoder, not both: one of them decodes the video")
         if args.text_embeds is None and args.text_encoder is None:
             raise ValueError("with --checkpoint pass --text-encoder (umt5_xxl_fp16.safetensors) and --prompt, "
                              "or --text-embeds (precomputed umT5 states)")
         pipe = HiStreamPipeline.from_files(args.checkpoint, args.vae, args.text_encoder, args.tokenizer,
                                            device=device, dtype=compute_dtype, compile=args.compile,
-                                           text_cache_dir=args.text_cache)
+                                           text_cache_dir=args.text_cache, tiny_decoder=args.tiny_decoder)
         context = load_text_embeddings(args.text_embeds) if args.text_embeds else pipe.encode(args.prompt)
         width, height, frames = args.width or 1920, args.height or 1088, args.frames or 81
     if args.schedule:
@@ -152,7 +158,7 @@ def cmd_memory(args) -> int:
               f"{f', decode tiles {args.tile}' if args.tile else ''}: predicted peak of live tensors (add the CUDA "
               "context and cuDNN workspaces, ~1-2 GiB)")
         if prediction.frames_run != args.frames:
-            print(f"  (run at {prediction.frames_run} frames: with the sliding window the peaks are flat in the length)")
+            print(f"  (run at {prediction.frames_run} frames: with the sliding window the peaks are flat in length)")
         print(prediction.table())
     return 0
 
@@ -173,6 +179,8 @@ def build_parser(generate_defaults: dict | None = None) -> argparse.ArgumentPars
     gen = sub.add_parser("generate", help="generate a video into an mp4/webm, printing per-chunk timings")
     gen.add_argument("--checkpoint", help="Wan2.1 causal DiT file (.safetensors/.pt); omit for the embedded default")
     gen.add_argument("--vae", help="Wan2.1 VAE file (wan_2.1_vae.safetensors or Wan2.1_VAE.pth)")
+    gen.add_argument("--tiny-decoder", help="decode with TAEHV's tiny decoder instead (taew2_1.safetensors or .pth): "
+                     "much faster, lower quality")
     gen.add_argument("--text-encoder", help="umT5-XXL file (umt5_xxl_fp16.safetensors, umt5_xxl_fp8_e4m3fn_scaled"
                      ".safetensors or models_t5_umt5-xxl-enc-bf16.pth)")
     gen.add_argument("--tokenizer", help="umT5 tokenizer: tokenizer.json, spiece.model or their folder "

@@ -21,7 +21,7 @@ from .config import MODEL_PRESETS, SamplerConfig
 from .model import CausalWanModel
 from .overlap import DecodeBeside
 from .sampler import LatentChunk, PromptSchedule, seeded_generator, stream_video
-from .vae import TiledDecoder, WanVAE, WanVAEConfig, denormalize
+from .vae import TiledDecoder, TinyWanDecoder, WanVAE, WanVAEConfig, denormalize
 from .video import WAN_FPS, VideoWriter, uint8_frames
 
 log = logging.getLogger(__name__)
@@ -178,7 +178,7 @@ def _decoded_beside(model, decoder, context, width, height, frames, config, seed
 
 def generate_to_file(
     model: CausalWanModel,
-    vae: WanVAE,
+    vae: WanVAE | TinyWanDecoder,
     context: torch.Tensor | PromptSchedule,
     out: str | Path,
     width: int,
@@ -197,8 +197,12 @@ def generate_to_file(
 
     ``context``: umT5 states # [1, tokens, dim], or a prompt schedule [(first chunk, states), ...].
     ``order``: when the VAE runs, see :func:`decoded_chunks` ("after": least memory; "interleaved": first frames
-    sooner). ``tile``: decode in spatial tiles of this many latent pixels.
+    sooner). ``tile``: decode in spatial tiles of this many latent pixels (Wan VAE only). ``vae`` may be the
+    tiny TAEHV decoder instead of the Wan VAE: much faster, lower quality.
     """
+    if tile and not isinstance(vae, WanVAE):
+        raise ValueError("decode tiles apply to the Wan VAE; the tiny decoder is small enough to decode whole frames "
+                         "(drop --tile)")
     out = Path(out)
     device = next(model.parameters()).device
     context = (context.to(device) if isinstance(context, torch.Tensor)
@@ -241,13 +245,17 @@ class HiStreamPipeline:
         self.model, self.vae, self.text_encoder = model, vae, text_encoder
 
     @classmethod
-    def from_files(cls, model: str | Path, vae: str | Path, text_encoder: str | Path | None = None,
+    def from_files(cls, model: str | Path, vae: str | Path | None, text_encoder: str | Path | None = None,
                    tokenizer: str | Path | None = None, *, device: str | torch.device | None = None,
                    dtype: torch.dtype | None = None, compile: bool = False,
-                   text_cache_dir: str | Path | None = None) -> "HiStreamPipeline":
+                   text_cache_dir: str | Path | None = None,
+                   tiny_decoder: str | Path | None = None) -> "HiStreamPipeline":
+        """``vae``: the Wan2.1 VAE file; or None with ``tiny_decoder`` (a TAEHV taew2_1 file) for fast drafts."""
         from .checkpoints import load_wan_model
         from .text import TextEncoder
-        from .vae import load_vae
+        from .vae import load_tiny_decoder, load_vae
+        if (vae is None) == (tiny_decoder is None):
+            raise ValueError("give the Wan VAE file (wan_2.1_vae.safetensors) or a tiny decoder (taew2_1), one of them")
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         encoder = None
@@ -257,7 +265,9 @@ class HiStreamPipeline:
         dit = load_wan_model(model, compute_dtype=dtype, device=device)
         if compile:
             dit.compile_blocks()
-        return cls(dit, load_vae(vae, device=device, dtype=dtype), encoder)
+        decoder = (load_vae(vae, device=device, dtype=dtype) if vae is not None
+                   else load_tiny_decoder(tiny_decoder, device=device, dtype=dtype))
+        return cls(dit, decoder, encoder)
 
     def encode(self, prompt: str) -> torch.Tensor:
         """umT5 states of a prompt # [1, tokens, 4096]; frees the encoder afterwards (the cache keeps the result)."""

@@ -159,3 +159,20 @@ def test_schedule_with_a_real_checkpoint_needs_the_text_encoder(user_files, tmp_
                  str(user_files / "vae.safetensors"), "--text-embeds", str(embeds), "--schedule", "13:later",
                  "--out", str(out)]) == 2
     assert "--schedule needs --text-encoder" in capsys.readouterr().err and not out.exists()
+
+
+def test_tiny_decoder_file_decodes_the_video(user_files, tmp_path, capsys):
+    from histream_core.vae import TinyWanDecoder
+    torch.manual_seed(3)
+    save_file(TinyWanDecoder().state_dict(), str(tmp_path / "taew2_1.safetensors"))
+    out = tmp_path / "draft.mp4"
+    base = ["generate", *SMALL, "--checkpoint", str(user_files / "dit.safetensors"), "--text-encoder",
+            str(user_files / "umt5.pth"), "--tokenizer", str(user_files / "tokenizer.json"), "--text-cache",
+            str(tmp_path / "cache"), "--prompt", "a fox", "--tiny-decoder", str(tmp_path / "taew2_1.safetensors")]
+    assert main([*base, "--out", str(out), "--json"]) == 0
+    assert sum(c["video_frames"] for c in json.loads(capsys.readouterr().out)["chunks"]) == 9
+    assert sum(1 for _ in iio.imiter(out)) == 9
+    assert main([*base, "--out", str(out), "--tile", "4"]) == 2
+    assert "tiny decoder" in capsys.readouterr().err
+    assert main([*base, "--vae", str(user_files / "vae.safetensors"), "--out", str(out)]) == 2
+    assert "not both" in capsys.readouterr().err
