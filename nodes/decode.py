@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from typing import Iterator
 from weakref import WeakKeyDictionary
 
 import torch
 import torch.nn.functional as F
 
-from ..histream_core.vae import TiledDecoder, VAECheckpointError, WanVAE, frames_to_images
+from ..histream_core.vae import (TiledDecoder, TinyWanDecoder, VAECheckpointError, WanVAE, frames_to_images,
+                                 load_tiny_decoder)
 from ..histream_core.vae import checkpoints as vae_checkpoints
 from ..histream_core.video import VideoWriter
 from . import host
@@ -27,6 +29,8 @@ log = logging.getLogger(__name__)
 NODE = "VAE Chunk Decode"
 CHUNK_LATENT_FRAMES = 3  # latent frames per decode call (12 video frames): the sampler's chunk
 _streaming_vaes: WeakKeyDictionary = WeakKeyDictionary()  # ComfyUI VAE object -> its WanVAE
+_tiny_decoders: dict[tuple[str, float, torch.dtype], TinyWanDecoder] = {}  # (path, mtime, dtype) -> the last loaded
+NO_TINY_DECODER = "none"
 
 
 def streaming_vae(vae) -> WanVAE:
@@ -44,6 +48,20 @@ def streaming_vae(vae) -> WanVAE:
             raise input_error(NODE, "vae", f"{exc}; load wan_2.1_vae.safetensors with Load VAE") from exc
         _streaming_vaes[vae] = cached
     return cached
+
+
+def cached_tiny_decoder(name: str, dtype: torch.dtype) -> TinyWanDecoder:
+    """The TAEHV decoder of models/vae_approx/``name``, loaded once (again if the file changes)."""
+    path = host.model_path("vae_approx", name)
+    key = (path, os.path.getmtime(path), dtype)
+    if key not in _tiny_decoders:
+        try:
+            decoder = load_tiny_decoder(path, device=host.main_device(), dtype=dtype)
+        except ValueError as exc:
+            raise input_error(NODE, "tiny_decoder", str(exc)) from exc
+        _tiny_decoders.clear()
+        _tiny_decoders[key] = decoder
+    return _tiny_decoders[key]
 
 
 def decoded_chunks(decoder, latents: torch.Tensor, bar) -> Iterator[torch.Tensor]:
@@ -96,6 +114,11 @@ class HiStreamVAEChunkDecode:
                 "preview_every": ("INT", {"default": 4, "min": 1, "max": 1000, "step": 1, "tooltip": (
                     "With save_mp4: the returned preview keeps every Nth frame, shrunk to 512 px.")}),
             },
+            "optional": {
+                "tiny_decoder": ([NO_TINY_DECODER, *host.model_files("vae_approx")], {"tooltip": (
+                    "Decode with TAEHV's tiny decoder (taew2_1.safetensors in models/vae_approx) instead of the "
+                    "VAE: about 25x less compute, lower quality; for drafts and previews.")}),
+            },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
@@ -106,10 +129,11 @@ class HiStreamVAEChunkDecode:
     FUNCTION = "decode"
     OUTPUT_NODE = True  # with save_mp4 it is the node that writes the file, even with nothing connected after it
     CATEGORY = "HiStream"
-    DESCRIPTION = "Decodes Wan latents chunk by chunk with the streaming Wan2.1 VAE; optionally straight to an mp4."
+    DESCRIPTION = ("Decodes Wan latents chunk by chunk with the streaming Wan2.1 VAE (or TAEHV's tiny decoder); "
+                   "optionally straight to an mp4.")
 
     def decode(self, samples, vae, tile_size, tile_overlap, save_mp4, filename_prefix, fps, crf, preview_every,
-               unique_id=None):
+               tiny_decoder=NO_TINY_DECODER, unique_id=None):
         latents = samples["samples"]
         if latents.ndim != 5 or latents.shape[1] != 16:
             raise input_error(NODE, "samples", f"expected Wan video latents [batch, 16, frames, H/8, W/8], got shape "
@@ -123,8 +147,14 @@ class HiStreamVAEChunkDecode:
         if save_mp4 and latents.shape[0] != 1:
             raise input_error(NODE, "save_mp4", f"an mp4 holds one video, the latents hold {latents.shape[0]}; "
                               "decode without save_mp4 or split the batch")
-        model = streaming_vae(vae)
-        decoder = TiledDecoder(model, tile=tile_size // 8, overlap=tile_overlap // 8) if tile_size else model
+        if tiny_decoder != NO_TINY_DECODER:
+            if tile_size:
+                raise input_error(NODE, "tile_size", "tiles apply to the VAE; the tiny decoder decodes whole frames in "
+                                  "little memory: set tile_size to 0")
+            decoder = cached_tiny_decoder(tiny_decoder, getattr(vae, "vae_dtype", torch.float32))
+        else:
+            model = streaming_vae(vae)
+            decoder = TiledDecoder(model, tile=tile_size // 8, overlap=tile_overlap // 8) if tile_size else model
         height, width = (8 * s for s in latents.shape[3:])
         bar = host.progress_bar(-(-latents.shape[2] // CHUNK_LATENT_FRAMES), unique_id)
         with torch.no_grad(), out_of_memory_advice(width, height, (

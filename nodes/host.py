@@ -66,16 +66,17 @@ def send_event(event: str, data: dict) -> None:
         instance.send_sync(event, data, getattr(instance, "client_id", None))
 
 
-def diffusion_models() -> list[str]:
+def model_files(folder: str) -> list[str]:
+    """The files of one of ComfyUI's model folders ("diffusion_models", "vae_approx", ...)."""
     import folder_paths
 
-    return folder_paths.get_filename_list("diffusion_models")
+    return folder_paths.get_filename_list(folder)
 
 
-def diffusion_model_path(name: str) -> str:
+def model_path(folder: str, name: str) -> str:
     import folder_paths
 
-    return folder_paths.get_full_path_or_raise("diffusion_models", name)
+    return folder_paths.get_full_path_or_raise(folder, name)
 
 
 def new_output_file(prefix: str, width: int, height: int, suffix: str) -> tuple[Path, str]:

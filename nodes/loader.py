@@ -39,7 +39,7 @@ class HiStreamLoader:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "ckpt_name": (host.diffusion_models(), {"tooltip": (
+            "ckpt_name": (host.model_files("diffusion_models"), {"tooltip": (
                 "A causal (Self-Forcing-style) Wan2.1 text-to-video DiT from models/diffusion_models, e.g. "
                 "self_forcing_dmd.pt. Original Wan, ComfyUI, diffusers and Self-Forcing .pt layouts all load.")}),
             "weight_dtype": (list(WEIGHT_DTYPES), {"default": "default", "tooltip": (
@@ -66,7 +66,7 @@ class HiStreamLoader:
         target = host.main_device() if device == "main device" else torch.device("cpu")
         dtype = COMPUTE_DTYPES[compute_dtype]
         _check_attention(attention, target, dtype)
-        path = host.diffusion_model_path(ckpt_name)
+        path = host.model_path("diffusion_models", ckpt_name)
         try:
             model = load_wan_model(path, weight_dtype=WEIGHT_DTYPES[weight_dtype], compute_dtype=dtype,
                                    device=target)

@@ -46,7 +46,7 @@ class Host:
     def __init__(self, root: Path) -> None:
         self.models = root / "models"
         self.output = root / "output"
-        for folder in ("diffusion_models", "vae"):
+        for folder in ("diffusion_models", "vae", "vae_approx"):
             (self.models / folder).mkdir(parents=True)
         self.output.mkdir()
         self.progress: list[tuple[int, int, object]] = []  # (value, total, preview) per ProgressBar update

@@ -186,6 +186,24 @@ def test_tiled_decode_gives_the_same_frames_count(comfy_host, stock_vae):
     assert images.shape == (5, 128, 64, 3)
 
 
+def test_tiny_decoder_from_vae_approx(comfy_host, stock_vae):
+    from safetensors.torch import save_file
+    tiny = pack_module("histream_core.vae").TinyWanDecoder
+    torch.manual_seed(5)
+    save_file(tiny().state_dict(), str(comfy_host.models / "vae_approx" / "taew2_1.safetensors"))
+    assert "taew2_1.safetensors" in nodes()["HiStreamVAEChunkDecode"].INPUT_TYPES()["optional"]["tiny_decoder"][0]
+    latents = torch.randn(1, 16, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    images = decode(latents, stock_vae, tiny_decoder="taew2_1.safetensors")["result"][0]
+    assert images.shape == (13, 64, 64, 3) and 0 <= images.min() and images.max() <= 1
+    out = decode(latents, stock_vae, tiny_decoder="taew2_1.safetensors", save_mp4=True)
+    assert out["result"][1].endswith(".mp4")
+    with pytest.raises(ValueError, match="VAE Chunk Decode, input 'tile_size'.*tiny decoder"):
+        decode(latents, stock_vae, tiny_decoder="taew2_1.safetensors", tile_size=256)
+    (comfy_host.models / "vae_approx" / "taesd_decoder.safetensors").write_bytes(b"not a tiny decoder")
+    with pytest.raises(ValueError, match="VAE Chunk Decode, input 'tiny_decoder'"):
+        decode(latents, stock_vae, tiny_decoder="taesd_decoder.safetensors")
+
+
 def test_stock_vae_is_rebuilt_once_per_object(comfy_host, stock_vae):
     module = pack_module("nodes.decode")
     first = module.streaming_vae(stock_vae)
