@@ -51,6 +51,8 @@ class DecodeBeside:
                 return
             if isinstance(item, BaseException):
                 raise item
+            if self.side is not None:
+                item[0].record_stream(torch.cuda.current_stream())  # freed later here: wait for this stream's reads
             yield item
 
     def close(self) -> None:
