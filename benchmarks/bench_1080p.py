@@ -180,7 +180,8 @@ def print_table(args, rows: list[dict], vae: dict | None, e2e: list[dict], predi
         print(f"end to end to mp4 ({run['mode']}, decode {run['order']}): {run['s']:.2f} s (denoise "
               f"{run['denoise_s']:.2f} s, decode {run['decode_s']:.2f} s){_peak_text(run)}")
     if predicted:
-        print("predicted peaks (meta device, live tensors): " + ", ".join(f"{k} {v:.2f}" for k, v in predicted.items()))
+        print("predicted peaks (meta device, live tensors, GiB): "
+              + ", ".join(f"{k} {v:.2f}" for k, v in predicted.items() if k != "frames run"))
 
 
 def _peak_text(run: dict) -> str:
