@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 NODE = "VAE Chunk Decode"
 CHUNK_LATENT_FRAMES = 3  # latent frames per decode call (12 video frames): the sampler's chunk
 _streaming_vaes: WeakKeyDictionary = WeakKeyDictionary()  # ComfyUI VAE object -> its WanVAE
-_tiny_decoders: dict[tuple[str, float, torch.dtype], TinyWanDecoder] = {}  # (path, mtime, dtype) -> the last loaded
+_tiny_decoders: dict[tuple, TinyWanDecoder] = {}  # (path, mtime, dtype, preview, device) -> decoder; last two
 NO_TINY_DECODER = "none"
 
 
@@ -50,16 +50,20 @@ def streaming_vae(vae) -> WanVAE:
     return cached
 
 
-def cached_tiny_decoder(name: str, dtype: torch.dtype) -> TinyWanDecoder:
-    """The TAEHV decoder of models/vae_approx/``name``, loaded once (again if the file changes)."""
+def cached_tiny_decoder(name: str, dtype: torch.dtype, node: str = NODE, input_name: str = "tiny_decoder",
+                        preview: bool = False, device: torch.device | None = None) -> TinyWanDecoder:
+    """The TAEHV decoder (or its preview variant) of models/vae_approx/``name``, loaded once (again if the file
+    changes); a bad file is an error of ``node``'s input ``input_name``."""
     path = host.model_path("vae_approx", name)
-    key = (path, os.path.getmtime(path), dtype)
+    device = device or host.main_device()
+    key = (path, os.path.getmtime(path), dtype, preview, device)
     if key not in _tiny_decoders:
         try:
-            decoder = load_tiny_decoder(path, device=host.main_device(), dtype=dtype)
+            decoder = load_tiny_decoder(path, device=device, dtype=dtype, preview=preview)
         except ValueError as exc:
-            raise input_error(NODE, "tiny_decoder", str(exc)) from exc
-        _tiny_decoders.clear()
+            raise input_error(node, input_name, str(exc)) from exc
+        if len(_tiny_decoders) >= 2:
+            _tiny_decoders.clear()
         _tiny_decoders[key] = decoder
     return _tiny_decoders[key]
 

@@ -16,9 +16,10 @@ from PIL import Image
 from ..histream_core.config import ChunkSteps, SamplerConfig
 from ..histream_core.modes import MODES, mode_config
 from ..histream_core.sampler import RequestError, VideoGeometry, stream_video, video_geometry
-from ..histream_core.vae import denormalize, latent_preview
+from ..histream_core.vae import denormalize, frames_to_images, latent_preview
 from . import host
 from .errors import input_error, out_of_memory_advice
+from .decode import cached_tiny_decoder
 from .loader import HiStreamModel
 from .schedule import HiStreamPrompts
 from .window import HiStreamWindow
@@ -177,12 +178,26 @@ def scheduled_text(schedule: HiStreamPrompts, first: torch.Tensor, cfg: SamplerC
     return entries, notes
 
 
-def chunk_preview(latents: torch.Tensor, width: int, height: int) -> Image.Image:
-    """The last latent frame of a finished chunk (model space) as a small RGB image of the video's aspect."""
-    rgb = latent_preview(latents[:1, :, -1:], space="normalized", as_uint8=True)[0, 0]  # [h, w, 3]
-    scale = min(1.0, host.PREVIEW_MAX_SIDE / max(width, height))
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    return Image.fromarray(rgb.cpu().numpy()).resize(size, Image.BILINEAR)
+LATENT_COLORS = "latent colors"  # preview_decoder value: the linear latent -> RGB map, no decoder
+
+
+class ChunkPreviews:
+    """Small RGB images of each finished chunk's last frame: from the latents' linear colours, or decoded with
+    TAEHV's preview decoder, which streams along the chunks (it carries one frame per MemBlock)."""
+
+    def __init__(self, decoder, width: int, height: int) -> None:
+        self.decoder = decoder
+        self.state = decoder.initial_state() if decoder is not None else None
+        scale = min(1.0, host.PREVIEW_MAX_SIDE / max(width, height))
+        self.size = (max(1, round(width * scale)), max(1, round(height * scale)))
+
+    def __call__(self, latents: torch.Tensor) -> Image.Image:  # model space [B, 16, T, h, w]
+        if self.decoder is None:
+            rgb = latent_preview(latents[:1, :, -1:], space="normalized", as_uint8=True)[0, 0]  # [h, w, 3]
+        else:
+            frames, self.state = self.decoder.decode_chunk(denormalize(latents), self.state)
+            rgb = (frames_to_images(frames[:1, :, -1:])[0] * 255).round().to(torch.uint8)  # [h, w, 3]
+        return Image.fromarray(rgb.cpu().numpy()).resize(self.size, Image.BILINEAR)
 
 
 # -- the node ----------------------------------------------------------------------------------------------------------
@@ -241,6 +256,9 @@ class HiStreamDualResSampler:
                     f"Steps of the first chunk as base timesteps, e.g. {STEPS_EXAMPLE}. Empty: the mode's.")),
                 "later_chunk_steps": _override("STRING", "", (
                     "Steps of every later chunk (HiStream+: '1000|500'). Empty: the mode's.")),
+                "preview_decoder": ([LATENT_COLORS, *host.model_files("vae_approx")], {"tooltip": (
+                    "How each finished chunk is previewed: the latents' colours, or a TAEHV file from "
+                    "models/vae_approx (taew2_1.safetensors) decoded cheaply into a sharp small frame.")}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -253,7 +271,8 @@ class HiStreamDualResSampler:
                    "sliding window and asymmetric denoising. Returns the Wan latents of the whole video.")
 
     def sample(self, model: HiStreamModel, positive, width, height, length, mode, seed, window=None,
-               prompt_schedule: HiStreamPrompts | None = None, unique_id=None, **overrides):
+               prompt_schedule: HiStreamPrompts | None = None, preview_decoder: str = LATENT_COLORS, unique_id=None,
+               **overrides):
         cfg = build_config(mode, window, model.attention_backend, **overrides)
         dit = model.model
         geometry = request_geometry(NODE, width, height, length, cfg, dit.cfg.patch_size[1])
@@ -264,6 +283,8 @@ class HiStreamDualResSampler:
             text, more_notes = scheduled_text(prompt_schedule, context, cfg, geometry, dit.cfg)
             notes += more_notes
         device = model.device
+        previews = ChunkPreviews(None if preview_decoder == LATENT_COLORS else cached_tiny_decoder(
+            preview_decoder, dit.compute_dtype, NODE, "preview_decoder", preview=True, device=device), width, height)
         host.make_room(device)
         bar = {}  # made at the first model call: the engine reports how many calls the video takes
 
@@ -290,7 +311,7 @@ class HiStreamDualResSampler:
                 seconds += chunk.seconds
                 calls += chunk.model_calls
                 bar["bar"].update_absolute(calls, bar["total"], preview=(
-                    "JPEG", chunk_preview(chunk.latents, width, height), host.PREVIEW_MAX_SIDE))
+                    "JPEG", previews(chunk.latents), host.PREVIEW_MAX_SIDE))
         summary = (f"{mode}: {len(chunks)} chunks, {calls} model calls, {seconds:.1f} s "
                    f"({1000 * seconds / length:.0f} ms/frame)")
         log.info("%s: %s", NODE, summary)

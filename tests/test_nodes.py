@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import imageio_ffmpeg
+import numpy
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -187,7 +188,6 @@ def test_tiled_decode_gives_the_same_frames_count(comfy_host, stock_vae):
 
 
 def test_tiny_decoder_from_vae_approx(comfy_host, stock_vae):
-    from safetensors.torch import save_file
     tiny = pack_module("histream_core.vae").TinyWanDecoder
     torch.manual_seed(5)
     save_file(tiny().state_dict(), str(comfy_host.models / "vae_approx" / "taew2_1.safetensors"))
@@ -202,6 +202,24 @@ def test_tiny_decoder_from_vae_approx(comfy_host, stock_vae):
     (comfy_host.models / "vae_approx" / "taesd_decoder.safetensors").write_bytes(b"not a tiny decoder")
     with pytest.raises(ValueError, match="VAE Chunk Decode, input 'tiny_decoder'"):
         decode(latents, stock_vae, tiny_decoder="taesd_decoder.safetensors")
+
+
+def test_sampler_previews_with_the_tiny_preview_decoder(comfy_host, loaded):
+    """Each chunk's preview is the last frame of TAEHV's preview decoder streamed over the chunks so far."""
+    vae = pack_module("histream_core.vae")
+    torch.manual_seed(6)
+    save_file(vae.TinyWanDecoder().state_dict(), str(comfy_host.models / "vae_approx" / "taew2_1.safetensors"))
+    out = sample(loaded, preview_decoder="taew2_1.safetensors")
+    previews = [p[2][1] for p in comfy_host.progress if p[2] is not None]
+    assert len(previews) == 2 and all(image.size == (64, 64) for image in previews)
+    preview_decoder = vae.load_tiny_decoder(comfy_host.models / "vae_approx" / "taew2_1.safetensors", preview=True)
+    last = preview_decoder.decode(out["result"][0]["samples"])[:, :, -1:]  # the whole video at once
+    rgb = (vae.frames_to_images(last)[0] * 255).round().to(torch.uint8).numpy()  # [16, 16, 3]: 2x the latents
+    expected = pack_module("nodes.sampler").Image.fromarray(rgb).resize((64, 64), 2)  # 2: bilinear
+    assert abs(torch.tensor(numpy.asarray(previews[-1])).int() - torch.tensor(numpy.asarray(expected)).int()).max() <= 1
+    with pytest.raises(ValueError, match="Dual-Res Sampler, input 'preview_decoder'"):
+        (comfy_host.models / "vae_approx" / "broken.safetensors").write_bytes(b"garbage")
+        sample(loaded, preview_decoder="broken.safetensors")
 
 
 def test_stock_vae_is_rebuilt_once_per_object(comfy_host, stock_vae):

@@ -68,17 +68,23 @@ class TimeGrow(nn.Module):
 
 
 class TinyWanDecoder(nn.Module):
-    """TAEHV decoder for Wan2.1 latents; see the module docstring. ``decoder`` indices match the weight files."""
+    """TAEHV decoder for Wan2.1 latents; see the module docstring. ``decoder`` indices match the weight files.
 
-    frames_to_trim = 3  # the first decoder outputs precede the video's first frame
+    ``preview=True`` builds TAEHV's cheap preview variant from the same weights: no time upsampling (one frame per
+    latent frame, the last of its four) and only the last stage's 2x spatial upsampling (frames at 2x the latent
+    size, e.g. 480x272 for 1080p), at about 1/40 of the full decoder's work.
+    """
 
-    def __init__(self) -> None:
+    def __init__(self, preview: bool = False) -> None:
         super().__init__()
+        self.preview = preview
+        self.frames_to_trim = 0 if preview else 3  # the first full-decoder outputs precede the video's first frame
         layers: list[nn.Module] = [SoftClamp(), _conv(LATENT_CHANNELS, WIDTHS[0]), nn.ReLU(inplace=True)]
         for stage, stride in enumerate(TIME_STRIDES):
             n_f = WIDTHS[stage]
-            layers += [MemBlock(n_f, n_f), MemBlock(n_f, n_f), MemBlock(n_f, n_f), nn.Upsample(scale_factor=2),
-                       TimeGrow(n_f, stride), _conv(n_f, WIDTHS[stage + 1], bias=False)]
+            upscale = 1 if preview and stage < len(TIME_STRIDES) - 1 else 2
+            layers += [MemBlock(n_f, n_f), MemBlock(n_f, n_f), MemBlock(n_f, n_f), nn.Upsample(scale_factor=upscale),
+                       TimeGrow(n_f, 1 if preview else stride), _conv(n_f, WIDTHS[stage + 1], bias=False)]
         layers += [nn.ReLU(inplace=True), _conv(WIDTHS[-1], 3)]
         self.decoder = nn.Sequential(*layers)
 
@@ -100,7 +106,8 @@ class TinyWanDecoder(nn.Module):
             yield frames
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Decode a whole video: raw [B, 16, T, h, w] -> frames [B, 3, 1 + 4 * (T - 1), 8h, 8w] in [-1, 1]."""
+        """Decode a whole video: raw [B, 16, T, h, w] -> frames [B, 3, 1 + 4 * (T - 1), 8h, 8w] in [-1, 1]
+        (preview: [B, 3, T, 2h, 2w])."""
         return self.decode_chunk(latents, self.initial_state())[0]
 
     def _check(self, latents: torch.Tensor, state: StreamState) -> None:
@@ -135,9 +142,10 @@ class TinyWanDecoder(nn.Module):
         return video.clamp(0, 1).mul(2).sub(1), tuple(new_memories)
 
 
-def load_tiny_decoder(path: str | Path, device: torch.device | str = "cpu",
-                      dtype: torch.dtype = torch.float32) -> TinyWanDecoder:
-    """Load the decoder of a TAEHV ``taew2_1`` file (.safetensors, or .pth read with ``weights_only=True``).
+def load_tiny_decoder(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                      preview: bool = False) -> TinyWanDecoder:
+    """Load the decoder of a TAEHV ``taew2_1`` file (.safetensors, or .pth read with ``weights_only=True``), or with
+    ``preview`` its cheap preview variant (see :class:`TinyWanDecoder`).
 
     Raises ValueError naming the file and what is wrong if it is missing, unreadable or not TAEHV for Wan2.1.
     """
@@ -146,15 +154,15 @@ def load_tiny_decoder(path: str | Path, device: torch.device | str = "cpu",
     def error(problem: Unusable) -> ValueError:
         return ValueError(problem.message(path, "a TAEHV tiny decoder", ["TAEHV (decoder.N...)"], EXPECTED_FILE))
 
-    model = TinyWanDecoder()
+    model = TinyWanDecoder(preview)
     expected = model.state_dict()
     with open_weight_file(path, advice=EXPECTED_FILE, error=error) as weights:
         state = {key: entry.load() for key, entry in weights.entries.items() if key.startswith("decoder.")}
     if not state:
         raise error(Unusable(f"it has no 'decoder.' tensors, only {len(weights.entries)} others"))
     for key, tensor in state.items():
-        # Some files train the first TimeGrow with stride 2 while Wan2.1's decoder grows time only later: keep the
-        # channels of the last of its frames, as TAEHV itself does.
+        # A TimeGrow stored with a larger stride than built (the file's first stage, or every stage of a preview):
+        # keep the channels of the last of its frames, as TAEHV itself does.
         if key in expected and key.endswith(".conv.weight") and tensor.shape[0] > expected[key].shape[0]:
             state[key] = tensor[-expected[key].shape[0]:]
     missing = sorted(set(expected) - set(state))
