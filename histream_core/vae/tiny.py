@@ -19,7 +19,7 @@ from typing import Iterable, Iterator
 import torch
 import torch.nn as nn
 
-from ..weight_files import Unusable, open_weight_file
+from ..weight_files import TensorEntry, Unusable, check_fit, open_weight_file
 from .latent_format import normalize
 from .stream import StreamState
 
@@ -165,12 +165,11 @@ def load_tiny_decoder(path: str | Path, device: torch.device | str = "cpu", dtyp
         # keep the channels of the last of its frames, as TAEHV itself does.
         if key in expected and key.endswith(".conv.weight") and tensor.shape[0] > expected[key].shape[0]:
             state[key] = tensor[-expected[key].shape[0]:]
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k} {tuple(state[k].shape)}" for k in expected if k in state and state[k].shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        raise error(Unusable(f"the decoder does not fit TAEHV for Wan2.1 (16 latent channels): {len(missing)} missing "
-                             f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, wrong shapes {wrong[:3]}"))
+    try:
+        check_fit(expected, {key: TensorEntry.of(tensor) for key, tensor in state.items()}, {},
+                  model="TAEHV for Wan2.1 (16 latent channels)", float_hint=EXPECTED_FILE)
+    except Unusable as problem:
+        raise error(problem) from None
     model.load_state_dict(state)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
