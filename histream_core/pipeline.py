@@ -130,14 +130,15 @@ def decoded_chunks(model: CausalWanModel, decoder, context: torch.Tensor | Promp
         return
     produced: deque[LatentChunk] = deque()  # chunks whose frames are not out yet, in video order
     interleaved = order == "interleaved"  # then pulling frames denoises chunks first
-    denoising = [0.0]  # seconds of denoising since frames last came out
+    denoising = 0.0  # seconds of denoising since frames last came out
 
     def latents():
+        nonlocal denoising
         for chunk in stream_video(model, context, width, height, frames, config, seed, should_stop=should_stop):
             if not interleaved:  # waiting chunks wait in host memory, so a long video's GPU memory stays flat
                 chunk = replace(chunk, latents=_to_host(chunk.latents))
             produced.append(chunk)
-            denoising[0] += chunk.seconds
+            denoising += chunk.seconds
             yield denormalize(chunk.latents)
 
     if interleaved:
@@ -147,7 +148,7 @@ def decoded_chunks(model: CausalWanModel, decoder, context: torch.Tensor | Promp
         if device.type == "cuda":
             torch.cuda.empty_cache()  # hand the caches' blocks back rather than let the VAE fit around them
     stream = decoder.decode_stream(source)
-    denoising[0] = 0.0
+    denoising = 0.0
     while True:
         started = time.perf_counter()
         try:
@@ -155,7 +156,7 @@ def decoded_chunks(model: CausalWanModel, decoder, context: torch.Tensor | Promp
         except StopIteration:
             return
         _sync(device)
-        decode_s, denoising[0] = time.perf_counter() - started - denoising[0], 0.0
+        decode_s, denoising = time.perf_counter() - started - denoising, 0.0
         yield produced.popleft(), video, decode_s
 
 
