@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from histream_core.vae import (LATENT_RGB_BIAS, LATENTS_MEAN, LATENTS_STD, TiledDecoder, VAECheckpointError, WanVAE,
                                WanVAEConfig, denormalize, frames_to_images, images_to_frames, latent_preview,
@@ -428,3 +429,62 @@ def test_tiled_stream_holds_one_tiles_caches() -> None:
             peaks.append(meter.peak - meter.live)
     untiled, tiled = peaks
     assert tiled < 0.3 * untiled, (tiled, untiled)
+
+
+# ------------------------------------------------------------------------------------------- channels-last decode
+
+class _ConvInputLayouts(TorchDispatchMode):
+    """Records the convolutions whose input is not channels-last (cuDNN would convert those first)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls, self.converted = 0, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.convolution.default:
+            x = args[0]
+            self.calls += 1
+            if not x.is_contiguous(memory_format=torch.channels_last_3d if x.dim() == 5 else torch.channels_last):
+                self.converted.append((tuple(x.shape), x.stride()))
+        return func(*args, **(kwargs or {}))
+
+
+def test_channels_last_decode_keeps_its_layout_and_its_frames(latents: torch.Tensor) -> None:
+    """In bf16 (where the CPU's convolutions, like cuDNN's, return channels-last for channels-last input): no
+    convolution gets an input it must convert, the stream equals the whole decode bit for bit, the error against
+    fp32 is the NCDHW decode's, and switching back gives the NCDHW frames bit for bit."""
+    vae = tiny_vae()
+    expected = vae.decode(latents)
+    vae.to(torch.bfloat16)
+    ncdhw = vae.decode(latents)
+    vae.set_channels_last()
+    pieces = [latents[:, :, :1], latents[:, :, 1:3], latents[:, :, 3:]]
+    with _ConvInputLayouts() as layouts:
+        streamed = torch.cat(list(vae.decode_stream(iter(pieces))), dim=2)
+    assert layouts.calls > 100 and layouts.converted == []
+    whole = vae.decode(latents)
+    assert torch.equal(streamed, whole)
+    assert whole.is_contiguous(memory_format=torch.channels_last_3d)
+    error, ncdhw_error = ((frames.float() - expected).abs() for frames in (whole, ncdhw))
+    assert error.mean() < 1.25 * ncdhw_error.mean() and error.max() < 2 * ncdhw_error.max()
+    tiled = TiledDecoder(vae, tile=4, overlap=2)
+    tiled_error = (tiled.decode(latents).float() - TiledDecoder(tiny_vae(), 4, 2).decode(latents)).abs()
+    assert tiled_error.mean() < 1.25 * ncdhw_error.mean()
+    assert torch.equal(vae.set_channels_last(False).decode(latents), ncdhw)
+
+
+def test_channels_last_decode_needs_no_more_memory() -> None:
+    """Buffers follow the input's layout, so the layout adds no conversion copies: the same peak, on meta."""
+    from histream_core.memory import LiveTensorBytes, fused_attention_on_meta
+    meter = LiveTensorBytes()
+    with meter, fused_attention_on_meta(), torch.device("meta"):
+        vae = WanVAE(WanVAEConfig(base_dim=8)).eval().to(torch.bfloat16)
+        chunks = [torch.empty(1, 16, 2, 24, 40) for _ in range(2)]
+        peaks = []
+        for channels_last in (False, True):
+            vae.set_channels_last(channels_last)
+            meter.reset_peak()
+            for _ in vae.decode_stream(iter(chunks)):
+                pass
+            peaks.append(meter.peak - meter.live)
+    assert peaks[1] <= peaks[0], peaks

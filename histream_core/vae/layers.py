@@ -50,6 +50,21 @@ class CausalPass:
         return tuple(self._new)
 
 
+def layout_of(x: torch.Tensor) -> torch.memory_format:
+    """The memory format ``x`` is laid out in: channels_last_3d (NDHWC) or the default (NCDHW).
+
+    The decoder's activations keep the layout its input comes in (see ``WanVAE.set_channels_last``): buffers are
+    allocated in it, so the convolutions never receive a tensor they must convert first.
+    """
+    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _empty_like_layout(x: torch.Tensor, *shape: int) -> torch.Tensor:
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=layout_of(x))
+
+
 class CausalConv3d(nn.Conv3d):
     """Conv3d that pads time only on the past (``2 * padding_t`` frames), as Wan's ``CausalConv3d``.
 
@@ -69,13 +84,20 @@ class CausalConv3d(nn.Conv3d):
         if self.history == 0:
             return super().forward(x)
         assert stream is not None, "a temporal causal conv needs a CausalPass"
+        b, c, t, h, w = x.shape
+        padded = _empty_like_layout(x, b, c, self.history + t, h, w)  # = cat([past or zeros, x]) in x's layout
+        self._fill_past(padded, stream)
+        padded[:, :, self.history:].copy_(x)
+        stream.give(padded[:, :, -self.history:].clone())  # clone: a view would keep the whole input alive
+        return super().forward(padded)
+
+    def _fill_past(self, padded: torch.Tensor, stream: CausalPass) -> None:
+        """Write the previous pass's last input frames (zeros at the start of a stream) before this pass's."""
         past = stream.take()
         if past is None:
-            b, c, _, h, w = x.shape
-            past = x.new_zeros(b, c, self.history, h, w)
-        x = torch.cat([past, x], dim=2)
-        stream.give(x[:, :, -self.history:].clone())  # clone: a view would keep the whole input alive
-        return super().forward(x)
+            padded[:, :, :self.history].zero_()
+        else:
+            padded[:, :, :self.history].copy_(past)
 
     def forward_normed(self, handed: list[torch.Tensor], norm: RMSNorm, act: nn.Module,
                        stream: CausalPass) -> torch.Tensor:
@@ -85,13 +107,8 @@ class CausalConv3d(nn.Conv3d):
         the normalized copy and x is 1.5 GB that would otherwise be alive during the conv."""
         x = handed.pop()
         b, c, t, h, w = x.shape
-        padded = x.new_empty(b, c, self.history + t, h, w)
-        past = stream.take()
-        if past is None:
-            padded[:, :, :self.history].zero_()
-        else:
-            padded[:, :, :self.history].copy_(past)
-        del past
+        padded = _empty_like_layout(x, b, c, self.history + t, h, w)
+        self._fill_past(padded, stream)
         current = padded[:, :, self.history:]
         norm(x, out=current)
         del x
@@ -216,18 +233,19 @@ class Upsample(nn.Module):
                 stream.give(stream.take())  # leave the history empty: it starts after the first frame
             else:
                 b, c, t, h, w = x.shape
-                y = self.time_conv(x, stream)  # [B, 2C, T, H, W]
-                x = y.reshape(b, 2, c, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * t, h, w)
+                y = self.time_conv(x, stream)  # [B, 2C, T, H, W]: channel block k is output frame 2t + k
+                x = _empty_like_layout(y, b, c, 2 * t, h, w)
+                x[:, :, 0::2] = y[:, :c]
+                x[:, :, 1::2] = y[:, c:]
+                del y
         # Frame by frame into one output: the 4x upsampled input before the conv halves its channels is the
         # largest tensor of the decoder (3 GB for 4 frames at 1080p); one frame of it at a time is enough.
-        b, _, t, h, w = x.shape
-        out = None
+        b, c, t, h, w = x.shape
+        out = _empty_like_layout(x, b, c // 2, t, 2 * h, 2 * w)
         for i in range(t):
-            frame = self.resample(x[:, :, i])  # [B, C/2, 2H, 2W]
-            if out is None:
-                out = frame.new_empty(b, frame.shape[1], t, *frame.shape[2:])
-            out[:, :, i] = frame
+            out[:, :, i] = self.resample(x[:, :, i])  # [B, C/2, 2H, 2W]
         return out
 
 
-__all__ = ["CausalPass", "CausalConv3d", "RMSNorm", "ResidualBlock", "AttentionBlock", "Downsample", "Upsample"]
+__all__ = ["layout_of", "CausalPass", "CausalConv3d", "RMSNorm", "ResidualBlock", "AttentionBlock", "Downsample",
+           "Upsample"]

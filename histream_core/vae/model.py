@@ -105,6 +105,25 @@ class WanVAE(nn.Module):
         self.conv1 = CausalConv3d(2 * z, 2 * z, 1)
         self.conv2 = CausalConv3d(z, z, 1)
         self.decoder = Decoder3d(self.config)
+        self.decode_layout = torch.contiguous_format
+
+    def set_channels_last(self, enabled: bool = True) -> "WanVAE":
+        """Decode in channels-last layout (NDHWC activations, channels_last(_3d) conv weights), or back to NCDHW.
+
+        cuDNN runs its convolutions in channels-last form: given NCDHW tensors it converts every input and output,
+        and for some shapes falls back to slower kernels. Here the decoder's input is converted once and every
+        buffer after it is allocated in the same layout, so no conv converts anything. The frames are the same up
+        to the convolution algorithms' float rounding. Returns the VAE.
+        """
+        formats = {5: torch.channels_last_3d, 4: torch.channels_last} if enabled else {}
+        for module in (self.conv2, self.decoder):
+            for conv in module.modules():
+                if isinstance(conv, (nn.Conv2d, nn.Conv3d)):
+                    weight = conv.weight
+                    weight.data = weight.data.contiguous(
+                        memory_format=formats.get(weight.dim(), torch.contiguous_format))
+        self.decode_layout = torch.channels_last_3d if enabled else torch.contiguous_format
+        return self
 
     def initial_state(self) -> StreamState:
         """The state to start a video's encode or decode from (one per video and direction)."""
@@ -152,7 +171,8 @@ class WanVAE(nn.Module):
         """Run the decoder pass by pass. ``box`` holds the caches: its content is handed to each pass and replaced
         by the pass's result, so whatever the caller does not hold elsewhere is freed as it is consumed."""
         weight = self.conv2.weight
-        x = self.conv2(latents.to(device=weight.device, dtype=weight.dtype))
+        x = latents.to(device=weight.device, dtype=weight.dtype).contiguous(memory_format=self.decode_layout)
+        x = self.conv2(x)
         frames = []
         for start, stop in _passes(x.shape[2], first_alone=not started, size=frames_per_pass):
             stream = CausalPass(box.pop(), first_frame=not started and start == 0)
