@@ -117,6 +117,7 @@ def build_decoder(args, device: torch.device, dtype: torch.dtype, tiled: bool = 
         if args.vae_kind == "taehv":
             return TinyWanDecoder().to(dtype).eval()
         vae = WanVAE(WanVAEConfig() if args.model != "tiny" else WanVAEConfig(base_dim=8)).to(dtype).eval()
+    vae.set_channels_last(args.vae_channels_last)
     return TiledDecoder(vae, tile=args.tile, overlap=max(1, args.tile // 4)) if args.tile and tiled else vae
 
 
@@ -162,7 +163,8 @@ def predicted_memory(args, dtype: torch.dtype, mode: str) -> dict:
 def print_table(args, rows: list[dict], vae: dict | None, e2e: list[dict], predicted: dict | None,
                 device_name: str) -> None:
     print(f"{args.model}, {args.width}x{args.height}, {args.frames} frames, {args.dtype}, {args.attention}"
-          f"{', compiled' if args.compile else ''}, {device_name}, "
+          f"{', compiled' if args.compile else ''}{', VAE channels-last' if args.vae_channels_last else ''}"
+          f"{', cudnn.benchmark' if args.cudnn_benchmark else ''}, {device_name}, "
           f"median of {args.repeats} after {args.warmup} warm-up")
     head = f"{'mode':<13}{'s/frame':>9}{'TFLOP':>9}{'TFLOP/s':>9}{'of floor':>9}{'peak GiB':>9}  per-chunk s"
     print(head + "\n" + "-" * len(head))
@@ -209,6 +211,10 @@ def main() -> None:
     parser.add_argument("--skip-vae", action="store_true")
     parser.add_argument("--vae-kind", default="wan", choices=["wan", "taehv"],
                         help="decode with the Wan VAE or TAEHV's tiny decoder (random weights either way)")
+    parser.add_argument("--vae-channels-last", action="store_true",
+                        help="decode with the Wan VAE in channels-last layout (WanVAE.set_channels_last)")
+    parser.add_argument("--cudnn-benchmark", action="store_true",
+                        help="let cuDNN time its convolution algorithms (torch.backends.cudnn.benchmark)")
     parser.add_argument("--e2e-mode", default="histream+", help="mode of the end-to-end mp4 run ('' to skip)")
     parser.add_argument("--e2e-orders", default="after,interleaved,overlapped",
                         help="decode orders of the end-to-end runs")
@@ -219,7 +225,9 @@ def main() -> None:
 
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype] if device.type == "cuda" or args.dtype == "fp32" else torch.float32
+    args.dtype = next(name for name, value in DTYPES.items() if value == dtype)  # what ran, for the table and JSON
     clock = Clock(device)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     model = build_model(args.model, device, dtype, args.compile)
     context = torch.randn(1, model.cfg.text_len, model.cfg.text_dim, device=device)
     with torch.no_grad():

@@ -8,7 +8,8 @@ times the most expensive shapes in each formulation below and checks each agains
 A causal 3x3x3 conv over padded frames x[0..T+1] (two past frames first) is ``out[t] = sum_k conv2d(x[t+k], w_k)``
 with w_k = w[:, :, k]. The formulations (frames-major = [T, C, H, W], one frame per batch entry):
 
-* ``conv3d``: what the VAE runs today (NCDHW), and ``conv3d_cl``: the same in channels_last_3d.
+* ``conv3d``: what the VAE runs by default (NCDHW), and ``conv3d_cl``: the same in channels_last_3d, as
+  ``WanVAE.set_channels_last()`` runs it.
 * ``taps``: three conv2d over the frames-major frames, one per k, summed (K = 9C each).
 * ``stacked``: per output frame one conv2d on x[t..t+2] read as 3C channels, a view in frames-major (K = 27C).
 * ``stacked_all``: the same for all frames in one call, on an overlapping strided view.
@@ -262,6 +263,44 @@ def measure(call: ConvCall, name: str, build: Formulation, device: torch.device,
             "extra_gib": extra_gib}
 
 
+NATIVE = ("conv3d", "conv2d", "native")  # how the VAE runs each convolution by default
+EXACT = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}  # relative error of a right answer
+
+
+def time_shape(call: ConvCall, count: int, device: torch.device, dtype: torch.dtype, benchmark_modes: list[bool],
+               only: set[str], warmup: int, iters: int) -> list[dict]:
+    """Rows for every chosen formulation of one shape (under each cudnn.benchmark setting); ms None when it ran
+    out of memory."""
+    rows = []
+    for benchmark in benchmark_modes:
+        torch.backends.cudnn.benchmark = benchmark
+        for name, build in formulations_for(call).items():
+            if only and name not in only and name not in NATIVE:
+                continue
+            try:
+                row = measure(call, name, build, device, dtype, warmup, iters)
+            except torch.OutOfMemoryError:
+                row = {"formulation": name, "ms": None}
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            rows.append(row | {"input": call[0], "weight": call[1], "calls": count, "cudnn_benchmark": benchmark,
+                               "decode_s": None if row["ms"] is None else row["ms"] * count / 1000,
+                               "exact": row["ms"] is not None and row["rel_error"] < EXACT[dtype]})
+    return rows
+
+
+
+def _print_row(row: dict) -> None:
+    cells = [list(row["input"]), list(row["weight"]), row["calls"], row["formulation"], row["cudnn_benchmark"]]
+    if row["ms"] is None:
+        cells += ["out of memory", "", "", "", ""]
+    else:
+        cells += [f"{row['ms']:.2f}", f"{row['tflops']:.3g}", f"{row['decode_s']:.2f}",
+                  f"{row['rel_error']:.1e}{'' if row['exact'] else ' WRONG'}",
+                  "-" if math.isnan(row["extra_gib"]) else f"{row['extra_gib']:.2f}"]
+    print("| " + " | ".join(str(cell) for cell in cells) + " |")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--width", type=int, default=1920)
@@ -271,7 +310,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--tiny", action="store_true", help="base_dim 16 instead of Wan's 96, for a quick run")
     parser.add_argument("--top", type=int, default=6, help="time the convolution shapes with the most FLOPs")
-    parser.add_argument("--only", default="", help="comma-separated formulations to time (default: all)")
+    parser.add_argument("--only", default="", help="comma-separated formulations to time besides today's")
     parser.add_argument("--cudnn-benchmark", choices=("on", "off", "both"), default="both")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5)
@@ -285,10 +324,9 @@ def main(argv: list[str] | None = None) -> None:
     total = sum(conv_flops(call) * n for call, n in calls.items())
     ranked = sorted(calls, key=lambda call: -conv_flops(call) * calls[call])[:args.top]
     covered = sum(conv_flops(call) * calls[call] for call in ranked)
-    only = set(filter(None, args.only.split(",")))
     benchmark_modes = {"on": [True], "off": [False], "both": [False, True]}[args.cudnn_benchmark]
     if device.type != "cuda":
-        benchmark_modes = [False]
+        benchmark_modes = [False]  # a cuDNN setting
 
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"Wan VAE decode convolutions, {'tiny (base_dim 16)' if args.tiny else 'real config'}, {args.width}x"
@@ -298,37 +336,18 @@ def main(argv: list[str] | None = None) -> None:
     print("| input [B,C,T,H,W] | weight | calls | formulation | cudnn.benchmark | ms/call | TFLOP/s | s in decode | "
           "rel. error | extra GiB |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    rows, best_total, native_total = [], 0.0, 0.0
+    rows, today_s, best_s = [], 0.0, 0.0
     for call in ranked:
-        best = None
-        for benchmark in benchmark_modes:
-            torch.backends.cudnn.benchmark = benchmark
-            for name, build in formulations_for(call).items():
-                if only and name not in only and name not in ("conv3d", "conv2d", "native"):
-                    continue
-                try:
-                    row = measure(call, name, build, device, dtype, args.warmup, args.iters)
-                except torch.OutOfMemoryError:
-                    print(f"| {list(call[0])} | {list(call[1])} | {calls[call]} | {name} | {benchmark} | out of memory "
-                          "| | | | |")
-                    torch.cuda.empty_cache()
-                    continue
-                row |= {"input": call[0], "weight": call[1], "calls": calls[call], "cudnn_benchmark": benchmark,
-                        "decode_s": row["ms"] * calls[call] / 1000}
-                rows.append(row)
-                exact = row["rel_error"] < (1e-4 if dtype == torch.float32 else 2e-2)
-                print(f"| {list(call[0])} | {list(call[1])} | {calls[call]} | {name} | {benchmark} | {row['ms']:.2f} | "
-                      f"{row['tflops']:.3g} | {row['decode_s']:.2f} | {row['rel_error']:.1e}{'' if exact else ' WRONG'} "
-                      f"| {row['extra_gib']:.2f} |")
-                if name in ("conv3d", "conv2d", "native") and not benchmark:
-                    native_total += row["decode_s"]
-                if exact and (best is None or row["decode_s"] < best["decode_s"]):
-                    best = row
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        best_total += best["decode_s"]
-    print(f"These shapes in the 81-frame decode: {native_total:.2f} s as the VAE runs them now (cudnn.benchmark off), "
-          f"{best_total:.2f} s with the fastest exact formulation of each.")
+        shape_rows = time_shape(call, calls[call], device, dtype, benchmark_modes,
+                                set(filter(None, args.only.split(","))), args.warmup, args.iters)
+        for row in shape_rows:
+            _print_row(row)
+        rows += shape_rows
+        today_s += next(r["decode_s"] or 0.0 for r in shape_rows if r["formulation"] in NATIVE)
+        best_s += min((r["decode_s"] for r in shape_rows if r["exact"]), default=0.0)
+    print(f"These shapes in the {args.frames}-frame decode: {today_s:.2f} s as the VAE runs them by default "
+          f"(cudnn.benchmark {'off' if False in benchmark_modes else 'on'}), {best_s:.2f} s with the fastest exact "
+          "formulation of each.")
     if args.json:
         args.json.write_text(json.dumps({"device": device_name, "args": vars(args) | {"json": str(args.json)},
                                          "total_tflop": total / 1e12, "covered_fraction": covered / total,

@@ -62,5 +62,5 @@ def test_the_script_runs_small_and_finds_every_formulation_exact(bench, tmp_path
                 "--top", "2", "--iters", "1", "--warmup", "0", "--json", str(out)])
     rows = json.loads(out.read_text())["rows"]
     assert {row["formulation"] for row in rows} >= set(bench.CAUSAL_3X3X3)
-    assert all(row["rel_error"] < 1e-5 for row in rows)
+    assert all(row["exact"] and row["rel_error"] < 1e-5 for row in rows)
     assert "WRONG" not in capsys.readouterr().out
