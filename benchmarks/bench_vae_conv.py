@@ -216,9 +216,14 @@ def formulations_for(call: ConvCall) -> dict[str, Formulation]:
 
 
 def reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """The convolution in fp32, the yardstick of every formulation's error."""
+    """The convolution in fp32 (TF32 off), the yardstick of every formulation's error."""
     run, _ = _native(x.float(), w.float(), b.float())
-    return run()
+    allow_tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        return run()
+    finally:
+        torch.backends.cudnn.allow_tf32 = allow_tf32
 
 
 def _time_ms(run: Callable[[], torch.Tensor], device: torch.device, warmup: int, iters: int) -> float:
@@ -240,27 +245,31 @@ def _time_ms(run: Callable[[], torch.Tensor], device: torch.device, warmup: int,
     return statistics.median(times)
 
 
-def measure(call: ConvCall, name: str, build: Formulation, device: torch.device, dtype: torch.dtype,
-            warmup: int, iters: int) -> dict:
-    """Time one formulation of one conv call; its error against fp32 and (CUDA) its memory beyond the inputs."""
+def random_operands(call: ConvCall, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """Input, weight (scaled to keep the output O(1)) and bias of one conv call, made on the device."""
     x_shape, w_shape, _ = call
-    generator = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(x_shape, generator=generator).to(device, dtype)
-    w = (torch.randn(w_shape, generator=generator) / math.prod(w_shape[1:]) ** 0.5).to(device, dtype)
-    b = torch.randn(w_shape[0], generator=generator).to(device, dtype)
-    expected = reference(x, w, b)
-    run, to_ncdhw = build(x, w, b)
+    generator = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(x_shape, generator=generator, device=device, dtype=dtype)
+    w = torch.randn(w_shape, generator=generator, device=device, dtype=dtype) / math.prod(w_shape[1:]) ** 0.5
+    return x, w, torch.randn(w_shape[0], generator=generator, device=device, dtype=dtype)
+
+
+def measure(call: ConvCall, build: Formulation, operands: tuple[torch.Tensor, ...], expected: torch.Tensor,
+            warmup: int, iters: int) -> dict:
+    """Time one formulation of one conv call; its error against ``expected`` (fp32) and, on CUDA, the memory it
+    needs beyond its operands."""
+    device = expected.device
+    run, to_ncdhw = build(*operands)
     got = to_ncdhw(run()).float()
     error = ((got - expected).abs().max() / expected.abs().max()).item()
-    del got, expected
+    del got
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
     ms = _time_ms(run, device, warmup, iters)
     extra_gib = (torch.cuda.max_memory_allocated(device) - base) / 2**30 if device.type == "cuda" else float("nan")
-    return {"formulation": name, "ms": ms, "tflops": conv_flops(call) / ms / 1e9, "rel_error": error,
-            "extra_gib": extra_gib}
+    return {"ms": ms, "tflops": conv_flops(call) / ms / 1e9, "rel_error": error, "extra_gib": extra_gib}
 
 
 NATIVE = ("conv3d", "conv2d", "native")  # how the VAE runs each convolution by default
@@ -271,6 +280,8 @@ def time_shape(call: ConvCall, count: int, device: torch.device, dtype: torch.dt
                only: set[str], warmup: int, iters: int) -> list[dict]:
     """Rows for every chosen formulation of one shape (under each cudnn.benchmark setting); ms None when it ran
     out of memory."""
+    operands = random_operands(call, device, dtype)
+    expected = reference(*operands)
     rows = []
     for benchmark in benchmark_modes:
         torch.backends.cudnn.benchmark = benchmark
@@ -278,12 +289,13 @@ def time_shape(call: ConvCall, count: int, device: torch.device, dtype: torch.dt
             if only and name not in only and name not in NATIVE:
                 continue
             try:
-                row = measure(call, name, build, device, dtype, warmup, iters)
+                row = measure(call, build, operands, expected, warmup, iters)
             except torch.OutOfMemoryError:
-                row = {"formulation": name, "ms": None}
+                row = {"ms": None}
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            rows.append(row | {"input": call[0], "weight": call[1], "calls": count, "cudnn_benchmark": benchmark,
+            rows.append(row | {"formulation": name, "input": call[0], "weight": call[1], "calls": count,
+                               "cudnn_benchmark": benchmark,
                                "decode_s": None if row["ms"] is None else row["ms"] * count / 1000,
                                "exact": row["ms"] is not None and row["rel_error"] < EXACT[dtype]})
     return rows
