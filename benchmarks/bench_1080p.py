@@ -117,7 +117,7 @@ def build_decoder(args, device: torch.device, dtype: torch.dtype, tiled: bool = 
         if args.vae_kind == "taehv":
             return TinyWanDecoder().to(dtype).eval()
         vae = WanVAE(WanVAEConfig() if args.model != "tiny" else WanVAEConfig(base_dim=8)).to(dtype).eval()
-    vae.set_channels_last(args.vae_channels_last)
+    vae.set_channels_last(args.vae_channels_last).compile_norms(args.vae_compile)
     return TiledDecoder(vae, tile=args.tile, overlap=max(1, args.tile // 4)) if args.tile and tiled else vae
 
 
@@ -164,6 +164,7 @@ def print_table(args, rows: list[dict], vae: dict | None, e2e: list[dict], predi
                 device_name: str) -> None:
     print(f"{args.model}, {args.width}x{args.height}, {args.frames} frames, {args.dtype}, {args.attention}"
           f"{', compiled' if args.compile else ''}{', VAE channels-last' if args.vae_channels_last else ''}"
+          f"{', VAE norms compiled' if args.vae_compile else ''}"
           f"{', cudnn.benchmark' if args.cudnn_benchmark else ''}, {device_name}, "
           f"median of {args.repeats} after {args.warmup} warm-up")
     head = f"{'mode':<13}{'s/frame':>9}{'TFLOP':>9}{'TFLOP/s':>9}{'of floor':>9}{'peak GiB':>9}  per-chunk s"
@@ -213,6 +214,8 @@ def main() -> None:
                         help="decode with the Wan VAE or TAEHV's tiny decoder (random weights either way)")
     parser.add_argument("--vae-channels-last", action="store_true",
                         help="decode with the Wan VAE in channels-last layout (WanVAE.set_channels_last)")
+    parser.add_argument("--vae-compile", action="store_true",
+                        help="fuse the Wan VAE decoder's norm + SiLU steps with torch.compile (WanVAE.compile_norms)")
     parser.add_argument("--cudnn-benchmark", action="store_true",
                         help="let cuDNN time its convolution algorithms (torch.backends.cudnn.benchmark)")
     parser.add_argument("--e2e-mode", default="histream+", help="mode of the end-to-end mp4 run ('' to skip)")
