@@ -2,9 +2,9 @@
 
 Counted: every matrix multiply of the DiT, 2 FLOPs per multiply-add: patch embedding, timestep MLPs, per block the
 self-attention projections, attention scores and weighted sum over the visible keys (the chunk plus its cache),
-cross-attention on the text, FFN, and the output head; plus once per video the text embedding and every block's
-cross-attention text K/V (computed once and reused). Element-wise work (norms, RoPE, modulation, softmax) is not a
-matmul and is left out, as ``torch.utils.flop_counter`` does.
+cross-attention on the text, FFN, and the output head (a cache pass stops at the last block's K/V); plus once per
+video the text embedding and every block's cross-attention text K/V (computed once and reused). Element-wise work
+(norms, RoPE, modulation, softmax) is not a matmul and is left out, as ``torch.utils.flop_counter`` does.
 """
 
 from __future__ import annotations
@@ -31,11 +31,14 @@ def call_flops(cfg: ModelConfig, call: ModelCall, batch: int = 1) -> int:
         + 2 * q_len * cfg.text_len * d
         + 2 * q_len * d * ffn        # FFN up and down
     )
+    if call.writes_only:  # the last block computes only its k and v; no head (CausalWanModel.write_cache)
+        blocks_and_head = (cfg.num_layers - 1) * per_block + 2 * q_len * d * d
+    else:
+        blocks_and_head = cfg.num_layers * per_block + q_len * d * cfg.out_dim * pt * ph * pw
     macs = (
         q_len * cfg.in_dim * pt * ph * pw * d                             # patch embedding
         + frames * (cfg.freq_dim * d + d * d + d * 6 * d)                 # time embedding + projection, per frame
-        + cfg.num_layers * per_block
-        + q_len * d * cfg.out_dim * pt * ph * pw                          # head
+        + blocks_and_head
     )
     return 2 * batch * macs
 

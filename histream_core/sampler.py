@@ -92,6 +92,11 @@ class ModelCall:
     num_frames: int
     cached_frames: int
 
+    @property
+    def writes_only(self) -> bool:
+        """A (re)cache pass: only its K/V are kept (``CausalWanModel.write_cache``), not its output."""
+        return self.kind.startswith(("cache_", "recache_"))
+
 
 @dataclass(frozen=True)
 class ChunkPlan:
@@ -319,8 +324,9 @@ def stream_video(
         settings = AttentionSettings(cfg.attention_backend, factors, logit_scale)
         timestep = torch.full((x.shape[0],), t, device=device)
         # Only full-size chunks use compiled graphs: a short last chunk or a recache run happens once per video.
-        v = model(x, timestep, text_kv, cache=cache, frame_start=plan.rope_start if frame_start is None else frame_start,
-                  update_cache=update, settings=settings, compiled=x.shape[2] == cfg.stream.chunk_frames)
+        call = model.write_cache if update else model
+        v = call(x, timestep, text_kv, cache=cache, frame_start=plan.rope_start if frame_start is None else frame_start,
+                 settings=settings, compiled=x.shape[2] == cfg.stream.chunk_frames)
         calls_done += 1
         x0 = None if update else x0_from_flow(x, v, t)
         if on_progress is not None:

@@ -47,6 +47,24 @@ def test_reindexed_keys_equal_keys_computed_at_the_new_position():
     assert torch.equal(at_two.values[0], at_five.values[0])
 
 
+def test_write_cache_writes_what_a_full_cache_pass_writes():
+    """write_cache skips the last block's attention, FFN and the head; the K/V it writes (over a cache that already
+    holds a chunk, with a window) are those of forward(update_cache=True), bit for bit."""
+    model = tiny_model(seed=1)
+    text = model.encode_text(torch.randn(1, 5, model.cfg.text_dim))
+    chunks = [torch.randn(1, 16, 3, 4, 4, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    full, written = KVCache(2), KVCache(2)
+    for cache in (full, written):
+        cache.window = (1, 2)
+    with torch.no_grad():
+        for index, x in enumerate(chunks):
+            model(x, torch.zeros(1), text, cache=full, frame_start=3 * index, update_cache=True)
+            assert model.write_cache(x, torch.zeros(1), text, cache=written, frame_start=3 * index) is None
+    assert full.positions == written.positions == [0, 7, 8]
+    for a, b in zip(full.keys + full.values, written.keys + written.values):
+        assert torch.equal(a, b)
+
+
 def test_chunked_forward_is_differentiable_for_training():
     """DMD-style training runs the same chunk-wise rollout with gradients on: cache writes are detached, the math
     is not inference-only."""

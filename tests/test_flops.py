@@ -1,5 +1,6 @@
 """Analytic FLOP count against torch's FlopCounterMode on the tiny model, and the 1.3B figures of DESIGN.md §7."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -11,9 +12,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import tiny_model
 from histream_core.config import MODEL_PRESETS
-from histream_core.flops import call_flops, run_flops
+from histream_core.flops import call_flops, run_flops, text_flops
 from histream_core.modes import MODES
-from histream_core.sampler import ModelCall, plan_video, stream_video, video_geometry
+from histream_core.sampler import plan_video, stream_video, video_geometry
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -38,18 +39,21 @@ def test_prompt_schedule_recache_is_counted():
 
 
 def test_1p3b_1080p_matches_design_table():
-    """DESIGN.md section 7 counts Algorithm 1 literally: a cache pass per resolution after every chunk. We skip the
-    last chunk's (nothing reads them); added back, the count must match the design's within 2%."""
+    """DESIGN.md section 7 counts Algorithm 1 literally: a full forward as the cache pass per resolution after every
+    chunk. We skip the last chunk's (nothing reads them) and stop the others at the last block's K/V; counted the
+    literal way, our plan must match the design's within 2%."""
     cfg = MODEL_PRESETS["wan2.1-1.3b"]
     design = {"self-forcing": 17_600, "histream": 6_180, "histream+": 4_320}
     for mode, tflop in design.items():
-        run = run_flops(cfg, MODES[mode], 1920, 1088, 81, mode)
-        geometry = video_geometry(1920, 1088, 81, MODES[mode])
-        last = plan_video(geometry, MODES[mode])[-1]
-        skipped = [ModelCall(kind, 0.0, geometry.high if kind == "cache_high" else geometry.low, last.num_frames,
-                             last.cached_frames) for kind in ("cache_high", "cache_low")[:1 + MODES[mode].drc]]
-        literal = run.flops_total + sum(call_flops(cfg, c) for c in skipped)
+        sampler_cfg = MODES[mode]
+        geometry = video_geometry(1920, 1088, 81, sampler_cfg)
+        plans = [dataclasses.replace(plan, writes_cache=True) for plan in plan_video(geometry, sampler_cfg)]
+        calls = [call for plan in plans for call in plan.calls(geometry, sampler_cfg.drc)]
+        full_forwards = [dataclasses.replace(call, kind=call.kind.removeprefix("cache_")) for call in calls]
+        assert not any(call.writes_only for call in full_forwards)
+        literal = sum(call_flops(cfg, call) for call in full_forwards) + text_flops(cfg)
         assert literal / 1e12 == pytest.approx(tflop, rel=0.02), mode
+        assert run_flops(cfg, sampler_cfg, 1920, 1088, 81).flops_total < literal
 
 
 def test_flops_command_json():

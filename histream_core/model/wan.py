@@ -4,7 +4,8 @@ One ``forward`` serves two uses:
   * reference mode (``cache=None``): a whole latent video, bidirectional attention, as Wan2.1 itself;
   * chunk mode (``cache=KVCache``): one chunk of latent frames attends in full to itself and to the cached frames;
     with ``update_cache=True`` its own keys (after RoPE) and values are written into the cache at the chunk's
-    temporal positions (the paper's timestep-0 cache pass).
+    temporal positions (the paper's timestep-0 cache pass). ``write_cache`` is that pass when only the cache is
+    wanted, as in the sampler: it stops at the last block's K/V.
 Module and parameter names equal the original Wan checkpoints (``norm3`` is the cross-attention norm, ``norm2``
 the FFN norm). The residual stream and the 6-way modulation run in fp32; projections, attention and FFN run in
 ``compute_dtype``. Nothing here is inference-only: gradients flow through every output (cache writes are detached).
@@ -68,11 +69,15 @@ class _Projections(nn.Module):
 
 
 class SelfAttention(_Projections):
+    def kv(self, x, cos, sin):
+        """x # [B, L, C] in compute dtype -> (k after RoPE, v) # [B, L, heads, head_dim]"""
+        k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1)), cos, sin)
+        return k, self.v(x).unflatten(-1, (self.num_heads, -1))
+
     def forward(self, x, cos, sin, cached, settings: AttentionSettings):
         """x # [B, L, C] in compute dtype -> (out # [B, L, C], (k, v) of these tokens after RoPE)."""
         q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1)), cos, sin)
-        k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1)), cos, sin)
-        v = self.v(x).unflatten(-1, (self.num_heads, -1))
+        k, v = self.kv(x, cos, sin)
         k_all, v_all = (k, v) if cached is None else (torch.cat([cached[0], k], 1), torch.cat([cached[1], v], 1))
         out = attention(q, k_all, v_all, settings.backend, settings.logit_scale)
         return self.o(out.flatten(2)), (k, v)
@@ -108,8 +113,8 @@ class WanBlock(nn.Module):
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float().unsqueeze(0) + e).unbind(2)
         per_frame = lambda t: t.unflatten(1, (frames, -1))  # noqa: E731  [B, L, C] -> [B, F, S, C]
 
-        h = modulate(per_frame(self.norm1(x)), shift_sa, scale_sa).flatten(1, 2)
-        y, new_kv = self.self_attn(h.to(compute_dtype), cos, sin, cached, settings)
+        h = self._self_attn_input(x, frames, shift_sa, scale_sa, compute_dtype)
+        y, new_kv = self.self_attn(h, cos, sin, cached, settings)
         x = x + (per_frame(y.float()) * gate_sa.unsqueeze(2)).flatten(1, 2)
 
         x = x + self.cross_attn(self.norm3(x).to(compute_dtype), text_kv, settings.backend).float()
@@ -118,6 +123,15 @@ class WanBlock(nn.Module):
         y = self.ffn(h.to(compute_dtype))
         x = x + (per_frame(y.float()) * gate_ff.unsqueeze(2)).flatten(1, 2)
         return x, new_kv
+
+    def kv(self, x, e, frames, cos, sin, compute_dtype):
+        """Only this block's self-attention (k, v) of x: all a cache pass needs from the last block."""
+        shift_sa, scale_sa = (self.modulation[:, :2].float().unsqueeze(0) + e[:, :, :2]).unbind(2)
+        return self.self_attn.kv(self._self_attn_input(x, frames, shift_sa, scale_sa, compute_dtype), cos, sin)
+
+    def _self_attn_input(self, x, frames, shift, scale, compute_dtype):
+        """norm1 of the residual stream, modulated per frame, in compute dtype.  # [B, L, C]"""
+        return modulate(self.norm1(x).unflatten(1, (frames, -1)), shift, scale).flatten(1, 2).to(compute_dtype)
 
 
 class Head(nn.Module):
@@ -211,6 +225,24 @@ class CausalWanModel(nn.Module):
         compiled: use the compiled blocks if ``compile_blocks`` was called (False: eager, for one-off shapes).
         Returns v # [B, out_dim, F, H, W] float32.
         """
+        if update_cache and cache is None:
+            raise ValueError("update_cache=True needs a cache to write into")
+        x_tok, e, grid = self._run_blocks(x, timestep, text, cache, frame_start, update_cache, settings, compiled,
+                                          last_block_kv_only=False)
+        out = self.head(x_tok, e, grid[0], self.compute_dtype).float()
+        return self._unpatchify(out, grid)
+
+    def write_cache(self, x: torch.Tensor, timestep: torch.Tensor, text: TextKV | torch.Tensor, *, cache: KVCache,
+                    frame_start: int = 0, settings: AttentionSettings = AttentionSettings(),
+                    compiled: bool = True) -> None:
+        """The timestep-0 cache pass when its output is not wanted: writes into ``cache`` exactly the K/V that
+        ``forward(..., update_cache=True)`` writes, without the work only the output needs (the last block's
+        attention, cross-attention and FFN, and the head: about 1/num_layers of the call)."""
+        self._run_blocks(x, timestep, text, cache, frame_start, True, settings, compiled, last_block_kv_only=True)
+
+    def _run_blocks(self, x, timestep, text, cache, frame_start, update_cache, settings, compiled,
+                    last_block_kv_only):
+        """Embed, run the blocks (writing K/V if asked) -> (residual stream # [B, L, C], e, token grid)."""
         cfg = self.cfg
         check_backend(settings.backend)
         if x.ndim != 5 or x.shape[1] != cfg.in_dim:
@@ -218,8 +250,6 @@ class CausalWanModel(nn.Module):
         pt, ph, pw = cfg.patch_size
         if x.shape[2] % pt or x.shape[3] % ph or x.shape[4] % pw:
             raise ValueError(f"latent size {tuple(x.shape[2:])} is not divisible by the patch size {cfg.patch_size}")
-        if update_cache and cache is None:
-            raise ValueError("update_cache=True needs a cache to write into")
         text_kv = text if isinstance(text, TextKV) else self.encode_text(text)
 
         tokens = self.patch_embedding(x.to(self.compute_dtype))  # [B, C, F', H', W']
@@ -234,17 +264,19 @@ class CausalWanModel(nn.Module):
         writing = cache.begin_write(list(range(frame_start, frame_start + frames)), tokens_per_frame) \
             if update_cache else None
         blocks = self.__dict__["_compiled_blocks"] if compiled and self.is_compiled else self.blocks
+        last = len(blocks) - 1
         for index, block in enumerate(blocks):
-            cached = cache.layer(index) if cache is not None else None
-            x_tok, kv = block(x_tok, e_proj, frames, cos, sin, text_kv.layers[index], cached, settings,
-                              self.compute_dtype)
+            if last_block_kv_only and index == last:
+                kv = self.blocks[index].kv(x_tok, e_proj, frames, cos, sin, self.compute_dtype)
+            else:
+                cached = cache.layer(index) if cache is not None else None
+                x_tok, kv = block(x_tok, e_proj, frames, cos, sin, text_kv.layers[index], cached, settings,
+                                  self.compute_dtype)
             if writing is not None:
                 writing.layer(index, *kv)
         if writing is not None:
             writing.finish()
-
-        out = self.head(x_tok, e, frames, self.compute_dtype).float()
-        return self._unpatchify(out, grid)
+        return x_tok, e, grid
 
     def _time_embedding(self, timestep: torch.Tensor, batch: int, frames: int):
         """-> e # [B, F, C] (time embedding) and e_proj # [B, F, 6, C] (block modulation), both fp32."""
