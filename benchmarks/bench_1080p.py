@@ -52,12 +52,13 @@ class Clock:
         return stop - start
 
 
-def build_model(name: str, device: torch.device, dtype: torch.dtype, compile_blocks: bool) -> CausalWanModel:
+def build_model(name: str, device: torch.device, dtype: torch.dtype, compile_blocks: bool,
+                compile_mode: str | None = None) -> CausalWanModel:
     torch.manual_seed(0)
     with torch.device(device):
         model = CausalWanModel(MODEL_PRESETS[name], compute_dtype=dtype)
     model = model.to(dtype).eval().requires_grad_(False)
-    return model.compile_blocks() if compile_blocks else model
+    return model.compile_blocks(compile_mode) if compile_blocks else model
 
 
 def mode_config(args, mode: str):
@@ -162,8 +163,9 @@ def predicted_memory(args, dtype: torch.dtype, mode: str) -> dict:
 
 def print_table(args, rows: list[dict], vae: dict | None, e2e: list[dict], predicted: dict | None,
                 device_name: str) -> None:
-    print(f"{args.model}, {args.width}x{args.height}, {args.frames} frames, {args.dtype}, {args.attention}"
-          f"{', compiled' if args.compile else ''}{', VAE channels-last' if args.vae_channels_last else ''}"
+    compiled = f", compiled ({args.compile_mode or 'default mode'})" if args.compile else ""
+    print(f"{args.model}, {args.width}x{args.height}, {args.frames} frames, {args.dtype}, {args.attention}{compiled}"
+          f"{', VAE channels-last' if args.vae_channels_last else ''}"
           f"{', VAE norms compiled' if args.vae_compile else ''}"
           f"{', cudnn.benchmark' if args.cudnn_benchmark else ''}, {device_name}, "
           f"median of {args.repeats} after {args.warmup} warm-up")
@@ -210,6 +212,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--rate", type=float, default=798.0, help="matmul TFLOP/s that defines the floor")
     parser.add_argument("--compile", action="store_true", help="torch.compile every transformer block")
+    parser.add_argument("--compile-mode", default=None,
+                        help="torch.compile mode of the blocks, e.g. max-autotune-no-cudagraphs (GEMM autotuning)")
     parser.add_argument("--tile", type=int, help="end-to-end run: decode in spatial tiles of this many latent px")
     parser.add_argument("--attention", default="sdpa", choices=list(BACKENDS))
     parser.add_argument("--kv-cache-fp8", action="store_true", help="store the K/V caches in fp8")
@@ -235,7 +239,7 @@ def main() -> None:
     args.dtype = next(name for name, value in DTYPES.items() if value == dtype)  # what ran, for the table and JSON
     clock = Clock(device)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
-    model = build_model(args.model, device, dtype, args.compile)
+    model = build_model(args.model, device, dtype, args.compile, args.compile_mode)
     context = torch.randn(1, model.cfg.text_len, model.cfg.text_dim, device=device)
     with torch.no_grad():
         rows = [bench_mode(model, context, args, mode, clock, device) for mode in args.modes.split(",") if mode]
