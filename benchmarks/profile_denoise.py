@@ -29,12 +29,32 @@ CATEGORIES = (
 )
 
 
-def category(name: str) -> str:
+def category(name: str, categories=CATEGORIES) -> str:
     lowered = name.lower()
-    for label, needles in CATEGORIES:
+    for label, needles in categories:
         if any(n in lowered for n in needles):
             return label
     return "other"
+
+
+def print_kernel_table(prof, title: str, frames: int, top: int, categories=CATEGORIES, gpu: bool = True) -> None:
+    """GPU kernel time of a profile by category and by kernel (``gpu=False``: the CPU ops' own time instead)."""
+    totals, kernels = defaultdict(float), defaultdict(float)
+    for event in prof.key_averages():
+        if gpu:
+            us = getattr(event, "device_time_total", 0.0) if event.device_type == torch.autograd.DeviceType.CUDA else 0
+        else:
+            us = event.self_cpu_time_total
+        if us:
+            totals[category(event.key, categories)] += us
+            kernels[event.key] += us
+    whole = sum(totals.values())
+    print(f"{title}: {'GPU kernel' if gpu else 'CPU op'} time {whole / 1e6:.2f} s ({whole / 1e6 / frames:.4f} s/frame)")
+    for label, us in sorted(totals.items(), key=lambda kv: -kv[1]):
+        print(f"  {label:<18}{us / 1e6:>8.2f} s {us / whole:>6.1%}")
+    print("top kernels:")
+    for name, us in sorted(kernels.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"  {us / 1e6:>7.3f} s  {name[:110]}")
 
 
 def main() -> None:
@@ -56,21 +76,8 @@ def main() -> None:
         list(stream_video(model, context, args.width, args.height, args.frames, cfg, 0))  # warm-up
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             list(stream_video(model, context, args.width, args.height, args.frames, cfg, 0))
-    totals, kernels = defaultdict(float), defaultdict(float)
-    for event in prof.key_averages():
-        cuda_us = getattr(event, "device_time_total", 0.0)
-        if cuda_us and event.device_type == torch.autograd.DeviceType.CUDA:
-            totals[category(event.key)] += cuda_us
-            kernels[event.key] += cuda_us
-    whole = sum(totals.values())
-    print(f"{args.mode}, {args.width}x{args.height}x{args.frames}, {args.attention}"
-          f"{', compiled' if args.compile else ''}: GPU kernel time {whole / 1e6:.2f} s "
-          f"({whole / 1e6 / args.frames:.4f} s/frame)")
-    for label, us in sorted(totals.items(), key=lambda kv: -kv[1]):
-        print(f"  {label:<18}{us / 1e6:>8.2f} s {us / whole:>6.1%}")
-    print("top kernels:")
-    for name, us in sorted(kernels.items(), key=lambda kv: -kv[1])[:args.top]:
-        print(f"  {us / 1e6:>7.3f} s  {name[:110]}")
+    print_kernel_table(prof, f"{args.mode}, {args.width}x{args.height}x{args.frames}, {args.attention}"
+                       f"{', compiled' if args.compile else ''}", args.frames, args.top)
 
 
 if __name__ == "__main__":
