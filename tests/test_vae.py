@@ -507,4 +507,6 @@ def test_compiled_norms_give_the_eager_frames(latents: torch.Tensor) -> None:
     compiled_error = (vae.decode(latents).float() - expected).abs().mean()
     eager_error = (vae.compile_norms(False).decode(latents).float() - expected).abs().mean()
     assert compiled_error <= eager_error
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 4  # dynamic shapes: not one graph per shape
+    # dynamic shapes: not one graph per shape (the decoder has a dozen), at most two (a first pass with one frame
+    # specializes) for each of fp32 NCDHW, fp32 channels-last and bf16 NCDHW
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 6

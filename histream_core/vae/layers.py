@@ -84,14 +84,23 @@ class CausalConv3d(nn.Conv3d):
 
     def forward(self, x: torch.Tensor, stream: CausalPass | None = None) -> torch.Tensor:  # [B, C, T, H, W]
         if self.history == 0:
-            return super().forward(x)
+            return self._convolve(x)
         assert stream is not None, "a temporal causal conv needs a CausalPass"
         b, c, t, h, w = x.shape
         padded = _empty_like_layout(x, b, c, self.history + t, h, w)  # = cat([past or zeros, x]) in x's layout
         self._fill_past(padded, stream)
         padded[:, :, self.history:].copy_(x)
         stream.give(padded[:, :, -self.history:].clone())  # clone: a view would keep the whole input alive
-        return super().forward(padded)
+        return self._convolve(padded)
+
+    def _convolve(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolution (the temporal padding already in ``x``). On the CPU in fp32, PyTorch sends inputs below
+        a size threshold to its naive im2col kernel (slow_conv3d); oneDNN's is 4-8x faster at the sizes of small
+        VAEs (the embedded default's decode: 11.4 -> 2.8 s), the same up to float rounding."""
+        if x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+            return torch.ops.aten.mkldnn_convolution(x, self.weight, self.bias, self.padding, self.stride,
+                                                     self.dilation, self.groups)
+        return super().forward(x)
 
     def _fill_past(self, padded: torch.Tensor, stream: CausalPass) -> None:
         """Write the previous pass's last input frames (zeros at the start of a stream) before this pass's."""
@@ -113,7 +122,7 @@ class CausalConv3d(nn.Conv3d):
         norm.silu_into(x, padded[:, :, self.history:])
         del x
         stream.give(padded[:, :, -self.history:].clone())
-        return super().forward(padded)
+        return self._convolve(padded)
 
 
 class RMSNorm(nn.Module):
