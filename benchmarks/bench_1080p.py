@@ -247,7 +247,8 @@ def main() -> None:
         e2e = [bench_end_to_end(model, context, args, device, dtype, args.e2e_mode, order)
                for order in args.e2e_orders.split(",") if order and args.e2e_mode]
     predicted = predicted_memory(args, dtype, args.e2e_mode or "histream") if args.predict_memory else None
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    device_name = (f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, "
+                   f"cuDNN {torch.backends.cudnn.version()}" if device.type == "cuda" else "CPU")
     print_table(args, rows, vae, e2e, predicted, device_name)
     if args.json:
         Path(args.json).write_text(json.dumps({"device": device_name, "args": vars(args), "modes": rows,

@@ -114,15 +114,15 @@ def main() -> None:
         rows.append(results.get())
         proc.join()
 
-    device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else \
-        f"CPU ({args.threads or torch.get_num_threads()} threads)"
+    device_name = (f"{torch.cuda.get_device_name(args.device)} (cuDNN {torch.backends.cudnn.version()})"
+                   if args.device.startswith("cuda") else f"CPU ({args.threads or torch.get_num_threads()} threads)")
     memory = "torch.cuda.max_memory_allocated" if args.device.startswith("cuda") else \
         "peak RSS (ru_maxrss), increase over the model-built baseline"
     print(f"Wan2.1 VAE decode, {'tiny (base_dim 16)' if args.tiny else 'real config (base_dim 96)'}, random weights, "
           f"{args.width}x{args.height}, {args.frames} frames, {args.dtype}, "
           f"{f'tiles {args.tile}/{args.overlap} latent px' if args.tile else 'untiled'}, "
-          f"{'channels-last' if args.channels_last else 'NCDHW'}, norms {'compiled' if args.compile_norms else 'eager'}, "
-          f"cudnn.benchmark {args.cudnn_benchmark}, "
+          f"{'channels-last' if args.channels_last else 'NCDHW'}, "
+          f"norms {'compiled' if args.compile_norms else 'eager'}, cudnn.benchmark {args.cudnn_benchmark}, "
           f"on {device_name}, "
           f"torch {torch.__version__}")
     print(f"memory: {memory}; timing: best of {args.repeats} after {opts['warmup']} warm-up run(s)")

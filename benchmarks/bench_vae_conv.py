@@ -340,7 +340,8 @@ def main(argv: list[str] | None = None) -> None:
     if device.type != "cuda":
         benchmark_modes = [False]  # a cuDNN setting
 
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    device_name = (f"{torch.cuda.get_device_name(device)} (cuDNN {torch.backends.cudnn.version()})"
+                   if device.type == "cuda" else "CPU")
     print(f"Wan VAE decode convolutions, {'tiny (base_dim 16)' if args.tiny else 'real config'}, {args.width}x"
           f"{args.height}, {args.frames} frames: {total / 1e12:.1f} TFLOP in {sum(calls.values())} calls; the "
           f"{len(ranked)} shapes below are {100 * covered / total:.0f}% of it. {args.dtype} on {device_name}, torch "

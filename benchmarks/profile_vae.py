@@ -64,7 +64,8 @@ def main() -> None:
             torch.cuda.synchronize(device)
     options = [name for name, on in (("channels-last", args.channels_last), ("norms compiled", args.compile_norms),
                                      ("cudnn.benchmark", args.cudnn_benchmark)) if on]
-    print_kernel_table(prof, f"Wan VAE decode {args.width}x{args.height}x{args.frames}, bf16"
+    versions = f"torch {torch.__version__}" + (f", cuDNN {torch.backends.cudnn.version()}" if gpu else "")
+    print_kernel_table(prof, f"Wan VAE decode {args.width}x{args.height}x{args.frames}, bf16, {versions}"
                        f"{''.join(', ' + o for o in options)}", args.frames, args.top, CATEGORIES, gpu)
 
 
