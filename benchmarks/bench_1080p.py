@@ -118,7 +118,7 @@ def build_decoder(args, device: torch.device, dtype: torch.dtype, tiled: bool = 
         if args.vae_kind == "taehv":
             return TinyWanDecoder().to(dtype).eval()
         vae = WanVAE(WanVAEConfig() if args.model != "tiny" else WanVAEConfig(base_dim=8)).to(dtype).eval()
-    vae.set_channels_last(args.vae_channels_last).compile_norms(args.vae_compile)
+    vae.set_channels_last(args.vae_channels_last).compile_norms(args.vae_compile).set_conv_impl(args.vae_conv_impl)
     return TiledDecoder(vae, tile=args.tile, overlap=max(1, args.tile // 4)) if args.tile and tiled else vae
 
 
@@ -166,7 +166,7 @@ def print_table(args, rows: list[dict], vae: dict | None, e2e: list[dict], predi
     compiled = f", compiled ({args.compile_mode or 'default mode'})" if args.compile else ""
     print(f"{args.model}, {args.width}x{args.height}, {args.frames} frames, {args.dtype}, {args.attention}{compiled}"
           f"{', VAE channels-last' if args.vae_channels_last else ''}"
-          f"{', VAE norms compiled' if args.vae_compile else ''}"
+          f"{', VAE norms compiled' if args.vae_compile else ''}, VAE convs {args.vae_conv_impl}"
           f"{', cudnn.benchmark' if args.cudnn_benchmark else ''}, {device_name}, "
           f"median of {args.repeats} after {args.warmup} warm-up")
     head = f"{'mode':<13}{'s/frame':>9}{'TFLOP':>9}{'TFLOP/s':>9}{'of floor':>9}{'peak GiB':>9}  per-chunk s"
@@ -224,6 +224,8 @@ def main() -> None:
                         help="decode with the Wan VAE in channels-last layout (WanVAE.set_channels_last)")
     parser.add_argument("--vae-compile", action="store_true",
                         help="fuse the Wan VAE decoder's norm + SiLU steps with torch.compile (WanVAE.compile_norms)")
+    parser.add_argument("--vae-conv-impl", default="auto", choices=["auto", "conv3d", "conv2d"],
+                        help="how the Wan VAE's causal convs run (WanVAE.set_conv_impl)")
     parser.add_argument("--cudnn-benchmark", action="store_true",
                         help="let cuDNN time its convolution algorithms (torch.backends.cudnn.benchmark)")
     parser.add_argument("--e2e-mode", default="histream+", help="mode of the end-to-end mp4 run ('' to skip)")

@@ -46,7 +46,7 @@ def run_mode(opts: dict, mode: str, results: mp.Queue) -> None:
         torch.set_num_threads(opts["threads"])
     config = WanVAEConfig(base_dim=16) if opts["tiny"] else WanVAEConfig()
     vae = WanVAE(config).to(device=device, dtype=dtype).eval().set_channels_last(opts["channels_last"])
-    vae.compile_norms(opts["compile_norms"])
+    vae.compile_norms(opts["compile_norms"]).set_conv_impl(opts["conv_impl"])
     torch.backends.cudnn.benchmark = opts["cudnn_benchmark"]
     decoder = TiledDecoder(vae, opts["tile"], opts["overlap"]) if opts["tile"] else vae
     t_lat = (opts["frames"] - 1) // config.temporal_factor + 1
@@ -93,6 +93,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per mode (the fastest is reported)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed runs first (default: 1 on CUDA, 0 on CPU)")
     parser.add_argument("--channels-last", action="store_true", help="decode in channels-last layout")
+    parser.add_argument("--conv-impl", default="auto", choices=["auto", "conv3d", "conv2d"],
+                        help="how the causal convs run (WanVAE.set_conv_impl)")
     parser.add_argument("--compile-norms", action="store_true", help="fuse each norm + SiLU (WanVAE.compile_norms)")
     parser.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -122,7 +124,8 @@ def main() -> None:
           f"{args.width}x{args.height}, {args.frames} frames, {args.dtype}, "
           f"{f'tiles {args.tile}/{args.overlap} latent px' if args.tile else 'untiled'}, "
           f"{'channels-last' if args.channels_last else 'NCDHW'}, "
-          f"norms {'compiled' if args.compile_norms else 'eager'}, cudnn.benchmark {args.cudnn_benchmark}, "
+          f"norms {'compiled' if args.compile_norms else 'eager'}, convs {args.conv_impl}, "
+          f"cudnn.benchmark {args.cudnn_benchmark}, "
           f"on {device_name}, "
           f"torch {torch.__version__}")
     print(f"memory: {memory}; timing: best of {args.repeats} after {opts['warmup']} warm-up run(s)")

@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile-norms", action="store_true")
     parser.add_argument("--cudnn-benchmark", action="store_true")
+    parser.add_argument("--conv-impl", default="auto", choices=["auto", "conv3d", "conv2d"])
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="base_dim 16 instead of Wan's 96, for a quick run")
@@ -49,7 +50,7 @@ def main() -> None:
     torch.manual_seed(0)
     with torch.device(device):
         vae = WanVAE(WanVAEConfig(base_dim=16) if args.tiny else WanVAEConfig()).to(torch.bfloat16).eval()
-    vae.set_channels_last(args.channels_last).compile_norms(args.compile_norms)
+    vae.set_channels_last(args.channels_last).compile_norms(args.compile_norms).set_conv_impl(args.conv_impl)
     latent_frames = (args.frames - 1) // 4 + 1
     latents = torch.randn(1, 16, latent_frames, args.height // 8, args.width // 8, device=device, dtype=torch.bfloat16)
 
@@ -63,7 +64,8 @@ def main() -> None:
         if gpu:
             torch.cuda.synchronize(device)
     options = [name for name, on in (("channels-last", args.channels_last), ("norms compiled", args.compile_norms),
-                                     ("cudnn.benchmark", args.cudnn_benchmark)) if on]
+                                     ("cudnn.benchmark", args.cudnn_benchmark),
+                                     (f"convs {args.conv_impl}", True)) if on]
     versions = f"torch {torch.__version__}" + (f", cuDNN {torch.backends.cudnn.version()}" if gpu else "")
     print_kernel_table(prof, f"Wan VAE decode {args.width}x{args.height}x{args.frames}, bf16, {versions}"
                        f"{''.join(', ' + o for o in options)}", args.frames, args.top, CATEGORIES, gpu)

@@ -510,3 +510,51 @@ def test_compiled_norms_give_the_eager_frames(latents: torch.Tensor) -> None:
     # dynamic shapes: not one graph per shape (the decoder has a dozen), at most two (a first pass with one frame
     # specializes) for each of fp32 NCDHW, fp32 channels-last and bf16 NCDHW
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 6
+
+
+# ------------------------------------------------------------------------------- causal convs as conv2d (cuDNN)
+
+def test_conv2d_formulation_gives_the_conv3d_frames(latents: torch.Tensor, video: torch.Tensor) -> None:
+    """set_conv_impl("conv2d") runs every causal conv as a sum of conv2d over its time offsets: decode and encode
+    equal the conv3d ones up to float rounding, streaming still equals the whole decode bit for bit, and the decode
+    switched to channels-last (where the frames are read in place)."""
+    vae = tiny_vae()
+    decoded, encoded = vae.decode(latents), vae.encode(video)
+    vae.set_conv_impl("conv2d")
+    torch.testing.assert_close(vae.decode(latents), decoded, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(vae.encode(video), encoded, atol=2e-5, rtol=1e-5)
+    assert vae.decode_layout == torch.channels_last_3d
+    assert torch.equal(_stream_decode(vae, latents, [0, 1, 3, 5]), vae.decode(latents))
+    with pytest.raises(ValueError, match="conv_impl"):
+        vae.set_conv_impl("winograd")
+
+
+def test_conv2d_formulation_holds_one_extra_output() -> None:
+    """On meta: the conv2d formulation needs one output-sized temporary more than conv3d (at 1080p, bf16: 16.0 vs
+    14.5 GiB for the decode), not one per time offset (it once held two: 1.2x here)."""
+    from histream_core.memory import LiveTensorBytes, fused_attention_on_meta
+    meter = LiveTensorBytes()
+    with meter, fused_attention_on_meta(), torch.device("meta"):
+        vae = WanVAE(WanVAEConfig(base_dim=8)).eval().to(torch.bfloat16)
+        peaks = []
+        for impl in ("conv3d", "conv2d"):
+            vae.set_conv_impl(impl)
+            meter.reset_peak()
+            for _ in vae.decode_stream(iter([torch.empty(1, 16, 2, 24, 40) for _ in range(2)])):
+                pass
+            peaks.append(meter.peak - meter.live)
+    assert peaks[1] < 1.15 * peaks[0], peaks
+
+
+@pytest.mark.parametrize(("device", "dtype", "version", "unreliable"), [
+    ("cuda", torch.bfloat16, 91002, True), ("cuda", torch.float16, 90800, True),
+    ("cuda", torch.bfloat16, 91401, True), ("cuda", torch.bfloat16, 91500, False),
+    ("cuda", torch.bfloat16, 90701, False), ("cuda", torch.float32, 91002, False),
+    ("cpu", torch.bfloat16, 91002, False), ("cuda", torch.bfloat16, None, False)])
+def test_auto_conv_impl_avoids_only_the_unreliable_cudnn_versions(monkeypatch, device, dtype, version, unreliable):
+    """cuDNN 9.8-9.14 half-precision 3D convolutions: wrong results or PyTorch's slow fallback (see the function)."""
+    from types import SimpleNamespace
+
+    from histream_core.vae.layers import cudnn_conv3d_unreliable
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: version)
+    assert cudnn_conv3d_unreliable(SimpleNamespace(device=torch.device(device), dtype=dtype)) is unreliable

@@ -63,6 +63,16 @@ def layout_of(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def cudnn_conv3d_unreliable(x: torch.Tensor) -> bool:
+    """Whether PyTorch's half-precision conv3d on ``x`` would run on cuDNN 9.8-9.14, which gives wrong results for
+    some large 3D convolutions (pytorch#163539); PyTorch 2.9 works around it by sending every such conv to a slow
+    fallback that needs more memory (pytorch#163581, #166643); cuDNN 9.15 fixed it. The causal convs then run as
+    conv2d instead (``CausalConv3d`` with ``conv_impl`` "auto")."""
+    if x.device.type != "cuda" or x.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    return 90800 <= (torch.backends.cudnn.version() or 0) < 91500
+
+
 def _empty_like_layout(x: torch.Tensor, *shape: int) -> torch.Tensor:
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=layout_of(x))
 
@@ -81,6 +91,7 @@ class CausalConv3d(nn.Conv3d):
         pad_t, pad_h, pad_w = self.padding
         self.history = 2 * pad_t  # past frames each output frame sees beyond its own
         self.padding = (0, pad_h, pad_w)  # spatial padding stays inside the conv; time is handled here
+        self.conv_impl = "auto"  # see WanVAE.set_conv_impl
 
     def forward(self, x: torch.Tensor, stream: CausalPass | None = None) -> torch.Tensor:  # [B, C, T, H, W]
         if self.history == 0:
@@ -97,10 +108,33 @@ class CausalConv3d(nn.Conv3d):
         """The convolution (the temporal padding already in ``x``). On the CPU in fp32, PyTorch sends inputs below
         a size threshold to its naive im2col kernel (slow_conv3d); oneDNN's is 4-8x faster at the sizes of small
         VAEs (the embedded default's decode: 11.4 -> 2.8 s), the same up to float rounding."""
+        if self._as_conv2d(x):
+            return self._conv2d_per_frame_offset(x)
         if x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available():
             return torch.ops.aten.mkldnn_convolution(x, self.weight, self.bias, self.padding, self.stride,
                                                      self.dilation, self.groups)
         return super().forward(x)
+
+    def _as_conv2d(self, x: torch.Tensor) -> bool:
+        if self.kernel_size[0] == 1 or self.stride[0] != 1 or self.conv_impl == "conv3d":
+            return False
+        return self.conv_impl == "conv2d" or cudnn_conv3d_unreliable(x)
+
+    def _conv2d_per_frame_offset(self, x: torch.Tensor) -> torch.Tensor:
+        """The same convolution as a sum over the kernel's time offsets k of conv2d(frames t + k, weight[:, :, k]),
+        each over all output frames at once. In channels-last layout with batch 1 the frames are read in place;
+        NCDHW input is copied to frames-major once per offset. One output-sized temporary more than conv3d."""
+        b, c, t_in, h, w = x.shape
+        frames = x.transpose(1, 2)  # [B, T, C, H, W]
+        t_out = t_in - self.kernel_size[0] + 1
+        out = None
+        for k in range(self.kernel_size[0]):
+            window = frames[:, k:k + t_out].reshape(b * t_out, c, h, w)
+            y = F.conv2d(window, self.weight[:, :, k], self.bias if k == 0 else None, self.stride[1:],
+                         self.padding[1:], self.dilation[1:], self.groups)
+            out = y if out is None else out.add_(y)
+            del y, window  # before the next offset's conv: one output-sized temporary, not two
+        return out.unflatten(0, (b, t_out)).transpose(1, 2)  # [B, C_out, T_out, H', W']
 
     def _fill_past(self, padded: torch.Tensor, stream: CausalPass) -> None:
         """Write the previous pass's last input frames (zeros at the start of a stream) before this pass's."""
@@ -281,5 +315,5 @@ class Upsample(nn.Module):
         return out
 
 
-__all__ = ["layout_of", "CausalPass", "CausalConv3d", "RMSNorm", "ResidualBlock", "AttentionBlock", "Downsample",
-           "Upsample"]
+__all__ = ["layout_of", "cudnn_conv3d_unreliable", "CausalPass", "CausalConv3d", "RMSNorm", "ResidualBlock",
+           "AttentionBlock", "Downsample", "Upsample"]

@@ -14,14 +14,18 @@ as its latents arrive and the result is the same as decoding it whole.
 
 from __future__ import annotations
 
+import logging
 from typing import Iterable, Iterator
 
 import torch
 import torch.nn as nn
 
 from .config import WanVAEConfig
-from .layers import AttentionBlock, CausalConv3d, CausalPass, Downsample, RMSNorm, ResidualBlock, Upsample
+from .layers import (AttentionBlock, CausalConv3d, CausalPass, Downsample, RMSNorm, ResidualBlock, Upsample,
+                     cudnn_conv3d_unreliable)
 from .stream import StreamState
+
+log = logging.getLogger(__name__)
 
 
 class Encoder3d(nn.Module):
@@ -89,6 +93,9 @@ class Decoder3d(nn.Module):
         return conv.forward_normed(handed, norm, stream)
 
 
+CONV_IMPLS = ("auto", "conv3d", "conv2d")
+
+
 class WanVAE(nn.Module):
     """The Wan2.1 VAE. Parameter names match ``Wan2.1_VAE.pth`` / ComfyUI's ``wan_2.1_vae.safetensors``.
 
@@ -106,6 +113,7 @@ class WanVAE(nn.Module):
         self.conv2 = CausalConv3d(z, z, 1)
         self.decoder = Decoder3d(self.config)
         self.decode_layout = torch.contiguous_format
+        self.conv_impl = "auto"
 
     def set_channels_last(self, enabled: bool = True) -> "WanVAE":
         """Decode in channels-last layout (NDHWC activations, channels_last(_3d) conv weights), or back to NCDHW.
@@ -123,6 +131,20 @@ class WanVAE(nn.Module):
                     weight.data = weight.data.contiguous(
                         memory_format=formats.get(weight.dim(), torch.contiguous_format))
         self.decode_layout = torch.channels_last_3d if enabled else torch.contiguous_format
+        return self
+
+    def set_conv_impl(self, impl: str = "auto") -> "WanVAE":
+        """How the causal 3D convolutions run: "conv3d" (PyTorch's), "conv2d" (a sum of conv2d over the kernel's
+        time offsets; the same up to rounding; the decode then switches to channels-last layout, see
+        :meth:`set_channels_last`, where it reads the frames in place) or "auto" (default): conv2d where cuDNN's
+        half-precision 3D convolutions are unreliable (cuDNN 9.8-9.14, see ``layers.cudnn_conv3d_unreliable``),
+        conv3d elsewhere. Returns the VAE."""
+        if impl not in CONV_IMPLS:
+            raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
+        for module in self.modules():
+            if isinstance(module, CausalConv3d):
+                module.conv_impl = impl
+        self.conv_impl = impl
         return self
 
     def compile_norms(self, enabled: bool = True) -> "WanVAE":
@@ -184,14 +206,25 @@ class WanVAE(nn.Module):
         """Run the decoder pass by pass. ``box`` holds the caches: its content is handed to each pass and replaced
         by the pass's result, so whatever the caller does not hold elsewhere is freed as it is consumed."""
         weight = self.conv2.weight
-        x = latents.to(device=weight.device, dtype=weight.dtype).contiguous(memory_format=self.decode_layout)
-        x = self.conv2(x)
+        x = latents.to(device=weight.device, dtype=weight.dtype)
+        x = self.conv2(x.contiguous(memory_format=self._decode_layout_for(x)))
         frames = []
         for start, stop in _passes(x.shape[2], first_alone=not started, size=frames_per_pass):
             stream = CausalPass(box.pop(), first_frame=not started and start == 0)
             frames.append(self.decoder(x[:, :, start:stop], stream))
             box.append(stream.result())
         return torch.cat(frames, dim=2).clamp_(-1.0, 1.0)
+
+    def _decode_layout_for(self, x: torch.Tensor) -> torch.memory_format:
+        """The decode's layout; the convs running as conv2d switch it to channels-last for good (they read the
+        frames in place only in that layout)."""
+        unreliable = self.conv_impl == "auto" and cudnn_conv3d_unreliable(x)
+        if (self.conv_impl == "conv2d" or unreliable) and self.decode_layout != torch.channels_last_3d:
+            if unreliable:
+                log.info("cuDNN %s has unreliable half-precision 3D convolutions (fixed in 9.15): the VAE runs its "
+                         "causal convs as conv2d, in channels-last layout", torch.backends.cudnn.version())
+            self.set_channels_last(True)
+        return self.decode_layout
 
     def decode(self, latents: torch.Tensor, frames_per_pass: int | None = 1) -> torch.Tensor:
         """Decode a whole video: raw [B, z, T, h, w] -> frames [B, 3, 1 + 4 * (T - 1), 8h, 8w] in [-1, 1]."""
