@@ -28,6 +28,7 @@ from torch.utils._pytree import tree_flatten
 from .config import ModelConfig, SamplerConfig
 from .model import CausalWanModel
 from .vae import TiledDecoder, WanVAE, WanVAEConfig
+from .vae.layers import cudnn_conv3d_unreliable
 from .video import uint8_frames
 
 GIB = 2**30
@@ -147,7 +148,9 @@ def predict_memory(model_cfg: ModelConfig, vae_cfg: WanVAEConfig, width: int, he
         dit_weights = meter.live
         with torch.device("meta"):
             vae = WanVAE(vae_cfg)
-        vae = vae.to(dtype).eval().requires_grad_(False)
+        # as the decode will run on this machine's GPU (conv2d where its cuDNN's conv3d is unreliable)
+        unreliable = torch.cuda.is_available() and cudnn_conv3d_unreliable("cuda", dtype)
+        vae = vae.to(dtype).eval().requires_grad_(False).set_conv_impl("conv2d" if unreliable else "conv3d")
         vae_weights = meter.live - dit_weights
         text = torch.empty(1, model_cfg.text_len, model_cfg.text_dim, device="meta", dtype=dtype)
         decoder = TiledDecoder(vae, tile=tile, overlap=max(1, tile // 4)) if tile else vae

@@ -553,8 +553,6 @@ def test_conv2d_formulation_holds_one_extra_output() -> None:
     ("cpu", torch.bfloat16, 91002, False), ("cuda", torch.bfloat16, None, False)])
 def test_auto_conv_impl_avoids_only_the_unreliable_cudnn_versions(monkeypatch, device, dtype, version, unreliable):
     """cuDNN 9.8-9.14 half-precision 3D convolutions: wrong results or PyTorch's slow fallback (see the function)."""
-    from types import SimpleNamespace
-
     from histream_core.vae.layers import cudnn_conv3d_unreliable
     monkeypatch.setattr(torch.backends.cudnn, "version", lambda: version)
-    assert cudnn_conv3d_unreliable(SimpleNamespace(device=torch.device(device), dtype=dtype)) is unreliable
+    assert cudnn_conv3d_unreliable(device, dtype) is unreliable

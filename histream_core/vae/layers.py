@@ -63,12 +63,12 @@ def layout_of(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def cudnn_conv3d_unreliable(x: torch.Tensor) -> bool:
-    """Whether PyTorch's half-precision conv3d on ``x`` would run on cuDNN 9.8-9.14, which gives wrong results for
-    some large 3D convolutions (pytorch#163539); PyTorch 2.9 works around it by sending every such conv to a slow
-    fallback that needs more memory (pytorch#163581, #166643); cuDNN 9.15 fixed it. The causal convs then run as
-    conv2d instead (``CausalConv3d`` with ``conv_impl`` "auto")."""
-    if x.device.type != "cuda" or x.dtype not in (torch.float16, torch.bfloat16):
+def cudnn_conv3d_unreliable(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Whether PyTorch's half-precision conv3d on ``device`` would run on cuDNN 9.8-9.14, which gives wrong results
+    for some large 3D convolutions (pytorch#163539); PyTorch 2.9 works around it by sending every such conv to a
+    slow fallback that needs more memory (pytorch#163581, #166643); cuDNN 9.15 fixed it. The causal convs then run
+    as conv2d instead (``CausalConv3d`` with ``conv_impl`` "auto")."""
+    if torch.device(device).type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         return False
     return 90800 <= (torch.backends.cudnn.version() or 0) < 91500
 
@@ -118,7 +118,7 @@ class CausalConv3d(nn.Conv3d):
     def _as_conv2d(self, x: torch.Tensor) -> bool:
         if self.kernel_size[0] == 1 or self.stride[0] != 1 or self.conv_impl == "conv3d":
             return False
-        return self.conv_impl == "conv2d" or cudnn_conv3d_unreliable(x)
+        return self.conv_impl == "conv2d" or cudnn_conv3d_unreliable(x.device, x.dtype)
 
     def _conv2d_per_frame_offset(self, x: torch.Tensor) -> torch.Tensor:
         """The same convolution as a sum over the kernel's time offsets k of conv2d(frames t + k, weight[:, :, k]),

@@ -218,7 +218,7 @@ class WanVAE(nn.Module):
     def _decode_layout_for(self, x: torch.Tensor) -> torch.memory_format:
         """The decode's layout; the convs running as conv2d switch it to channels-last for good (they read the
         frames in place only in that layout)."""
-        unreliable = self.conv_impl == "auto" and cudnn_conv3d_unreliable(x)
+        unreliable = self.conv_impl == "auto" and cudnn_conv3d_unreliable(x.device, x.dtype)
         if (self.conv_impl == "conv2d" or unreliable) and self.decode_layout != torch.channels_last_3d:
             if unreliable:
                 log.info("cuDNN %s has unreliable half-precision 3D convolutions (fixed in 9.15): the VAE runs its "
