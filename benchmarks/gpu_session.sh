@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# The GPU measurements still owed to issue #6, one step per call of a lent machine (each well under 10 minutes),
+# in the order of benchmarks/NOTES.md "Next GPU session". Results (JSON and the printed tables) go to $OUT.
+#
+#   bash benchmarks/gpu_session.sh vae-conv            # on the GPU machine; OUT is set by the device tool
+#   SMOKE=1 OUT=/tmp/smoke bash benchmarks/gpu_session.sh all   # here, on the CPU: every step at toy sizes
+#
+# Steps: vae-conv (conv formulations, profile), vae-decode (the decode in each layout), latency (modes, VAE, end to
+# end, memory), vae-options (end to end with the VAE switches), tiles-taehv-quality, long (601 frames), autotune
+# (GEMM autotuning of the blocks).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:?set OUT to the folder for the results}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+
+if [[ -d .whl ]] && ! "$PY" -c "import imageio_ffmpeg" 2>/dev/null; then  # the GPU image lacks imageio-ffmpeg
+    "$PY" -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+if [[ -n "${SMOKE:-}" ]]; then  # toy sizes on the CPU: checks that every command line still parses and runs
+    DIT=(--model tiny --device cpu --width 128 --height 128 --frames 17 --repeats 1 --warmup 0)
+    VAE=(--tiny --device cpu --width 64 --height 64 --frames 9 --dtype fp32)
+    CONV=(--tiny --device cpu --width 64 --height 32 --frames 9 --dtype fp32 --top 2 --iters 1 --warmup 0)
+    PROFILE=(--tiny --device cpu --width 64 --height 32 --frames 9)
+    QUALITY=(--model tiny --device cpu --width 128 --height 96 --frames 21)
+    LONG_FRAMES=65
+else
+    DIT=(--repeats 3 --warmup 1)
+    VAE=(--width 1920 --height 1088 --frames 81 --dtype bf16 --chunk 3)
+    CONV=()
+    PROFILE=()
+    QUALITY=(--frames 25)
+    LONG_FRAMES=601
+fi
+
+run() {  # name, command...: the command's output also goes to $OUT/name.txt
+    local name=$1
+    shift
+    echo "== $name: $*"
+    "$@" 2>&1 | tee "$OUT/$name.txt"
+}
+
+step_vae_conv() {
+    run conv "$PY" benchmarks/bench_vae_conv.py "${CONV[@]}" --json "$OUT/conv.json"
+    run profile_vae "$PY" benchmarks/profile_vae.py "${PROFILE[@]}"
+    run profile_vae_cl "$PY" benchmarks/profile_vae.py "${PROFILE[@]}" --channels-last --compile-norms
+}
+
+step_vae_decode() {
+    run vae_ncdhw "$PY" benchmarks/bench_vae.py "${VAE[@]}" --conv-impl conv3d
+    run vae_cl "$PY" benchmarks/bench_vae.py "${VAE[@]}" --conv-impl conv3d --channels-last
+    run vae_cl_norms "$PY" benchmarks/bench_vae.py "${VAE[@]}" --conv-impl conv3d --channels-last --compile-norms
+    run vae_conv2d_norms "$PY" benchmarks/bench_vae.py "${VAE[@]}" --conv-impl conv2d --compile-norms
+}
+
+step_latency() {
+    run latency "$PY" benchmarks/bench_1080p.py "${DIT[@]}" --modes histream+,histream --compile --e2e-mode histream+ \
+        --predict-memory --json "$OUT/latency.json"
+}
+
+step_vae_options() {  # pick the switches step vae-decode found fastest
+    run vae_options "$PY" benchmarks/bench_1080p.py "${DIT[@]}" --modes histream+ --compile \
+        --vae-channels-last --vae-compile --e2e-orders after,overlapped --json "$OUT/vae_options.json"
+}
+
+step_tiles_taehv_quality() {
+    run tiles "$PY" benchmarks/bench_1080p.py "${DIT[@]}" --modes histream+ --compile --tile 64 --e2e-orders after \
+        --json "$OUT/tiles.json"
+    run taehv "$PY" benchmarks/bench_1080p.py "${DIT[@]}" --modes histream+ --compile --vae-kind taehv \
+        --e2e-orders after --json "$OUT/taehv.json"
+    run quality "$PY" benchmarks/quality_delta.py "${QUALITY[@]}" --json "$OUT/quality.json"
+}
+
+step_long() {
+    run long "$PY" benchmarks/bench_1080p.py "${DIT[@]}" --modes histream+ --frames "$LONG_FRAMES" --compile \
+        --skip-vae --e2e-mode '' --json "$OUT/long.json"
+}
+
+step_autotune() {
+    run autotune "$PY" benchmarks/bench_1080p.py "${DIT[@]}" --modes histream --compile \
+        --compile-mode max-autotune-no-cudagraphs --skip-vae --e2e-mode '' --json "$OUT/autotune.json"
+}
+
+STEPS=(vae-conv vae-decode latency vae-options tiles-taehv-quality long autotune)
+if [[ "${1:-}" == all ]]; then
+    for step in "${STEPS[@]}"; do "step_${step//-/_}"; done
+elif [[ " ${STEPS[*]} " == *" ${1:-none} "* ]]; then
+    "step_${1//-/_}"
+else
+    (IFS="|"; echo "usage: $0 {${STEPS[*]}|all}" >&2)
+    exit 2
+fi
