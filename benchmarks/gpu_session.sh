@@ -6,8 +6,8 @@
 #   SMOKE=1 OUT=/tmp/smoke bash benchmarks/gpu_session.sh all   # here, on the CPU: every step at toy sizes
 #
 # Steps: vae-conv (conv formulations, profile), vae-decode (the decode in each layout), latency (modes, VAE, end to
-# end, memory), vae-options (end to end with the VAE switches), tiles-taehv-quality, long (601 frames), autotune
-# (GEMM autotuning of the blocks).
+# end, memory), profile-denoise (where the denoising time goes), vae-options (end to end with the VAE switches),
+# tiles-taehv-quality, long (601 frames), autotune (GEMM autotuning of the blocks).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:?set OUT to the folder for the results}"
@@ -24,6 +24,7 @@ if [[ -n "${SMOKE:-}" ]]; then  # toy sizes on the CPU: checks that every comman
     VAE=(--tiny --device cpu --width 64 --height 64 --frames 9 --dtype fp32)
     CONV=(--tiny --device cpu --width 64 --height 32 --frames 9 --dtype fp32 --top 2 --iters 1 --warmup 0)
     PROFILE=(--tiny --device cpu --width 64 --height 32 --frames 9)
+    DENOISE_PROFILE=(--model tiny --device cpu --width 128 --height 128 --frames 17)
     QUALITY=(--model tiny --device cpu --width 128 --height 96 --frames 21)
     LONG_FRAMES=65
 else
@@ -31,6 +32,7 @@ else
     VAE=(--width 1920 --height 1088 --frames 81 --dtype bf16 --chunk 3)
     CONV=()
     PROFILE=()
+    DENOISE_PROFILE=()
     QUALITY=(--frames 25)
     LONG_FRAMES=601
 fi
@@ -60,6 +62,10 @@ step_latency() {
         --predict-memory --json "$OUT/latency.json"
 }
 
+step_profile_denoise() {
+    run profile_denoise "$PY" benchmarks/profile_denoise.py "${DENOISE_PROFILE[@]}" --mode histream+ --compile
+}
+
 step_vae_options() {  # pick the switches step vae-decode found fastest
     run vae_options "$PY" benchmarks/bench_1080p.py "${DIT[@]}" --modes histream+ --compile \
         --vae-channels-last --vae-compile --e2e-orders after,overlapped --json "$OUT/vae_options.json"
@@ -83,7 +89,7 @@ step_autotune() {
         --compile-mode max-autotune-no-cudagraphs --skip-vae --e2e-mode '' --json "$OUT/autotune.json"
 }
 
-STEPS=(vae-conv vae-decode latency vae-options tiles-taehv-quality long autotune)
+STEPS=(vae-conv vae-decode latency profile-denoise vae-options tiles-taehv-quality long autotune)
 if [[ "${1:-}" == all ]]; then
     for step in "${STEPS[@]}"; do "step_${step//-/_}"; done
 elif [[ " ${STEPS[*]} " == *" ${1:-none} "* ]]; then

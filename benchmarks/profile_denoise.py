@@ -1,7 +1,8 @@
 """Where the denoising time goes: a torch.profiler trace of one video, kernels grouped into attention, GEMM,
-elementwise/normalisation and other, for one mode. Prints a table; CUDA only.
+elementwise/normalisation and other, for one mode. Prints a table.
 
     python benchmarks/profile_denoise.py --mode histream+ [--attention sdpa_cudnn] [--compile]
+    python benchmarks/profile_denoise.py --model tiny --device cpu --width 128 --height 128 --frames 17  # smoke
 """
 
 from __future__ import annotations
@@ -66,18 +67,23 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=81)
     parser.add_argument("--attention", default="sdpa", choices=list(BACKENDS))
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--kv-cache-fp8", action="store_true", help="store the K/V caches in fp8")
     parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--device", default="cuda", help="cpu: a smoke test (CPU op times, fp32)")
     args = parser.parse_args()
-    device = torch.device("cuda")
-    model = build_model(args.model, device, torch.bfloat16, args.compile)
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    model = build_model(args.model, device, torch.bfloat16 if gpu else torch.float32, args.compile)
     context = torch.randn(1, model.cfg.text_len, model.cfg.text_dim, device=device)
     cfg = mode_config(args, args.mode)
     with torch.no_grad():
         list(stream_video(model, context, args.width, args.height, args.frames, cfg, 0))  # warm-up
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with profile(activities=[ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]) as prof:
             list(stream_video(model, context, args.width, args.height, args.frames, cfg, 0))
+            if gpu:
+                torch.cuda.synchronize(device)
     print_kernel_table(prof, f"{args.mode}, {args.width}x{args.height}x{args.frames}, {args.attention}"
-                       f"{', compiled' if args.compile else ''}", args.frames, args.top)
+                       f"{', compiled' if args.compile else ''}", args.frames, args.top, gpu=gpu)
 
 
 if __name__ == "__main__":
