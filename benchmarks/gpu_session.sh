@@ -6,8 +6,8 @@
 #   SMOKE=1 OUT=/tmp/smoke bash benchmarks/gpu_session.sh all   # here, on the CPU: every step at toy sizes
 #
 # Steps: vae-conv (conv formulations, profile), vae-decode (the decode in each layout), latency (modes, VAE, end to
-# end, memory), profile-denoise (where the denoising time goes), vae-options (end to end with the VAE switches),
-# tiles-taehv-quality, long (601 frames), autotune (GEMM autotuning of the blocks).
+# end, memory), profile-denoise (where the denoising time goes), attention (each backend's TFLOP/s), vae-options
+# (end to end with the VAE switches), tiles-taehv-quality, long (601 frames), autotune (GEMM autotuning).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:?set OUT to the folder for the results}"
@@ -25,6 +25,7 @@ if [[ -n "${SMOKE:-}" ]]; then  # toy sizes on the CPU: checks that every comman
     CONV=(--tiny --device cpu --width 64 --height 32 --frames 9 --dtype fp32 --top 2 --iters 1 --warmup 0)
     PROFILE=(--tiny --device cpu --width 64 --height 32 --frames 9)
     DENOISE_PROFILE=(--model tiny --device cpu --width 128 --height 128 --frames 17)
+    ATTENTION=(--device cpu --tokens-per-frame 64 --iters 1)
     QUALITY=(--model tiny --device cpu --width 128 --height 96 --frames 21)
     LONG_FRAMES=65
 else
@@ -33,6 +34,7 @@ else
     CONV=()
     PROFILE=()
     DENOISE_PROFILE=()
+    ATTENTION=()
     QUALITY=(--frames 25)
     LONG_FRAMES=601
 fi
@@ -66,6 +68,10 @@ step_profile_denoise() {
     run profile_denoise "$PY" benchmarks/profile_denoise.py "${DENOISE_PROFILE[@]}" --mode histream+ --compile
 }
 
+step_attention() {
+    run attention "$PY" benchmarks/bench_attention.py "${ATTENTION[@]}"
+}
+
 step_vae_options() {  # pick the switches step vae-decode found fastest
     run vae_options "$PY" benchmarks/bench_1080p.py "${DIT[@]}" --modes histream+ --compile \
         --vae-channels-last --vae-compile --e2e-orders after,overlapped --json "$OUT/vae_options.json"
@@ -89,7 +95,7 @@ step_autotune() {
         --compile-mode max-autotune-no-cudagraphs --skip-vae --e2e-mode '' --json "$OUT/autotune.json"
 }
 
-STEPS=(vae-conv vae-decode latency profile-denoise vae-options tiles-taehv-quality long autotune)
+STEPS=(vae-conv vae-decode latency profile-denoise attention vae-options tiles-taehv-quality long autotune)
 if [[ "${1:-}" == all ]]; then
     for step in "${STEPS[@]}"; do "step_${step//-/_}"; done
 elif [[ " ${STEPS[*]} " == *" ${1:-none} "* ]]; then
