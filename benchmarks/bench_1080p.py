@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import sys
 import tempfile
@@ -28,6 +29,8 @@ from histream_core.flops import run_flops  # noqa: E402
 from histream_core.model import BACKENDS, CausalWanModel  # noqa: E402
 from histream_core.modes import MODES  # noqa: E402
 from histream_core.sampler import stream_video  # noqa: E402
+
+log = logging.getLogger("bench_1080p")
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -176,21 +179,40 @@ def print_table(args, rows: list[dict], vae: dict | None, e2e: list[dict], predi
         chunks = " ".join(f"{s:.3f}" for s in r["chunk_s"])
         print(f"{r['mode']:<13}{r['s_per_frame']:>9.4f}{r['tflop_total']:>9.1f}{r['achieved_tflops']:>9.1f}"
               f"{r['floor_fraction']:>9.0%}{peak:>9}  {chunks}")
-    if vae:
+    if vae and "error" in vae:
+        print(f"VAE decode failed: {vae['error']}")
+    elif vae:
         for name, v in vae.items():
             print(f"{'VAE' if args.vae_kind == 'wan' else 'TAEHV'} decode {args.frames} frames "
                   f"({name}{f', tiles {args.tile}' if args.tile else ''}): "
                   f"{v['s']:.2f} s{_peak_text(v)}")
     for run in e2e:
+        if "error" in run:
+            print(f"end to end to mp4 ({run['mode']}, decode {run['order']}) failed: {run['error']}")
+            continue
         rest = run["s"] - run["denoise_s"] - run["decode_s"]
         print(f"end to end to mp4 ({run['mode']}, decode {run['order']}): {run['s']:.2f} s (denoise "
               f"{run['denoise_s']:.2f} s, decode {run['decode_s']:.2f} s, rest {rest:.2f} s){_peak_text(run)}")
     if e2e:
         print("rest: mostly waiting for the H.264 encoder. Random weights decode to noise, which x264 encodes slower "
               "than real video (1080p, crf 19: 3.4 fps for noise, 12.6 for a smooth synthetic video on a 2-core CPU)")
-    if predicted:
+    if predicted and "error" in predicted:
+        print(f"memory prediction failed: {predicted['error']}")
+    elif predicted:
         print("predicted peaks (meta device, live tensors, GiB): "
               + ", ".join(f"{k} {v:.2f}" for k, v in predicted.items() if k != "frames run"))
+
+
+def _attempt(measure, **labels) -> dict:
+    """The measurement, or what went wrong with it: a failing part (an untried decode order, out of memory) must
+    not cost the figures of the others in a scarce GPU call."""
+    try:
+        return measure()
+    except Exception as exc:  # noqa: BLE001 - reported in the table and the JSON
+        log.exception("measurement failed")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return {**labels, "error": f"{type(exc).__name__}: {exc}"}
 
 
 def _peak_text(run: dict) -> str:
@@ -245,10 +267,12 @@ def main() -> None:
     context = torch.randn(1, model.cfg.text_len, model.cfg.text_dim, device=device)
     with torch.no_grad():
         rows = [bench_mode(model, context, args, mode, clock, device) for mode in args.modes.split(",") if mode]
-        vae = None if args.skip_vae else bench_vae(args, device, dtype, clock)
-        e2e = [bench_end_to_end(model, context, args, device, dtype, args.e2e_mode, order)
+        vae = None if args.skip_vae else _attempt(lambda: bench_vae(args, device, dtype, clock))
+        e2e = [_attempt(lambda order=order: bench_end_to_end(model, context, args, device, dtype, args.e2e_mode,
+                                                             order), mode=args.e2e_mode, order=order)
                for order in args.e2e_orders.split(",") if order and args.e2e_mode]
-    predicted = predicted_memory(args, dtype, args.e2e_mode or "histream") if args.predict_memory else None
+    predicted = (_attempt(lambda: predicted_memory(args, dtype, args.e2e_mode or "histream"))
+                 if args.predict_memory else None)
     device_name = (f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, "
                    f"cuDNN {torch.backends.cudnn.version()}" if device.type == "cuda" else "CPU")
     print_table(args, rows, vae, e2e, predicted, device_name)

@@ -21,6 +21,7 @@ def test_every_step_runs_at_toy_sizes(tmp_path: Path) -> None:
     assert {row["mode"] for row in latency["modes"]} == {"histream+", "histream"}
     assert all(row["s_per_frame"] > 0 for row in latency["modes"])
     assert {run["order"] for run in latency["end_to_end"]} == {"after", "interleaved", "overlapped"}
+    assert not any("error" in part for part in [latency["vae"], latency["predicted_memory"], *latency["end_to_end"]])
     long = json.loads((tmp_path / "long.json").read_text())
     assert len(long["modes"][0]["chunk_s"]) == 6  # 65 frames: 17 latent frames in chunks of 3
     assert all(row["exact"] for row in json.loads((tmp_path / "conv.json").read_text())["rows"])
