@@ -39,11 +39,14 @@ else
     LONG_FRAMES=601
 fi
 
-run() {  # name, command...: the command's output also goes to $OUT/name.txt
+FAILED=()
+run() {  # name, command...: the command's output also goes to $OUT/name.txt; a failure does not stop the step
     local name=$1
     shift
     echo "== $name: $*"
-    "$@" 2>&1 | tee "$OUT/$name.txt"
+    if ! "$@" 2>&1 | tee "$OUT/$name.txt"; then
+        FAILED+=("$name")
+    fi
 }
 
 step_vae_conv() {
@@ -103,4 +106,8 @@ elif [[ " ${STEPS[*]} " == *" ${1:-none} "* ]]; then
 else
     (IFS="|"; echo "usage: $0 {${STEPS[*]}|all}" >&2)
     exit 2
+fi
+if (( ${#FAILED[@]} )); then
+    echo "failed: ${FAILED[*]} (see $OUT/<name>.txt)" >&2
+    exit 1
 fi
