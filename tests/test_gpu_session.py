@@ -26,7 +26,9 @@ def test_every_step_runs_at_toy_sizes(tmp_path: Path) -> None:
     assert len(long["modes"][0]["chunk_s"]) == 6  # 65 frames: 17 latent frames in chunks of 3
     assert all(row["exact"] for row in json.loads((tmp_path / "conv.json").read_text())["rows"])
     assert "sdpa" in (tmp_path / "attention.txt").read_text()
-    for table in ("profile_vae", "profile_denoise", "vae_cl_norms", "vae_conv2d_norms", "quality", "taehv", "tiles", "autotune"):
+    tables = ("profile_vae", "profile_denoise", "vae_cl_norms", "vae_conv2d_norms", "quality", "taehv", "tiles",
+              "autotune")
+    for table in tables:
         assert (tmp_path / f"{table}.txt").read_text().strip(), table
 
 
