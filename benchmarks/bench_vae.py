@@ -92,6 +92,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="base_dim 16 instead of Wan's 96, for a quick run")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per mode (the fastest is reported)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed runs first (default: 1 on CUDA, 0 on CPU)")
+    parser.add_argument("--modes", default="stream,whole", help="comma-separated: stream (as the pipeline), whole")
     parser.add_argument("--channels-last", action="store_true", help="decode in channels-last layout")
     parser.add_argument("--conv-impl", default="auto", choices=["auto", "conv3d", "conv2d"],
                         help="how the causal convs run (WanVAE.set_conv_impl)")
@@ -103,13 +104,15 @@ def main() -> None:
         parser.error(f"--frames must be 1 + 4k, got {args.frames}")
     if args.width % 8 or args.height % 8:
         parser.error("--width and --height must be multiples of 8")
+    if not set(args.modes.split(",")) <= {"stream", "whole"}:
+        parser.error(f"--modes takes stream and/or whole, got {args.modes!r}")
     if args.tile and not 0 <= args.overlap < args.tile:
         parser.error("--overlap must be in [0, --tile)")
     opts = vars(args) | {"warmup": args.warmup if args.warmup is not None else int(args.device.startswith("cuda"))}
 
     ctx = mp.get_context("spawn")
     rows = []
-    for mode in ("stream", "whole"):
+    for mode in args.modes.split(","):
         results = ctx.Queue()
         proc = ctx.Process(target=run_mode, args=(opts, mode, results))
         proc.start()

@@ -30,7 +30,7 @@ if [[ -n "${SMOKE:-}" ]]; then  # toy sizes on the CPU: checks that every comman
     LONG_FRAMES=65
 else
     DIT=(--repeats 3 --warmup 1)
-    VAE=(--width 1920 --height 1088 --frames 81 --dtype bf16 --chunk 3)
+    VAE=(--width 1920 --height 1088 --frames 81 --dtype bf16 --chunk 3 --modes stream)  # as the pipeline decodes
     CONV=()
     PROFILE=()
     DENOISE_PROFILE=()
