@@ -192,5 +192,5 @@ class DualResCache:
     low: KVCache
 
     @classmethod
-    def empty(cls, num_layers: int, fp8: bool = False, window: tuple[int, int] | None = None) -> DualResCache:
-        return cls(KVCache(num_layers, fp8=fp8, window=window), KVCache(num_layers, fp8=fp8, window=window))
+    def empty(cls, num_layers: int, fp8: bool = False) -> DualResCache:
+        return cls(KVCache(num_layers, fp8=fp8), KVCache(num_layers, fp8=fp8))

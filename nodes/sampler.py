@@ -286,12 +286,13 @@ class HiStreamDualResSampler:
         previews = ChunkPreviews(None if preview_decoder == LATENT_COLORS else cached_tiny_decoder(
             preview_decoder, dit.compute_dtype, NODE, "preview_decoder", preview=True, device=device), width, height)
         host.make_room(device)
-        bar = {}  # made at the first model call: the engine reports how many calls the video takes
+        bar, total_calls = None, 0  # the bar is made at the first model call, which reports how many calls it takes
 
         def on_progress(p):
-            if not bar:
-                bar.update(bar=host.progress_bar(p.total_calls, unique_id), total=p.total_calls)
-            bar["bar"].update_absolute(p.call, p.total_calls)
+            nonlocal bar, total_calls
+            if bar is None:
+                bar, total_calls = host.progress_bar(p.total_calls, unique_id), p.total_calls
+            bar.update_absolute(p.call, p.total_calls)
             host.send_event("histream.progress", {
                 "node": unique_id, "chunk": p.chunk + 1, "num_chunks": p.num_chunks, "call": p.call,
                 "total_calls": p.total_calls, "kind": p.kind, "timestep": p.timestep,
@@ -310,7 +311,7 @@ class HiStreamDualResSampler:
                 chunks.append(denormalize(chunk.latents).to(host.output_device()))
                 seconds += chunk.seconds
                 calls += chunk.model_calls
-                bar["bar"].update_absolute(calls, bar["total"], preview=(
+                bar.update_absolute(calls, total_calls, preview=(
                     "JPEG", previews(chunk.latents), host.PREVIEW_MAX_SIDE))
         summary = (f"{mode}: {len(chunks)} chunks, {calls} model calls, {seconds:.1f} s "
                    f"({1000 * seconds / length:.0f} ms/frame)")
