@@ -28,10 +28,16 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn value
 
 
-def quantize_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """t # [..., head_dim] -> (float8 values, scale # [..., 1] in t's dtype) with t ~= values * scale."""
-    scale = (t.abs().amax(-1, keepdim=True).float() / FP8_MAX).clamp_min(1e-12).to(t.dtype)
-    return (t.float() / scale.float()).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+def quantize_fp8(t: torch.Tensor, scale_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """t # [..., n] -> (float8 values, scale # [..., 1]) with t ~= values * scale: absmax scaling over the last dim.
+
+    The scale is rounded to t's dtype, so that dividing in t's dtype needs no fp32 copy of t (run eagerly, this is
+    what the fp8 matmul pays per GEMM input, and the FFN's hidden layer is large at 1080p); it is returned in
+    ``scale_dtype`` (default t's dtype, as the KV cache stores it; fp32 for ``_scaled_mm``), exactly."""
+    absmax = torch.linalg.vector_norm(t, float("inf"), dim=-1, keepdim=True)  # no |t| temporary
+    scale = (absmax.float() / FP8_MAX).clamp_min(1e-12).to(t.dtype)
+    values = (t / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+    return values, scale.to(scale_dtype or t.dtype)
 
 
 def dequantize_fp8(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

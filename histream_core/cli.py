@@ -59,6 +59,8 @@ def cmd_generate(args) -> int:
         if args.tiny_decoder:
             vae = load_tiny_decoder(args.tiny_decoder, device=device)
         model.compute_dtype = compute_dtype
+        if args.fp8_matmul:
+            model.use_fp8_matmul()
         pipe = HiStreamPipeline(model, vae)
         width, height, frames = args.width or 256, args.height or 160, args.frames or 33
         context = (load_text_embeddings(args.text_embeds) if args.text_embeds
@@ -76,7 +78,8 @@ def cmd_generate(args) -> int:
                              "or --text-embeds (precomputed umT5 states)")
         pipe = HiStreamPipeline.from_files(args.checkpoint, args.vae, args.text_encoder, args.tokenizer,
                                            device=device, dtype=compute_dtype, compile=args.compile,
-                                           text_cache_dir=args.text_cache, tiny_decoder=args.tiny_decoder)
+                                           fp8_matmul=args.fp8_matmul, text_cache_dir=args.text_cache,
+                                           tiny_decoder=args.tiny_decoder)
         context = load_text_embeddings(args.text_embeds) if args.text_embeds else pipe.encode(args.prompt)
         width, height, frames = args.width or 1920, args.height or 1088, args.frames or 81
     if args.schedule:
@@ -150,7 +153,8 @@ def cmd_memory(args) -> int:
     from .vae import WanVAEConfig
     vae = EMBEDDED_VAE if args.model == "tiny" else WanVAEConfig()
     prediction = predict_memory(MODEL_PRESETS[args.model], vae, args.width, args.height, args.frames,
-                                _sampler_config(args), DTYPES[args.dtype], tile=args.tile)
+                                _sampler_config(args), DTYPES[args.dtype], tile=args.tile,
+                                fp8_matmul=args.fp8_matmul)
     if args.json:
         print(json.dumps(prediction.as_dict(), indent=2))
     else:
@@ -216,6 +220,9 @@ def build_parser(generate_defaults: dict | None = None) -> argparse.ArgumentPars
     gen.add_argument("--rope-positions", choices=["absolute", "window"])
     gen.add_argument("--attention", choices=list(BACKENDS))
     gen.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (CUDA: ~1.4x)")
+    gen.add_argument("--fp8-matmul", action="store_true",
+                     help="multiply in fp8 in the transformer blocks (bf16, fp8 tensor cores: Ada/Hopper or newer; "
+                     "faster, slightly off; see README)")
     gen.add_argument("--json", action="store_true", help="print the timings as JSON")
     gen.set_defaults(run=cmd_generate)
     if generate_defaults:
@@ -242,6 +249,7 @@ def build_parser(generate_defaults: dict | None = None) -> argparse.ArgumentPars
     memory.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     memory.add_argument("--tile", type=int, help="decode in spatial tiles of this many latent pixels")
     memory.add_argument("--kv-cache-fp8", action="store_true", help="K/V caches in fp8")
+    memory.add_argument("--fp8-matmul", action="store_true", help="fp8 block weights (the fp8 matmul option)")
     memory.add_argument("--json", action="store_true")
     memory.set_defaults(run=cmd_memory, shift=None, low_res_scale=None, rope_positions=None, attention=None,
                         no_window=False, chunk_frames=None)

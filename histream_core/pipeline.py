@@ -248,10 +248,11 @@ class HiStreamPipeline:
     @classmethod
     def from_files(cls, model: str | Path, vae: str | Path | None, text_encoder: str | Path | None = None,
                    tokenizer: str | Path | None = None, *, device: str | torch.device | None = None,
-                   dtype: torch.dtype | None = None, compile: bool = False,
+                   dtype: torch.dtype | None = None, compile: bool = False, fp8_matmul: bool = False,
                    text_cache_dir: str | Path | None = None,
                    tiny_decoder: str | Path | None = None) -> "HiStreamPipeline":
-        """``vae``: the Wan2.1 VAE file; or None with ``tiny_decoder`` (a TAEHV taew2_1 file) for fast drafts."""
+        """``vae``: the Wan2.1 VAE file; or None with ``tiny_decoder`` (a TAEHV taew2_1 file) for fast drafts.
+        ``fp8_matmul``: the blocks multiply in fp8 (``CausalWanModel.use_fp8_matmul``; bf16, fp8 tensor cores)."""
         from .checkpoints import load_wan_model
         from .text import TextEncoder
         from .vae import load_tiny_decoder, load_vae
@@ -264,6 +265,8 @@ class HiStreamPipeline:
             extra = {} if text_cache_dir is None else {"cache_dir": text_cache_dir}
             encoder = TextEncoder(text_encoder, tokenizer, device=device, **extra)
         dit = load_wan_model(model, compute_dtype=dtype, device=device)
+        if fp8_matmul:
+            dit.use_fp8_matmul()
         if compile:
             dit.compile_blocks()
         decoder = (load_vae(vae, device=device, dtype=dtype) if vae is not None

@@ -78,6 +78,16 @@ def test_user_files_end_to_end(user_files, tmp_path, capsys):
     assert any((tmp_path / "cache").iterdir())  # the prompt's embedding was cached
 
 
+def test_user_files_with_fp8_matmul(user_files, tmp_path, capsys):
+    args = ["generate", *SMALL[:-1], "bf16", "--checkpoint", str(user_files / "dit.safetensors"), "--vae",
+            str(user_files / "vae.safetensors"), "--text-encoder", str(user_files / "umt5.pth"), "--tokenizer",
+            str(user_files / "tokenizer.json"), "--text-cache", str(tmp_path / "cache"), "--fp8-matmul"]
+    assert main([*args, "--out", str(tmp_path / "fast.mp4")]) == 0
+    assert sum(1 for _ in iio.imiter(tmp_path / "fast.mp4")) == 9
+    assert main([*args[:-1], "--dtype", "fp32", "--fp8-matmul", "--out", str(tmp_path / "no.mp4")]) == 2
+    assert "needs the bf16 compute dtype" in capsys.readouterr().err and not (tmp_path / "no.mp4").exists()
+
+
 def test_config_file_sets_defaults(tmp_path, capsys):
     config = tmp_path / "run.json"
     config.write_text(json.dumps({"mode": "two-step", "frames": 5}))

@@ -3,13 +3,19 @@
 Weights can be kept in memory as fp32, fp16, bf16 or fp8 (e4m3fn); every layer casts its weight to the dtype of its
 input at call time. The model decides the compute dtype by what it feeds in (fp32 for the modulation path, the
 compute dtype for attention and FFN), exactly as Wan2.1 runs under autocast.
+
+``Fp8Linear`` is the other way round: an inference speed option that also multiplies in fp8 (see its docstring).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ..cache import FP8, quantize_fp8
 
 
 class CastLinear(nn.Linear):
@@ -18,6 +24,77 @@ class CastLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.weight.to(x.dtype), bias)
+
+
+@dataclass(frozen=True)
+class Fp8Input:
+    """A GEMM input quantized once for several Fp8Linear layers that read it (attention's q, k and v)."""
+
+    values: torch.Tensor        # [tokens, in] float8 e4m3fn
+    scale: torch.Tensor         # [tokens, 1] fp32
+    leading_shape: torch.Size   # the input's shape without its last dim
+
+    @classmethod
+    def of(cls, x: torch.Tensor) -> "Fp8Input":
+        if x.dtype != torch.bfloat16:
+            raise ValueError(f"fp8 matmul takes bf16 inputs, got {x.dtype}: load the model with compute dtype bf16")
+        values, scale = quantize_fp8(x.reshape(-1, x.shape[-1]), torch.float32)
+        return cls(values, scale, x.shape[:-1])
+
+
+def shared_input(x: "torch.Tensor | Fp8Input", layer: nn.Module) -> "torch.Tensor | Fp8Input":
+    """x quantized once if ``layer`` (and its siblings reading x) multiply in fp8, else x unchanged."""
+    return Fp8Input.of(x) if isinstance(layer, Fp8Linear) and isinstance(x, torch.Tensor) else x
+
+
+class Fp8Linear(nn.Module):
+    """A linear layer that multiplies in fp8: ``torch._scaled_mm`` on float8 e4m3 operands, bf16 out.
+
+    The weight is quantized once, one scale per output channel (absmax / 448); each call quantizes its input the
+    same way per token (or takes an ``Fp8Input`` quantized once for several layers). fp8 tensor cores (Hopper,
+    Ada, Blackwell) run such a GEMM at about twice the bf16 rate; the price is the rounding of both operands to 3
+    mantissa bits (benchmarks/quality_delta.py measures it on x0). Eagerly, each quantization is a few extra
+    passes over the input; compiled blocks fuse it into the kernel that produces the input. A weight already
+    stored as raw e4m3fn (ComfyUI's fp8 files) is used as it is, with unit scales, so this adds no rounding to it.
+    Inference only: ``_scaled_mm`` has no backward. Inputs must be bf16 (the only output type of row-wise scaled
+    GEMMs on CUDA).
+    """
+
+    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight)              # [out, in] float8 e4m3fn
+        self.register_buffer("weight_scale", weight_scale)  # [1, out] fp32: real weight = weight * scale (per row)
+        self.register_buffer("bias", bias)                  # [out] or None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Fp8Linear":
+        weight = linear.weight.detach()
+        if weight.dtype == FP8:
+            values, scale = weight, torch.ones(weight.shape[0], 1, device=weight.device)
+        else:
+            values, scale = quantize_fp8(weight, torch.float32)
+        bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16)
+        return cls(values.contiguous(), scale.reshape(1, -1).contiguous(), bias)
+
+    def forward(self, x: "torch.Tensor | Fp8Input") -> torch.Tensor:
+        x = shared_input(x, self)
+        out = torch._scaled_mm(x.values, self.weight.t(), scale_a=x.scale, scale_b=self.weight_scale,
+                               out_dtype=torch.bfloat16)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.unflatten(0, x.leading_shape)
+
+
+def check_fp8_matmul(device: torch.device) -> None:
+    """Raise ValueError unless this device multiplies fp8 (CUDA: compute capability 8.9 or newer; the CPU can)."""
+    ones = torch.ones(16, 16, device=device, dtype=FP8)
+    unit = torch.ones(16, 1, device=device)
+    try:
+        torch._scaled_mm(ones, ones.t(), scale_a=unit, scale_b=unit.t(), out_dtype=torch.bfloat16)
+    except RuntimeError as exc:
+        raise ValueError(f"fp8 matmul does not run on {device} ({str(exc).splitlines()[0]}): it needs fp8 tensor "
+                         "cores (Ada, Hopper or newer); keep the bf16 matmuls (fp8 storage alone still halves "
+                         "the weights' memory)") from exc
 
 
 class CastConv3d(nn.Conv3d):

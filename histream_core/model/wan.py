@@ -23,7 +23,8 @@ import torch.nn as nn
 from ..cache import KVCache
 from ..config import ModelConfig
 from .attention import attention, check_backend
-from .layers import CastConv3d, CastLinear, FP32LayerNorm, RMSNorm, gelu_mlp
+from .layers import (CastConv3d, CastLinear, Fp8Linear, FP32LayerNorm, RMSNorm, check_fp8_matmul, gelu_mlp,
+                     shared_input)
 from .rope import apply_rope, rope_angles, rope_cos_sin
 
 
@@ -71,11 +72,13 @@ class _Projections(nn.Module):
 class SelfAttention(_Projections):
     def kv(self, x, cos, sin):
         """x # [B, L, C] in compute dtype -> (k after RoPE, v) # [B, L, heads, head_dim]"""
+        x = shared_input(x, self.k)
         k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1)), cos, sin)
         return k, self.v(x).unflatten(-1, (self.num_heads, -1))
 
     def forward(self, x, cos, sin, cached, settings: AttentionSettings):
         """x # [B, L, C] in compute dtype -> (out # [B, L, C], (k, v) of these tokens after RoPE)."""
+        x = shared_input(x, self.q)  # fp8 matmul: quantized once for q, k and v
         q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1)), cos, sin)
         k, v = self.kv(x, cos, sin)
         k_all, v_all = (k, v) if cached is None else (torch.cat([cached[0], k], 1), torch.cat([cached[1], v], 1))
@@ -86,6 +89,7 @@ class SelfAttention(_Projections):
 class CrossAttention(_Projections):
     def text_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """context # [B, text_len, C] (embedded text, compute dtype) -> (k, v) # [B, text_len, heads, head_dim]"""
+        context = shared_input(context, self.k)
         k = self.norm_k(self.k(context)).unflatten(-1, (self.num_heads, -1))
         v = self.v(context).unflatten(-1, (self.num_heads, -1))
         return k, v
@@ -180,6 +184,32 @@ class CausalWanModel(nn.Module):
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         self.__dict__["_compiled_blocks"] = [torch.compile(block, dynamic=False, mode=mode) for block in self.blocks]
         return self
+
+    def use_fp8_matmul(self) -> "CausalWanModel":
+        """Multiply in fp8 in every transformer block's linear layers (``Fp8Linear``): inference only, bf16 compute.
+
+        The speed option of the DESIGN's real-time budget: at 1080p the blocks' GEMMs are about a fifth of the
+        compiled denoising time, and fp8 tensor cores run them at about twice the bf16 rate. The embeddings, the
+        modulation path and the head stay as they are (small, and fp32 where Wan keeps it). Weights are quantized
+        here, once (about half their memory); call it before ``compile_blocks``. Off by default: it moves x0 (see
+        benchmarks/quality_delta.py, variant fp8-matmul).
+        """
+        if self.compute_dtype != torch.bfloat16:
+            raise ValueError(f"fp8 matmul needs the bf16 compute dtype, this model computes in {self.compute_dtype}: "
+                             "load it with compute dtype bf16 (a CUDA GPU with fp8 tensor cores: Ada, Hopper or newer)")
+        if self.is_compiled:
+            raise ValueError("call use_fp8_matmul before compile_blocks (the compiled blocks hold the old layers)")
+        check_fp8_matmul(self.patch_embedding.weight.device)
+        for block in self.blocks:
+            for name, module in list(block.named_modules()):
+                if isinstance(module, CastLinear):
+                    parent, _, attr = name.rpartition(".")
+                    setattr(block.get_submodule(parent), attr, Fp8Linear.from_linear(module))
+        return self
+
+    @property
+    def uses_fp8_matmul(self) -> bool:
+        return isinstance(self.blocks[0].ffn[0], Fp8Linear)
 
     @property
     def is_compiled(self) -> bool:
