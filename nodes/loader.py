@@ -17,7 +17,9 @@ log = logging.getLogger(__name__)
 
 NODE = "HiStream Loader"
 CATEGORY = "HiStream"
-WEIGHT_DTYPES = {"default": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp8_e4m3fn": torch.float8_e4m3fn}
+WEIGHT_DTYPES = {"default": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp8_e4m3fn": torch.float8_e4m3fn,
+                 "fp8_e4m3fn_fast": None}  # fast: quantized from the file's weights by use_fp8_matmul
+FP8_MATMUL = "fp8_e4m3fn_fast"  # ComfyUI's name (UNETLoader) for fp8 weights that also multiply in fp8
 COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEVICES = ("main device", "cpu")
 
@@ -44,7 +46,8 @@ class HiStreamLoader:
                 "self_forcing_dmd.pt. Original Wan, ComfyUI, diffusers and Self-Forcing .pt layouts all load.")}),
             "weight_dtype": (list(WEIGHT_DTYPES), {"default": "default", "tooltip": (
                 "Storage precision of the weights. default keeps the file's; fp8_e4m3fn halves memory (each layer "
-                "upcasts at compute time).")}),
+                "upcasts at compute time); fp8_e4m3fn_fast also multiplies in fp8 in the transformer blocks (needs "
+                "compute_dtype bf16 and an Ada/Hopper or newer GPU; faster, slightly different videos).")}),
             "compute_dtype": (list(COMPUTE_DTYPES), {"default": "bf16", "tooltip": (
                 "Precision of the matmuls and attention. bf16 on modern GPUs; fp32 for exact CPU runs.")}),
             "attention": (list(BACKENDS), {"default": "sdpa", "tooltip": (
@@ -72,13 +75,18 @@ class HiStreamLoader:
                                    device=target)
         except CheckpointError as exc:
             raise input_error(NODE, "ckpt_name", str(exc)) from exc
+        if weight_dtype == FP8_MATMUL:
+            try:
+                model.use_fp8_matmul()
+            except ValueError as exc:
+                raise input_error(NODE, "weight_dtype", f"{FP8_MATMUL}: {exc}") from exc
         if compile and target.type == "cuda":
             model.compile_blocks()
         elif compile:
             log.warning("%s: compile is for CUDA GPUs; running %s eagerly", NODE, target)
         cfg = model.cfg
-        log.info("HiStream: %s on %s (dim %d, %d layers, compute %s, attention %s)", ckpt_name, target, cfg.dim,
-                 cfg.num_layers, compute_dtype, attention)
+        log.info("HiStream: %s on %s (dim %d, %d layers, weights %s, compute %s, attention %s)", ckpt_name, target,
+                 cfg.dim, cfg.num_layers, weight_dtype, compute_dtype, attention)
         return (HiStreamModel(model, ckpt_name, attention),)
 
 

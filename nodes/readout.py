@@ -18,14 +18,14 @@ H100_BF16_TFLOPS = 798.0  # dense bf16 matmul rate measured on an H100 (DESIGN.m
 
 
 def memory_text(mode: str, width: int, height: int, length: int, model_cfg, window=None,
-                dtype: torch.dtype = torch.bfloat16, decode_tile_size: int = 0) -> str:
+                dtype: torch.dtype = torch.bfloat16, decode_tile_size: int = 0, fp8_matmul: bool = False) -> str:
     """Predicted peaks of the sampler and of VAE Chunk Decode as ComfyUI runs them (one after the other, the
-    HiStream model staying loaded during the decode)."""
+    HiStream model staying loaded during the decode); ``fp8_matmul``: the model was loaded fp8_e4m3fn_fast."""
     cfg = build_config(mode, window)
     request_geometry(NODE, width, height, length, cfg, model_cfg.patch_size[1])
     tile = decode_tile_size // 8 or None
     p = predict_memory(model_cfg, WanVAEConfig(), width, height, length, cfg, dtype,
-                       tile=tile, orders=("after",))
+                       tile=tile, orders=("after",), fp8_matmul=fp8_matmul)
     tiles = f" (tiles {decode_tile_size})" if tile else ""
     return (f"predicted peak GPU memory ({str(dtype).removeprefix('torch.')}, tensors only; add 1-2 GiB): sampler "
             f"{(p.denoise_peak + p.vae_weights) / GIB:.1f} GiB, VAE decode{tiles} "
@@ -82,12 +82,14 @@ class HiStreamCostReadout:
 
     def report(self, mode, width, height, length, model_size, tflops, window=None, histream_model=None,
                predict_memory=False, decode_tile_size=0):
-        dtype = torch.bfloat16
+        dtype, fp8_matmul = torch.bfloat16, False
         if histream_model is not None:
+            fp8_matmul = histream_model.model.uses_fp8_matmul
             name, model_cfg, dtype = histream_model.name, histream_model.model.cfg, histream_model.model.compute_dtype
         else:
             name, model_cfg = model_size, MODEL_PRESETS[model_size]
         text = cost_text(mode, width, height, length, name, model_cfg, window, tflops)
         if predict_memory:
-            text += "\n" + memory_text(mode, width, height, length, model_cfg, window, dtype, decode_tile_size)
+            text += "\n" + memory_text(mode, width, height, length, model_cfg, window, dtype, decode_tile_size,
+                                        fp8_matmul)
         return {"ui": {"text": [text]}, "result": (text,)}

@@ -7,6 +7,7 @@ import inspect
 import math
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import imageio_ffmpeg
 import numpy
@@ -387,3 +388,26 @@ def test_cost_readout_predicts_memory_on_request(comfy_host):
     assert line.startswith("predicted peak GPU memory (bfloat16") and "VAE decode (tiles 64)" in line
     sampler_gib = float(line.split("sampler ")[1].split(" GiB")[0])
     assert 2.6 < sampler_gib < 5  # 2.64 GiB of 1.3B bf16 weights, small caches at 128x96
+
+
+FAKE_PREDICTION = SimpleNamespace(denoise_peak=0, vae_weights=0, decode_peak=0, dit_weights=0)
+
+
+def test_loader_fp8_fast_multiplies_in_fp8_and_the_sampler_runs(comfy_host, checkpoint, monkeypatch):
+    fast = nodes()["HiStreamLoader"]().load(checkpoint, "fp8_e4m3fn_fast", "bf16", "sdpa", "cpu")[0]
+    assert fast.model.uses_fp8_matmul
+    assert fast.model.blocks[0].ffn[0].weight.dtype == torch.float8_e4m3fn
+    latent = sample(fast)["result"][0]["samples"]
+    assert torch.isfinite(latent).all()
+    # the Cost Readout predicts memory for the model as loaded: block weights in fp8
+    asked = []
+    readout = pack_module("nodes.readout")
+    monkeypatch.setattr(readout, "predict_memory", lambda *a, **k: asked.append(k["fp8_matmul"]) or FAKE_PREDICTION)
+    readout.HiStreamCostReadout().report("histream+", 64, 64, 9, "wan2.1-1.3b", 798.0, histream_model=fast,
+                                         predict_memory=True)
+    assert asked == [True]
+
+
+def test_loader_fp8_fast_needs_bf16(comfy_host, checkpoint):
+    with pytest.raises(ValueError, match="HiStream Loader, input 'weight_dtype': fp8_e4m3fn_fast: .*bf16"):
+        nodes()["HiStreamLoader"]().load(checkpoint, "fp8_e4m3fn_fast", "fp32", "sdpa", "cpu")
