@@ -10,7 +10,7 @@ from conftest import tiny_model
 from histream_core.cli import main
 from histream_core.config import MODEL_PRESETS
 from histream_core.memory import predict_memory
-from histream_core.model.layers import CastLinear, Fp8Linear
+from histream_core.model.layers import CastLinear, Fp8Input, Fp8Linear
 from histream_core.modes import mode_config
 from histream_core.pipeline import EMBEDDED_VAE
 from histream_core.sampler import stream_video
@@ -142,3 +142,13 @@ def test_each_gemm_input_is_quantized_once(monkeypatch):
         model(torch.randn(1, 16, 3, 8, 8), torch.tensor([500.0]), text)
     # per block: q/k/v, o, cross-attention q, cross-attention o, FFN in, FFN hidden
     assert len(quantized) == 6 * model.cfg.num_layers
+
+
+def test_fused_quantization_matches_the_eager_one():
+    """On CUDA, eager runs quantize in one compiled kernel; it must give what quantize_fp8 gives."""
+    x = (torch.randn(3, 40, 64) * torch.logspace(-3, 2, 40)[None, :, None]).to(torch.bfloat16)
+    eager, fused = Fp8Input.of(x, fused=False), Fp8Input.of(x, fused=True)
+    assert torch.equal(fused.scale, eager.scale) and fused.leading_shape == eager.leading_shape == (3, 40)
+    # bit for bit: compiled with emulate_precision_casts, inductor rounds to bf16 where eager does
+    assert torch.equal(fused.values.view(torch.uint8), eager.values.view(torch.uint8))
+    assert relative_error(fused.values.float() * fused.scale, x.reshape(-1, 64)) < 0.05
