@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import statistics
 import sys
 import tempfile
 import time
@@ -25,42 +24,24 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from histream_core.config import MODEL_PRESETS  # noqa: E402
-from histream_core.flops import run_flops  # noqa: E402
 from histream_core.model import BACKENDS, CausalWanModel  # noqa: E402
 from histream_core.modes import MODES  # noqa: E402
-from histream_core.sampler import stream_video  # noqa: E402
+from histream_core.timing import (Clock, ModeTiming, format_timings, peak_memory, reset_peak_memory,  # noqa: E402
+                                  time_mode)
 
 log = logging.getLogger("bench_1080p")
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-class Clock:
-    """CUDA events on a GPU, perf_counter on the CPU."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-
-    def mark(self):
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def seconds(self, start, stop) -> float:
-        if self.cuda:
-            stop.synchronize()
-            return start.elapsed_time(stop) / 1000.0
-        return stop - start
-
-
 def build_model(name: str, device: torch.device, dtype: torch.dtype, compile_blocks: bool,
-                compile_mode: str | None = None) -> CausalWanModel:
+                compile_mode: str | None = None, fp8_matmul: bool = False) -> CausalWanModel:
     torch.manual_seed(0)
     with torch.device(device):
         model = CausalWanModel(MODEL_PRESETS[name], compute_dtype=dtype)
     model = model.to(dtype).eval().requires_grad_(False)
+    if fp8_matmul:
+        model.use_fp8_matmul()
     return model.compile_blocks(compile_mode) if compile_blocks else model
 
 
@@ -68,49 +49,9 @@ def mode_config(args, mode: str):
     return MODES[mode].with_(attention_backend=args.attention, kv_cache_fp8=args.kv_cache_fp8)
 
 
-def time_video(model, context, args, mode: str, clock: Clock) -> list[float]:
-    """Seconds per chunk of one video."""
-    seconds, chunks = [], stream_video(model, context, args.width, args.height, args.frames, mode_config(args, mode),
-                                       seed=0)
-    while True:
-        start = clock.mark()
-        try:
-            next(chunks)
-        except StopIteration:
-            return seconds
-        seconds.append(clock.seconds(start, clock.mark()))
-
-
-def bench_mode(model, context, args, mode: str, clock: Clock, device: torch.device) -> dict:
-    for _ in range(args.warmup):
-        time_video(model, context, args, mode, clock)
-    _reset_peaks(device)
-    runs = [time_video(model, context, args, mode, clock) for _ in range(args.repeats)]
-    totals = [sum(r) for r in runs]
-    median_run = runs[totals.index(statistics.median_low(totals))]
-    flops = run_flops(model.cfg, MODES[mode], args.width, args.height, args.frames, mode)
-    seconds = statistics.median(totals)
-    return {
-        "mode": mode, "s_per_frame": seconds / args.frames, "total_s": seconds,
-        "tflop_total": flops.tflop_total, "achieved_tflops": flops.tflop_total / seconds,
-        "floor_fraction": (flops.tflop_per_frame / args.rate) / (seconds / args.frames),
-        "chunk_s": median_run, "model_calls": flops.model_calls,
-        **_peaks(device),
-    }
-
-
-def _peaks(device: torch.device) -> dict:
-    """Peak bytes the tensors held (allocated) and the allocator held (reserved, nearer to nvidia-smi), in GiB."""
-    if device.type != "cuda":
-        return {"peak_gib": None, "reserved_gib": None}
-    return {"peak_gib": torch.cuda.max_memory_allocated(device) / 2**30,
-            "reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
-
-
-def _reset_peaks(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+def bench_mode(model, context, args, mode: str, device: torch.device) -> ModeTiming:
+    return time_mode(model, context, mode, mode_config(args, mode), args.width, args.height, args.frames,
+                     device=device, warmup=args.warmup, repeats=args.repeats, rate_tflops=args.rate)
 
 
 def build_decoder(args, device: torch.device, dtype: torch.dtype, tiled: bool = True):
@@ -131,28 +72,28 @@ def bench_vae(args, device: torch.device, dtype: torch.dtype, clock: Clock) -> d
     latents = torch.randn(1, 16, latent_frames, args.height // 8, args.width // 8, device=device, dtype=dtype)
     results = {}
     for name in ("whole", "streamed"):
-        _reset_peaks(device)
+        reset_peak_memory(device)
         start = clock.mark()
         if name == "whole":
             decoder.decode(latents)
         else:  # as the pipeline: chunks of 3 latent frames through one stream that owns its caches
             for _ in decoder.decode_stream(latents[:, :, first:first + 3] for first in range(0, latent_frames, 3)):
                 pass
-        results[name] = {"s": clock.seconds(start, clock.mark()), **_peaks(device)}
+        results[name] = {"s": clock.seconds(start, clock.mark()), **peak_memory(device)}
     return results
 
 
 def bench_end_to_end(model, context, args, device: torch.device, dtype: torch.dtype, mode: str, order: str) -> dict:
     from histream_core.pipeline import generate_to_file
     vae = build_decoder(args, device, dtype, tiled=False)  # generate_to_file tiles it itself
-    _reset_peaks(device)
+    reset_peak_memory(device)
     with tempfile.TemporaryDirectory() as folder:
         start = time.perf_counter()
         report = generate_to_file(model, vae, context, Path(folder) / "bench.mp4", args.width, args.height,
                                   args.frames, mode_config(args, mode), seed=0, tile=args.tile, order=order)
         seconds = time.perf_counter() - start
     return {"mode": mode, "order": order, "tile": args.tile, "s": seconds, "denoise_s": report.denoise_s,
-            "decode_s": report.decode_s, **_peaks(device)}
+            "decode_s": report.decode_s, **peak_memory(device)}
 
 
 def predicted_memory(args, dtype: torch.dtype, mode: str) -> dict:
@@ -161,10 +102,10 @@ def predicted_memory(args, dtype: torch.dtype, mode: str) -> dict:
     from histream_core.vae import WanVAEConfig
     vae = WanVAEConfig() if args.model != "tiny" else WanVAEConfig(base_dim=8)
     return predict_memory(MODEL_PRESETS[args.model], vae, args.width, args.height, args.frames,
-                          mode_config(args, mode), dtype, tile=args.tile).as_dict()
+                          mode_config(args, mode), dtype, tile=args.tile, fp8_matmul=args.fp8_matmul).as_dict()
 
 
-def print_table(args, rows: list[dict], vae: dict | None, e2e: list[dict], predicted: dict | None,
+def print_table(args, rows: list[ModeTiming], vae: dict | None, e2e: list[dict], predicted: dict | None,
                 device_name: str) -> None:
     compiled = f", compiled ({args.compile_mode or 'default mode'})" if args.compile else ""
     print(f"{args.model}, {args.width}x{args.height}, {args.frames} frames, {args.dtype}, {args.attention}{compiled}"
@@ -172,13 +113,7 @@ def print_table(args, rows: list[dict], vae: dict | None, e2e: list[dict], predi
           f"{', VAE norms compiled' if args.vae_compile else ''}, VAE convs {args.vae_conv_impl}"
           f"{', cudnn.benchmark' if args.cudnn_benchmark else ''}, {device_name}, "
           f"median of {args.repeats} after {args.warmup} warm-up")
-    head = f"{'mode':<13}{'s/frame':>9}{'TFLOP':>9}{'TFLOP/s':>9}{'of floor':>9}{'peak GiB':>9}  per-chunk s"
-    print(head + "\n" + "-" * len(head))
-    for r in rows:
-        peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
-        chunks = " ".join(f"{s:.3f}" for s in r["chunk_s"])
-        print(f"{r['mode']:<13}{r['s_per_frame']:>9.4f}{r['tflop_total']:>9.1f}{r['achieved_tflops']:>9.1f}"
-              f"{r['floor_fraction']:>9.0%}{peak:>9}  {chunks}")
+    print(format_timings(rows))
     if vae and "error" in vae:
         print(f"VAE decode failed: {vae['error']}")
     elif vae:
@@ -239,6 +174,8 @@ def main() -> None:
     parser.add_argument("--tile", type=int, help="end-to-end run: decode in spatial tiles of this many latent px")
     parser.add_argument("--attention", default="sdpa", choices=list(BACKENDS))
     parser.add_argument("--kv-cache-fp8", action="store_true", help="store the K/V caches in fp8")
+    parser.add_argument("--fp8-matmul", action="store_true",
+                        help="the blocks multiply in fp8 (CausalWanModel.use_fp8_matmul; bf16, also on the CPU)")
     parser.add_argument("--skip-vae", action="store_true")
     parser.add_argument("--vae-kind", default="wan", choices=["wan", "taehv"],
                         help="decode with the Wan VAE or TAEHV's tiny decoder (random weights either way)")
@@ -259,14 +196,15 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    dtype = DTYPES[args.dtype] if device.type == "cuda" or args.dtype == "fp32" else torch.float32
+    # CPU runs are fp32 smoke tests, except the fp8 matmul, which computes in bf16 only
+    dtype = DTYPES[args.dtype] if device.type == "cuda" or args.dtype == "fp32" or args.fp8_matmul else torch.float32
     args.dtype = next(name for name, value in DTYPES.items() if value == dtype)  # what ran, for the table and JSON
     clock = Clock(device)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
-    model = build_model(args.model, device, dtype, args.compile, args.compile_mode)
+    model = build_model(args.model, device, dtype, args.compile, args.compile_mode, args.fp8_matmul)
     context = torch.randn(1, model.cfg.text_len, model.cfg.text_dim, device=device)
     with torch.no_grad():
-        rows = [bench_mode(model, context, args, mode, clock, device) for mode in args.modes.split(",") if mode]
+        rows = [bench_mode(model, context, args, mode, device) for mode in args.modes.split(",") if mode]
         vae = None if args.skip_vae else _attempt(lambda: bench_vae(args, device, dtype, clock))
         e2e = [_attempt(lambda order=order: bench_end_to_end(model, context, args, device, dtype, args.e2e_mode,
                                                              order), mode=args.e2e_mode, order=order)
@@ -277,9 +215,9 @@ def main() -> None:
                    f"cuDNN {torch.backends.cudnn.version()}" if device.type == "cuda" else "CPU")
     print_table(args, rows, vae, e2e, predicted, device_name)
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": device_name, "args": vars(args), "modes": rows,
-                                               "vae": vae, "end_to_end": e2e, "predicted_memory": predicted},
-                                              indent=2))
+        results = {"device": device_name, "args": vars(args), "modes": [r.as_dict() for r in rows], "vae": vae,
+                   "end_to_end": e2e, "predicted_memory": predicted}
+        Path(args.json).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

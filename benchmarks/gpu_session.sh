@@ -5,8 +5,10 @@
 #   bash benchmarks/gpu_session.sh vae-conv            # on the GPU machine; OUT is set by the device tool
 #   SMOKE=1 OUT=/tmp/smoke bash benchmarks/gpu_session.sh all   # here, on the CPU: every step at toy sizes
 #
-# Steps: vae-conv (conv formulations, profile), vae-decode (the decode in each layout), latency (modes, VAE, end to
-# end, memory), profile-denoise (where the denoising time goes), attention (each backend's TFLOP/s), vae-options
+# With a short device budget (15 minutes, machine start included) run `targets` alone: every target of #6 in one
+# call of about 7 minutes (predicted). The steps: targets, vae-conv (conv formulations, profile), vae-decode (the
+# decode in each layout), latency (modes, VAE, end to end, memory), fp8-matmul (latency, profile and x0 error of
+# the fp8 GEMMs), profile-denoise (where the denoising time goes), attention (each backend's TFLOP/s), vae-options
 # (end to end with the VAE switches), tiles-taehv-quality, long (601 frames), autotune (GEMM autotuning).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +23,7 @@ fi
 
 if [[ -n "${SMOKE:-}" ]]; then  # toy sizes on the CPU: checks that every command line still parses and runs
     DIT=(--model tiny --device cpu --width 128 --height 128 --frames 17 --repeats 1 --warmup 0)
+    QUICK=("${DIT[@]}")
     VAE=(--tiny --device cpu --width 64 --height 64 --frames 9 --dtype fp32)
     CONV=(--tiny --device cpu --width 64 --height 32 --frames 9 --dtype fp32 --top 2 --iters 1 --warmup 0)
     PROFILE=(--tiny --device cpu --width 64 --height 32 --frames 9)
@@ -30,6 +33,7 @@ if [[ -n "${SMOKE:-}" ]]; then  # toy sizes on the CPU: checks that every comman
     LONG_FRAMES=65
 else
     DIT=(--repeats 3 --warmup 1)
+    QUICK=(--repeats 2 --warmup 1)
     VAE=(--width 1920 --height 1088 --frames 81 --dtype bf16 --chunk 3 --modes stream)  # as the pipeline decodes
     CONV=()
     PROFILE=()
@@ -47,6 +51,14 @@ run() {  # name, command...: the command's output also goes to $OUT/name.txt; a 
     if ! "$@" 2>&1 | tee "$OUT/$name.txt"; then
         FAILED+=("$name")
     fi
+}
+
+step_targets() {  # s/frame of both modes, VAE decode, end to end and peaks; the VAE switches; the fp8 matmul
+    run targets "$PY" benchmarks/bench_1080p.py "${QUICK[@]}" --modes histream+,histream --compile \
+        --e2e-orders after --json "$OUT/targets.json"
+    run targets_vae "$PY" benchmarks/bench_vae.py "${VAE[@]}" --channels-last --compile-norms --cudnn-benchmark
+    run targets_fp8 "$PY" benchmarks/bench_1080p.py "${QUICK[@]}" --modes histream+,histream --compile --fp8-matmul \
+        --skip-vae --e2e-mode '' --json "$OUT/targets_fp8.json"
 }
 
 step_vae_conv() {
@@ -98,7 +110,16 @@ step_autotune() {
         --compile-mode max-autotune-no-cudagraphs --skip-vae --e2e-mode '' --json "$OUT/autotune.json"
 }
 
-STEPS=(vae-conv vae-decode latency profile-denoise attention vae-options tiles-taehv-quality long autotune)
+step_fp8_matmul() {
+    run fp8_matmul "$PY" benchmarks/bench_1080p.py "${DIT[@]}" --modes histream+,histream --compile --fp8-matmul \
+        --skip-vae --e2e-mode '' --json "$OUT/fp8_matmul.json"
+    run profile_fp8 "$PY" benchmarks/profile_denoise.py "${DENOISE_PROFILE[@]}" --mode histream --compile --fp8-matmul
+    run quality_fp8 "$PY" benchmarks/quality_delta.py "${QUALITY[@]}" --dtype bf16 --variants fp8-matmul \
+        --json "$OUT/quality_fp8.json"
+}
+
+STEPS=(targets vae-conv vae-decode latency fp8-matmul profile-denoise attention vae-options tiles-taehv-quality long
+       autotune)
 if [[ "${1:-}" == all ]]; then
     for step in "${STEPS[@]}"; do "step_${step//-/_}"; done
 elif [[ " ${STEPS[*]} " == *" ${1:-none} "* ]]; then

@@ -68,12 +68,14 @@ def main() -> None:
     parser.add_argument("--attention", default="sdpa", choices=list(BACKENDS))
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--kv-cache-fp8", action="store_true", help="store the K/V caches in fp8")
+    parser.add_argument("--fp8-matmul", action="store_true", help="the blocks multiply in fp8 (bf16, also on a CPU)")
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--device", default="cuda", help="cpu: a smoke test (CPU op times, fp32)")
     args = parser.parse_args()
     device = torch.device(args.device)
     gpu = device.type == "cuda"
-    model = build_model(args.model, device, torch.bfloat16 if gpu else torch.float32, args.compile)
+    dtype = torch.bfloat16 if gpu or args.fp8_matmul else torch.float32
+    model = build_model(args.model, device, dtype, args.compile, fp8_matmul=args.fp8_matmul)
     context = torch.randn(1, model.cfg.text_len, model.cfg.text_dim, device=device)
     cfg = mode_config(args, args.mode)
     with torch.no_grad():
@@ -82,8 +84,9 @@ def main() -> None:
             list(stream_video(model, context, args.width, args.height, args.frames, cfg, 0))
             if gpu:
                 torch.cuda.synchronize(device)
-    print_kernel_table(prof, f"{args.mode}, {args.width}x{args.height}x{args.frames}, {args.attention}"
-                       f"{', compiled' if args.compile else ''}", args.frames, args.top, gpu=gpu)
+    switches = f"{', compiled' if args.compile else ''}{', fp8 matmul' if args.fp8_matmul else ''}"
+    print_kernel_table(prof, f"{args.mode}, {args.width}x{args.height}x{args.frames}, {args.attention}{switches}",
+                       args.frames, args.top, gpu=gpu)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,21 @@
-"""Quality cost of the memory options: relative error of each chunk's x0 against the baseline, same seed.
+"""Quality cost of the fp8 options: relative error of each chunk's x0 against the baseline, same seed.
 
     python benchmarks/quality_delta.py                                        # 1.3B, 1920x1088, 25 frames, CUDA bf16
     python benchmarks/quality_delta.py --model tiny --device cpu --width 128 --height 96 --frames 21
 
-Variants: fp8-kv (SamplerConfig.kv_cache_fp8: both caches float8 e4m3 with a scale per token and head) and
+Variants: fp8-kv (SamplerConfig.kv_cache_fp8: both caches float8 e4m3 with a scale per token and head),
 fp8-weights (every linear layer's weight stored as raw float8 e4m3fn, as ComfyUI's fp8 checkpoints hold them, and
-upcast per call). Random weights at the real config: the figure bounds how far the option moves the computation,
-not how a trained model's video looks. The first chunk has nothing cached, so fp8-kv leaves it exact.
+upcast per call) and fp8-matmul (CausalWanModel.use_fp8_matmul: the blocks' linear layers multiply in fp8, weights
+per output channel and inputs per token scaled; bf16 only). Random weights at the real config: the figure bounds
+how far the option moves the computation, not how a trained model's video looks. The first chunk has nothing
+cached, so fp8-kv leaves it exact.
 Prints one row per variant (error per chunk) and writes JSON (--json).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from pathlib import Path
@@ -28,7 +31,7 @@ from histream_core.modes import MODES, mode_config  # noqa: E402
 from histream_core.sampler import stream_video  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-VARIANTS = ("fp8-kv", "fp8-weights")
+VARIANTS = ("fp8-kv", "fp8-matmul", "fp8-weights")
 
 
 def chunk_latents(model, context, args, kv_cache_fp8: bool) -> list[torch.Tensor]:
@@ -56,14 +59,18 @@ def main() -> None:
     parser.add_argument("--mode", default="histream", choices=list(MODES))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", choices=list(DTYPES))
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of " + ", ".join(VARIANTS))
+    parser.add_argument("--variants", help="comma-separated, of " + ", ".join(VARIANTS) + " (default: all; "
+                        "fp8-matmul only with --dtype bf16)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
-    variants = [v for v in args.variants.split(",") if v]
+    variants = ([v for v in args.variants.split(",") if v] if args.variants is not None
+                else [v for v in VARIANTS if v != "fp8-matmul" or args.dtype == "bf16"])
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
+    if "fp8-matmul" in variants and args.dtype != "bf16":
+        parser.error("the fp8-matmul variant needs --dtype bf16")
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     torch.manual_seed(0)
@@ -76,7 +83,11 @@ def main() -> None:
     results = {}
     if "fp8-kv" in variants:
         results["fp8-kv"] = relative_errors(chunk_latents(model, context, args, kv_cache_fp8=True), baseline)
-    if "fp8-weights" in variants:
+    if "fp8-matmul" in variants:
+        fast = copy.deepcopy(model).use_fp8_matmul()
+        results["fp8-matmul"] = relative_errors(chunk_latents(fast, context, args, kv_cache_fp8=False), baseline)
+        del fast
+    if "fp8-weights" in variants:  # last: it changes the model
         store_linear_weights_in_fp8(model)
         results["fp8-weights"] = relative_errors(chunk_latents(model, context, args, kv_cache_fp8=False), baseline)
 

@@ -1,7 +1,9 @@
-"""Command line: `python -m histream_core generate | flops | memory | inspect`.
+"""Command line: `python -m histream_core generate | bench | flops | memory | inspect`.
 
 `generate` with no checkpoint runs the embedded default (the `tiny` DiT and a small VAE, seeded random weights), so
 it works on any fresh machine; with `--checkpoint`, `--vae` and `--text-embeds` it runs the user's own files.
+`bench` times the denoising of each mode (the paper's per-frame latency) on a checkpoint or on random weights of a
+preset: compute does not depend on the weights.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 
 from .config import MODEL_PRESETS
 from .flops import flops_table, format_table
-from .model.attention import BACKENDS
+from .model import BACKENDS, CausalWanModel
 from .modes import MODES, mode_config
 from .pipeline import DECODE_ORDERS
 
@@ -27,8 +29,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 H100_BF16_TFLOPS = 798.0  # measured bf16 8192^3 matmul rate on the lent H100 (DESIGN.md section 7)
 
 
-def _sampler_config(args):
-    cfg = mode_config(args.mode)
+def _sampler_config(args, mode: str | None = None):
+    cfg = mode_config(mode or args.mode)
     changes = {}
     if args.shift is not None:
         changes["shift"] = args.shift
@@ -136,6 +138,48 @@ def config_file_defaults(argv: list[str] | None) -> dict:
     return {key.replace("-", "_"): value for key, value in values.items()}
 
 
+def cmd_bench(args) -> int:
+    from .checkpoints import load_wan_model
+    from .text import load_text_embeddings
+    from .timing import format_timings, time_mode
+
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        raise ValueError(f"--modes: unknown {unknown or 'empty list'}; choose from {', '.join(MODES)}")
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    if args.checkpoint:
+        model = load_wan_model(args.checkpoint, compute_dtype=dtype, device=device)
+    else:
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = CausalWanModel(MODEL_PRESETS[args.model], compute_dtype=dtype)
+        model = model.to(dtype)
+    model = model.eval().requires_grad_(False)
+    if args.fp8_matmul:
+        model.use_fp8_matmul()
+    if args.compile:
+        model.compile_blocks()
+    text = (load_text_embeddings(args.text_embeds) if args.text_embeds else
+            torch.randn(1, model.cfg.text_len, model.cfg.text_dim, generator=torch.Generator().manual_seed(0)))
+    with torch.no_grad():
+        rows = [time_mode(model, text.to(device), mode, _sampler_config(args, mode), args.width, args.height,
+                          args.frames, device=device, warmup=args.warmup, repeats=args.repeats, rate_tflops=args.rate)
+                for mode in modes]
+    source = args.checkpoint or f"{args.model} (random weights)"
+    if args.json:
+        print(json.dumps({"model": source, "device": str(device), "dtype": args.dtype, "width": args.width,
+                          "height": args.height, "frames": args.frames, "modes": [r.as_dict() for r in rows]},
+                         indent=2))
+    else:
+        print(f"{source}, {args.width}x{args.height}, {args.frames} frames, {args.dtype} on {device}"
+              f"{', compiled' if args.compile else ''}{', fp8 matmul' if args.fp8_matmul else ''}: denoising "
+              f"(with cache passes, no decode), median of {args.repeats} after {args.warmup} warm-up; floor = the "
+              f"mode's FLOPs at {args.rate:g} TFLOP/s")
+        print(format_timings(rows))
+    return 0
+
+
 def cmd_flops(args) -> int:
     cfg = MODEL_PRESETS[args.model]
     rows = flops_table(cfg, args.width, args.height, args.frames)
@@ -230,6 +274,28 @@ def build_parser(generate_defaults: dict | None = None) -> argparse.ArgumentPars
         if unknown:
             raise ValueError(f"config file has unknown options {unknown}; use generate's option names")
         gen.set_defaults(**generate_defaults)
+
+    bench = sub.add_parser("bench", help="per-frame denoising latency, FLOPs and TFLOP/s of each mode (the paper's "
+                           "ablation rows) on a checkpoint or random weights")
+    bench.add_argument("--checkpoint", help="Wan2.1 causal DiT file; omit for random weights of --model")
+    bench.add_argument("--model", default="wan2.1-1.3b", choices=list(MODEL_PRESETS))
+    bench.add_argument("--text-embeds", help="umT5 states to condition on (default: random ones; cost is the same)")
+    bench.add_argument("--modes", default=",".join(MODES), help="comma-separated (default: all)")
+    bench.add_argument("--width", type=int, default=1920)
+    bench.add_argument("--height", type=int, default=1088)
+    bench.add_argument("--frames", type=int, default=81)
+    bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    bench.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", choices=list(DTYPES))
+    bench.add_argument("--attention", choices=list(BACKENDS))
+    bench.add_argument("--kv-cache-fp8", action="store_true", help="K/V caches in fp8")
+    bench.add_argument("--fp8-matmul", action="store_true", help="the blocks multiply in fp8 (bf16, Ada/Hopper+)")
+    bench.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (CUDA)")
+    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--warmup", type=int, default=1, help="untimed videos first (compilation, autotuning)")
+    bench.add_argument("--rate", type=float, default=H100_BF16_TFLOPS, help="matmul TFLOP/s for the floor column")
+    bench.add_argument("--json", action="store_true")
+    bench.set_defaults(run=cmd_bench, shift=None, low_res_scale=None, rope_positions=None, no_window=False,
+                       chunk_frames=None)
 
     flops = sub.add_parser("flops", help="exact transformer FLOPs of every mode (no weights, no memory)")
     flops.add_argument("--model", default="wan2.1-1.3b", choices=list(MODEL_PRESETS))

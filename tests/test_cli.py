@@ -62,6 +62,8 @@ def test_memory_prints_a_prediction(capsys):
     assert prediction["end to end, decode order 'after'"] <= prediction["end to end, decode order 'interleaved'"]
     assert main(["memory", "--model", "tiny", "--width", "100", "--frames", "9"]) == 2
     assert "multiple of 32" in capsys.readouterr().err
+    assert main([*args, "--repeats", "0"]) == 2
+    assert "repeats >= 1" in capsys.readouterr().err
 
 
 def test_user_files_end_to_end(user_files, tmp_path, capsys):
@@ -186,3 +188,35 @@ def test_tiny_decoder_file_decodes_the_video(user_files, tmp_path, capsys):
     assert "tiny decoder" in capsys.readouterr().err
     assert main([*base, "--vae", str(user_files / "vae.safetensors"), "--out", str(out)]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_bench_times_each_mode_with_its_exact_flops(capsys):
+    from histream_core.config import MODEL_PRESETS
+    from histream_core.flops import run_flops
+    from histream_core.modes import MODES
+    args = ["bench", "--model", "tiny", "--width", "64", "--height", "64", "--frames", "17", "--device", "cpu",
+            "--modes", "histream,histream+,self-forcing", "--repeats", "2", "--warmup", "0"]
+    assert main([*args, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [row["mode"] for row in report["modes"]] == ["histream", "histream+", "self-forcing"]
+    for row in report["modes"]:
+        flops = run_flops(MODEL_PRESETS["tiny"], MODES[row["mode"]], 64, 64, 17)
+        assert row["tflop_total"] == flops.tflop_total and row["model_calls"] == flops.model_calls
+        assert len(row["chunk_s"]) == 2 and row["s_per_frame"] == pytest.approx(row["total_s"] / 17)
+        assert row["total_s"] > 0 and row["peak_gib"] is None  # no CUDA here
+    assert main(args[:-4] + ["--repeats", "1", "--warmup", "0"]) == 0
+    table = capsys.readouterr().out
+    assert "tiny (random weights), 64x64, 17 frames" in table and "self-forcing" in table
+
+
+def test_bench_on_a_checkpoint_and_its_errors(user_files, capsys):
+    args = ["bench", "--checkpoint", str(user_files / "dit.safetensors"), "--width", "64", "--height", "64",
+            "--frames", "9", "--device", "cpu", "--repeats", "1", "--warmup", "0"]
+    assert main([*args, "--modes", "histream+"]) == 0
+    assert "dit.safetensors" in capsys.readouterr().out
+    assert main([*args, "--modes", "histream,fastest"]) == 2
+    assert "unknown ['fastest']" in capsys.readouterr().err
+    assert main([*args, "--height", "72"]) == 2  # not on the dual-resolution grid: the sampler's message
+    assert "multiple of 32" in capsys.readouterr().err
+    assert main([*args, "--repeats", "0"]) == 2
+    assert "repeats >= 1" in capsys.readouterr().err

@@ -26,8 +26,16 @@ def test_every_step_runs_at_toy_sizes(tmp_path: Path) -> None:
     assert len(long["modes"][0]["chunk_s"]) == 6  # 65 frames: 17 latent frames in chunks of 3
     assert all(row["exact"] for row in json.loads((tmp_path / "conv.json").read_text())["rows"])
     assert "sdpa" in (tmp_path / "attention.txt").read_text()
+    targets = json.loads((tmp_path / "targets.json").read_text())
+    assert len(targets["modes"]) == 2 and not any("error" in part for part in [targets["vae"], *targets["end_to_end"]])
+    assert json.loads((tmp_path / "targets_fp8.json").read_text())["args"]["fp8_matmul"]
+    assert "| stream |" in (tmp_path / "targets_vae.txt").read_text()
+    fp8 = json.loads((tmp_path / "fp8_matmul.json").read_text())
+    assert fp8["args"]["fp8_matmul"] and fp8["args"]["dtype"] == "bf16" and len(fp8["modes"]) == 2
+    errors = json.loads((tmp_path / "quality_fp8.json").read_text())["errors"]["fp8-matmul"]
+    assert len(errors) == 2 and all(0 < e < 0.1 for e in errors)
     tables = ("profile_vae", "profile_denoise", "vae_cl_norms", "vae_conv2d_norms", "quality", "taehv", "tiles",
-              "autotune")
+              "autotune", "profile_fp8")
     for table in tables:
         assert (tmp_path / f"{table}.txt").read_text().strip(), table
 
