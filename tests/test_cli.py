@@ -62,8 +62,6 @@ def test_memory_prints_a_prediction(capsys):
     assert prediction["end to end, decode order 'after'"] <= prediction["end to end, decode order 'interleaved'"]
     assert main(["memory", "--model", "tiny", "--width", "100", "--frames", "9"]) == 2
     assert "multiple of 32" in capsys.readouterr().err
-    assert main([*args, "--repeats", "0"]) == 2
-    assert "repeats >= 1" in capsys.readouterr().err
 
 
 def test_user_files_end_to_end(user_files, tmp_path, capsys):
