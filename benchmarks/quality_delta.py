@@ -4,9 +4,10 @@
     python benchmarks/quality_delta.py --model tiny --device cpu --width 128 --height 96 --frames 21
 
 Variants: fp8-kv (SamplerConfig.kv_cache_fp8: both caches float8 e4m3 with a scale per token and head),
-fp8-weights (every linear layer's weight stored as raw float8 e4m3fn, as ComfyUI's fp8 checkpoints hold them, and
-upcast per call) and fp8-matmul (CausalWanModel.use_fp8_matmul: the blocks' linear layers multiply in fp8, weights
-per output channel and inputs per token scaled; bf16 only). Random weights at the real config: the figure bounds
+fp8-weights (the blocks' linear weights stored as float8 e4m3 with a scale per output channel, as the loader's
+weight_dtype fp8 keeps them, and upcast per call), fp8-weights-raw (the same as a raw cast, as ComfyUI's plain fp8
+checkpoints hold them) and fp8-matmul (CausalWanModel.use_fp8_matmul: the blocks' linear layers multiply in fp8,
+weights per output channel and inputs per token scaled; bf16 only). Random weights at the real config: the figure bounds
 how far the option moves the computation, not how a trained model's video looks. The first chunk has nothing
 cached, so fp8-kv leaves it exact.
 Prints one row per variant (error per chunk) and writes JSON (--json).
@@ -26,12 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from histream_core.config import MODEL_PRESETS  # noqa: E402
 from histream_core.model import CausalWanModel  # noqa: E402
-from histream_core.model.layers import CastLinear  # noqa: E402
+from histream_core.model.layers import CastLinear, store_weight_in_fp8  # noqa: E402
 from histream_core.modes import MODES, mode_config  # noqa: E402
 from histream_core.sampler import stream_video  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-VARIANTS = ("fp8-kv", "fp8-matmul", "fp8-weights")
+VARIANTS = ("fp8-kv", "fp8-matmul", "fp8-weights", "fp8-weights-raw")
 
 
 def chunk_latents(model, context, args, kv_cache_fp8: bool) -> list[torch.Tensor]:
@@ -40,10 +41,19 @@ def chunk_latents(model, context, args, kv_cache_fp8: bool) -> list[torch.Tensor
         return [c.latents for c in stream_video(model, context, args.width, args.height, args.frames, cfg, args.seed)]
 
 
-def store_linear_weights_in_fp8(model: CausalWanModel) -> None:
-    for module in model.modules():
+def linear_weights_in_fp8(model: CausalWanModel, raw: bool) -> CausalWanModel:
+    for module in model.blocks.modules():
         if isinstance(module, CastLinear):
-            module.weight.data = module.weight.data.to(torch.float8_e4m3fn)
+            if raw:
+                module.weight.data = module.weight.data.to(torch.float8_e4m3fn)
+            else:
+                store_weight_in_fp8(module)
+    return model
+
+
+CHANGED_MODELS = {"fp8-matmul": lambda model: model.use_fp8_matmul(),
+                  "fp8-weights": lambda model: linear_weights_in_fp8(model, raw=False),
+                  "fp8-weights-raw": lambda model: linear_weights_in_fp8(model, raw=True)}
 
 
 def relative_errors(got: list[torch.Tensor], want: list[torch.Tensor]) -> list[float]:
@@ -83,19 +93,17 @@ def main() -> None:
     results = {}
     if "fp8-kv" in variants:
         results["fp8-kv"] = relative_errors(chunk_latents(model, context, args, kv_cache_fp8=True), baseline)
-    if "fp8-matmul" in variants:
-        fast = copy.deepcopy(model).use_fp8_matmul()
-        results["fp8-matmul"] = relative_errors(chunk_latents(fast, context, args, kv_cache_fp8=False), baseline)
-        del fast
-    if "fp8-weights" in variants:  # last: it changes the model
-        store_linear_weights_in_fp8(model)
-        results["fp8-weights"] = relative_errors(chunk_latents(model, context, args, kv_cache_fp8=False), baseline)
+    for name in variants:
+        if name in CHANGED_MODELS:
+            changed = CHANGED_MODELS[name](copy.deepcopy(model))
+            results[name] = relative_errors(chunk_latents(changed, context, args, kv_cache_fp8=False), baseline)
+            del changed
 
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"{args.model}, {args.width}x{args.height}, {args.frames} frames, {args.mode}, {args.dtype}, {device_name}: "
           "relative error of each chunk's x0 against the baseline")
     for name, errors in results.items():
-        print(f"{name:<12} " + " ".join(f"{e:.2%}" for e in errors))
+        print(f"{name:<16} " + " ".join(f"{e:.2%}" for e in errors))
     if args.json:
         Path(args.json).write_text(json.dumps({"device": device_name, "args": vars(args), "errors": results}, indent=2))
 

@@ -45,8 +45,9 @@ class HiStreamLoader:
                 "A causal (Self-Forcing-style) Wan2.1 text-to-video DiT from models/diffusion_models, e.g. "
                 "self_forcing_dmd.pt. Original Wan, ComfyUI, diffusers and Self-Forcing .pt layouts all load.")}),
             "weight_dtype": (list(WEIGHT_DTYPES), {"default": "default", "tooltip": (
-                "Storage precision of the weights. default keeps the file's; fp8_e4m3fn halves memory (each layer "
-                "upcasts at compute time); fp8_e4m3fn_fast also multiplies in fp8 in the transformer blocks (needs "
+                "Storage precision of the weights. default keeps the file's (fp8 files stay fp8, scaled fp8 with its "
+                "scales); fp8_e4m3fn halves memory (the blocks' weights in fp8 with a scale per output channel, "
+                "upcast at compute time); fp8_e4m3fn_fast also multiplies in fp8 in the transformer blocks (needs "
                 "compute_dtype bf16 and an Ada/Hopper or newer GPU; faster, slightly different videos).")}),
             "compute_dtype": (list(COMPUTE_DTYPES), {"default": "bf16", "tooltip": (
                 "Precision of the matmuls and attention. bf16 on modern GPUs; fp32 for exact CPU runs.")}),

@@ -1,7 +1,8 @@
 """Building blocks whose parameters may be stored in a narrower dtype than they compute in.
 
-Weights can be kept in memory as fp32, fp16, bf16 or fp8 (e4m3fn); every layer casts its weight to the dtype of its
-input at call time. The model decides the compute dtype by what it feeds in (fp32 for the modulation path, the
+Weights can be kept in memory as fp32, fp16, bf16 or fp8 (e4m3fn), an fp8 weight with or without a scale (one
+number, or one per output channel: real weight = weight * weight_scale); every layer casts its weight to the dtype
+of its input at call time. The model decides the compute dtype by what it feeds in (fp32 for the modulation path, the
 compute dtype for attention and FFN), exactly as Wan2.1 runs under autocast.
 
 ``Fp8Linear`` is the other way round: an inference speed option that also multiplies in fp8 (see its docstring).
@@ -18,14 +19,42 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..cache import FP8, quantize_fp8
+from ..weight_files import dequantize
+
+
+def real_weight(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """A CastLinear's or CastConv3d's weight in ``dtype``, scaled back if it is stored as scaled fp8."""
+    if layer.weight_scale is None:
+        return layer.weight.to(dtype)
+    return dequantize(layer.weight, layer.weight_scale, dtype)
+
+
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight # [out, ...] -> (float8 e4m3 values, scale # [out, 1] fp32), one scale per output channel.
+
+    Per-channel scales keep small weights out of e4m3's subnormal range, where a raw cast loses their bits
+    (benchmarks/NOTES.md: on random 1.3B weights a raw cast moved x0 three times as much as the fp8 matmul)."""
+    values, scale = quantize_fp8(weight.detach().flatten(1).float(), torch.float32)
+    return values.reshape(weight.shape), scale
+
+
+def store_weight_in_fp8(layer: nn.Module) -> None:
+    """Keep a CastLinear's or CastConv3d's weight as scaled fp8 (``quantize_weight``); fp8 weights stay as they are."""
+    if layer.weight.dtype != FP8:
+        values, layer.weight_scale = quantize_weight(layer.weight)
+        layer.weight = nn.Parameter(values, requires_grad=False)
 
 
 class CastLinear(nn.Linear):
     """nn.Linear that computes in the input's dtype whatever dtype its weight is stored in."""
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.register_buffer("weight_scale", None)  # scaled fp8 only: [] or [out, 1] fp32
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.weight.to(x.dtype), bias)
+        return F.linear(x, real_weight(self, x.dtype), bias)
 
 
 @dataclass(frozen=True)
@@ -92,12 +121,14 @@ class Fp8Linear(nn.Module):
         self.register_buffer("bias", bias)                  # [out] or None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "Fp8Linear":
+    def from_linear(cls, linear: CastLinear) -> "Fp8Linear":
         weight = linear.weight.detach()
-        if weight.dtype == FP8:
-            values, scale = weight, torch.ones(weight.shape[0], 1, device=weight.device)
+        if weight.dtype == FP8:  # as stored: raw (unit scales) or scaled (one scale, or one per row)
+            stored = getattr(linear, "weight_scale", None)
+            stored = torch.ones((), device=weight.device) if stored is None else stored
+            values, scale = weight, stored.float().expand(weight.shape[0], 1) if stored.numel() == 1 else stored
         else:
-            values, scale = quantize_fp8(weight, torch.float32)
+            values, scale = quantize_weight(weight)
         bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16)
         return cls(values.contiguous(), scale.reshape(1, -1).contiguous(), bias)
 
@@ -125,9 +156,13 @@ def check_fp8_matmul(device: torch.device) -> None:
 class CastConv3d(nn.Conv3d):
     """nn.Conv3d that computes in the input's dtype (used for the patch embedding)."""
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.register_buffer("weight_scale", None)  # scaled fp8 only: [] or [out, 1] fp32
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return self._conv_forward(x, self.weight.to(x.dtype), bias)
+        return self._conv_forward(x, real_weight(self, x.dtype), bias)
 
 
 class RMSNorm(nn.Module):
