@@ -109,7 +109,8 @@ class Fp8Linear(nn.Module):
     Ada, Blackwell) run such a GEMM at about twice the bf16 rate; the price is the rounding of both operands to 3
     mantissa bits (benchmarks/quality_delta.py measures it on x0). Eagerly, each quantization is a few extra
     passes over the input; compiled blocks fuse it into the kernel that produces the input. A weight already
-    stored as raw e4m3fn (ComfyUI's fp8 files) is used as it is, with unit scales, so this adds no rounding to it.
+    stored in e4m3fn (an fp8 file, raw or scaled) is used as it is, with its scales (unit ones for a raw cast), so
+    this adds no rounding to it.
     Inference only: ``_scaled_mm`` has no backward. Inputs must be bf16 (the only output type of row-wise scaled
     GEMMs on CUDA).
     """
