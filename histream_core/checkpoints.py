@@ -145,7 +145,8 @@ def load_wan_model(
     for key, scale in scales.items():
         model.get_submodule(key.removesuffix(".weight")).weight_scale = scale
     model.requires_grad_(False).eval()
-    log.info("loaded %s (%s): %s, weights %s", path.name, ckpt.describe(raw), model.cfg, _dtype_summary(state))
+    log.info("loaded %s (%s): %s, weights %s%s", path.name, ckpt.describe(raw), model.cfg, _dtype_summary(state),
+             f" ({len(scales)} of them with fp8 scales)" if scales else "")
     return model
 
 
