@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from histream_core.config import MODEL_PRESETS  # noqa: E402
 from histream_core.model import CausalWanModel  # noqa: E402
-from histream_core.model.layers import CastLinear, store_weight_in_fp8  # noqa: E402
+from histream_core.model.layers import CastLinear  # noqa: E402
 from histream_core.modes import MODES, mode_config  # noqa: E402
 from histream_core.sampler import stream_video  # noqa: E402
 
@@ -41,19 +41,17 @@ def chunk_latents(model, context, args, kv_cache_fp8: bool) -> list[torch.Tensor
         return [c.latents for c in stream_video(model, context, args.width, args.height, args.frames, cfg, args.seed)]
 
 
-def linear_weights_in_fp8(model: CausalWanModel, raw: bool) -> CausalWanModel:
+def block_weights_cast_to_fp8(model: CausalWanModel) -> CausalWanModel:
+    """The blocks' linear weights as a raw e4m3 cast (no scales), as plain fp8 checkpoints hold them."""
     for module in model.blocks.modules():
         if isinstance(module, CastLinear):
-            if raw:
-                module.weight.data = module.weight.data.to(torch.float8_e4m3fn)
-            else:
-                store_weight_in_fp8(module)
+            module.weight.data = module.weight.data.to(torch.float8_e4m3fn)
     return model
 
 
 CHANGED_MODELS = {"fp8-matmul": lambda model: model.use_fp8_matmul(),
-                  "fp8-weights": lambda model: linear_weights_in_fp8(model, raw=False),
-                  "fp8-weights-raw": lambda model: linear_weights_in_fp8(model, raw=True)}
+                  "fp8-weights": lambda model: model.store_block_weights_in_fp8(),
+                  "fp8-weights-raw": block_weights_cast_to_fp8}
 
 
 def relative_errors(got: list[torch.Tensor], want: list[torch.Tensor]) -> list[float]:

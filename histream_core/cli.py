@@ -198,7 +198,7 @@ def cmd_memory(args) -> int:
     vae = EMBEDDED_VAE if args.model == "tiny" else WanVAEConfig()
     prediction = predict_memory(MODEL_PRESETS[args.model], vae, args.width, args.height, args.frames,
                                 _sampler_config(args), DTYPES[args.dtype], tile=args.tile,
-                                fp8_matmul=args.fp8_matmul)
+                                fp8_weights=args.fp8_weights, fp8_matmul=args.fp8_matmul)
     if args.json:
         print(json.dumps(prediction.as_dict(), indent=2))
     else:
@@ -315,7 +315,8 @@ def build_parser(generate_defaults: dict | None = None) -> argparse.ArgumentPars
     memory.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     memory.add_argument("--tile", type=int, help="decode in spatial tiles of this many latent pixels")
     memory.add_argument("--kv-cache-fp8", action="store_true", help="K/V caches in fp8")
-    memory.add_argument("--fp8-matmul", action="store_true", help="fp8 block weights (the fp8 matmul option)")
+    memory.add_argument("--fp8-weights", action="store_true", help="the blocks' weights stored in fp8")
+    memory.add_argument("--fp8-matmul", action="store_true", help="the fp8 matmul option (fp8 block weights too)")
     memory.add_argument("--json", action="store_true")
     memory.set_defaults(run=cmd_memory, shift=None, low_res_scale=None, rope_positions=None, attention=None,
                         no_window=False, chunk_frames=None)

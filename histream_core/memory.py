@@ -127,7 +127,8 @@ class MemoryPrediction:
 
 def predict_memory(model_cfg: ModelConfig, vae_cfg: WanVAEConfig, width: int, height: int, frames: int,
                    config: SamplerConfig, dtype: torch.dtype = torch.bfloat16, tile: int | None = None,
-                   orders: tuple[str, ...] = ("after", "interleaved"), fp8_matmul: bool = False) -> MemoryPrediction:
+                   orders: tuple[str, ...] = ("after", "interleaved"), fp8_weights: bool = False,
+                   fp8_matmul: bool = False) -> MemoryPrediction:
     """Run the denoising, the decode and the end-to-end path of a request on the meta device and return the peaks.
 
     Both models stay resident in the end-to-end runs, as in ``generate_to_file``; text states are a stand-in of
@@ -135,8 +136,9 @@ def predict_memory(model_cfg: ModelConfig, vae_cfg: WanVAEConfig, width: int, he
     cannot be predicted here (its decode runs in another thread, which the meter does not see); expect about the
     interleaved peak plus one model call's activations. With the sliding window a request longer than
     FLAT_AFTER_FRAMES runs at that length (its memory is flat: 481 frames gave the 81-frame peaks to 0.01 GiB);
-    without it the caches grow with the video, and the whole length runs. ``fp8_matmul``: the blocks' weights in
-    fp8, as ``CausalWanModel.use_fp8_matmul`` keeps them.
+    without it the caches grow with the video, and the whole length runs. ``fp8_weights``: the blocks' linear
+    weights stored in fp8 (the loader's weight_dtype fp8); ``fp8_matmul``: as ``CausalWanModel.use_fp8_matmul``
+    keeps them.
     """
     frames = min(frames, FLAT_AFTER_FRAMES) if config.stream.window else frames
     from .pipeline import decoded_chunks  # the pipeline's own loop, so the prediction follows its order of work
@@ -148,6 +150,8 @@ def predict_memory(model_cfg: ModelConfig, vae_cfg: WanVAEConfig, width: int, he
         model = model.to(dtype).eval().requires_grad_(False)
         if fp8_matmul:
             model.use_fp8_matmul()
+        elif fp8_weights:
+            model.store_block_weights_in_fp8()
         dit_weights = meter.live
         with torch.device("meta"):
             vae = WanVAE(vae_cfg)

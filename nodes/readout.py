@@ -18,14 +18,16 @@ H100_BF16_TFLOPS = 798.0  # dense bf16 matmul rate measured on an H100 (DESIGN.m
 
 
 def memory_text(mode: str, width: int, height: int, length: int, model_cfg, window=None,
-                dtype: torch.dtype = torch.bfloat16, decode_tile_size: int = 0, fp8_matmul: bool = False) -> str:
+                dtype: torch.dtype = torch.bfloat16, decode_tile_size: int = 0, fp8_weights: bool = False,
+                fp8_matmul: bool = False) -> str:
     """Predicted peaks of the sampler and of VAE Chunk Decode as ComfyUI runs them (one after the other, the
-    HiStream model staying loaded during the decode); ``fp8_matmul``: the model was loaded fp8_e4m3fn_fast."""
+    HiStream model staying loaded during the decode); ``fp8_weights`` / ``fp8_matmul``: the model was loaded with
+    fp8 block weights / fp8_e4m3fn_fast."""
     cfg = build_config(mode, window)
     request_geometry(NODE, width, height, length, cfg, model_cfg.patch_size[1])
     tile = decode_tile_size // 8 or None
     p = predict_memory(model_cfg, WanVAEConfig(), width, height, length, cfg, dtype,
-                       tile=tile, orders=("after",), fp8_matmul=fp8_matmul)
+                       tile=tile, orders=("after",), fp8_weights=fp8_weights, fp8_matmul=fp8_matmul)
     tiles = f" (tiles {decode_tile_size})" if tile else ""
     return (f"predicted peak GPU memory ({str(dtype).removeprefix('torch.')}, tensors only; add 1-2 GiB): sampler "
             f"{(p.denoise_peak + p.vae_weights) / GIB:.1f} GiB, VAE decode{tiles} "
@@ -82,14 +84,15 @@ class HiStreamCostReadout:
 
     def report(self, mode, width, height, length, model_size, tflops, window=None, histream_model=None,
                predict_memory=False, decode_tile_size=0):
-        dtype, fp8_matmul = torch.bfloat16, False
+        dtype, fp8 = torch.bfloat16, {}
         if histream_model is not None:
-            fp8_matmul = histream_model.model.uses_fp8_matmul
+            model = histream_model.model
+            fp8 = {"fp8_weights": model.stores_block_weights_in_fp8, "fp8_matmul": model.uses_fp8_matmul}
             name, model_cfg, dtype = histream_model.name, histream_model.model.cfg, histream_model.model.compute_dtype
         else:
             name, model_cfg = model_size, MODEL_PRESETS[model_size]
         text = cost_text(mode, width, height, length, name, model_cfg, window, tflops)
         if predict_memory:
             text += "\n" + memory_text(mode, width, height, length, model_cfg, window, dtype, decode_tile_size,
-                                        fp8_matmul)
+                                        **fp8)
         return {"ui": {"text": [text]}, "result": (text,)}

@@ -128,6 +128,8 @@ def test_memory_prediction_counts_fp8_block_weights():
     # the blocks' weights are most of the model (fp32 biases, norms, modulation stay), now one byte each
     assert 0.3 * plain.dit_weights < fast.dit_weights < 0.75 * plain.dit_weights
     assert fast.dit_caches == plain.dit_caches
+    stored = predict_memory(*args, fp8_weights=True)  # the loader's fp8 storage: the same weights, upcast per call
+    assert stored.dit_weights == fast.dit_weights and stored.dit_caches == plain.dit_caches
 
 
 def test_each_gemm_input_is_quantized_once(monkeypatch):

@@ -402,10 +402,13 @@ def test_loader_fp8_fast_multiplies_in_fp8_and_the_sampler_runs(comfy_host, chec
     # the Cost Readout predicts memory for the model as loaded: block weights in fp8
     asked = []
     readout = pack_module("nodes.readout")
-    monkeypatch.setattr(readout, "predict_memory", lambda *a, **k: asked.append(k["fp8_matmul"]) or FAKE_PREDICTION)
-    readout.HiStreamCostReadout().report("histream+", 64, 64, 9, "wan2.1-1.3b", 798.0, histream_model=fast,
-                                         predict_memory=True)
-    assert asked == [True]
+    monkeypatch.setattr(readout, "predict_memory",
+                        lambda *a, **k: asked.append((k["fp8_weights"], k["fp8_matmul"])) or FAKE_PREDICTION)
+    stored = nodes()["HiStreamLoader"]().load(checkpoint, "fp8_e4m3fn", "bf16", "sdpa", "cpu")[0]
+    for model in (fast, stored):
+        readout.HiStreamCostReadout().report("histream+", 64, 64, 9, "wan2.1-1.3b", 798.0, histream_model=model,
+                                             predict_memory=True)
+    assert asked == [(True, True), (True, False)]
 
 
 def test_loader_fp8_fast_needs_bf16(comfy_host, checkpoint):

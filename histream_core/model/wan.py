@@ -24,7 +24,7 @@ from ..cache import KVCache
 from ..config import ModelConfig
 from .attention import attention, check_backend
 from .layers import (CastConv3d, CastLinear, Fp8Linear, FP32LayerNorm, RMSNorm, check_fp8_matmul, gelu_mlp,
-                     shared_input)
+                     shared_input, store_weight_in_fp8)
 from .rope import apply_rope, rope_angles, rope_cos_sin
 
 
@@ -210,6 +210,18 @@ class CausalWanModel(nn.Module):
     @property
     def uses_fp8_matmul(self) -> bool:
         return isinstance(self.blocks[0].ffn[0], Fp8Linear)
+
+    def store_block_weights_in_fp8(self) -> "CausalWanModel":
+        """Keep the blocks' linear weights as e4m3 with a scale per output channel, upcast per call: what loading
+        with weight_dtype fp8 gives (the loader quantizes tensor by tensor as it reads them)."""
+        for layer in self.blocks.modules():
+            if isinstance(layer, CastLinear):
+                store_weight_in_fp8(layer)
+        return self
+
+    @property
+    def stores_block_weights_in_fp8(self) -> bool:
+        return self.blocks[0].ffn[0].weight.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
 
     @property
     def is_compiled(self) -> bool:
