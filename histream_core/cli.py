@@ -61,6 +61,8 @@ def cmd_generate(args) -> int:
         if args.tiny_decoder:
             vae = load_tiny_decoder(args.tiny_decoder, device=device)
         model.compute_dtype = compute_dtype
+        if args.fp8_weights:
+            model.store_block_weights_in_fp8()
         if args.fp8_matmul:
             model.use_fp8_matmul()
         pipe = HiStreamPipeline(model, vae)
@@ -80,7 +82,8 @@ def cmd_generate(args) -> int:
                              "or --text-embeds (precomputed umT5 states)")
         pipe = HiStreamPipeline.from_files(args.checkpoint, args.vae, args.text_encoder, args.tokenizer,
                                            device=device, dtype=compute_dtype, compile=args.compile,
-                                           fp8_matmul=args.fp8_matmul, text_cache_dir=args.text_cache,
+                                           fp8_weights=args.fp8_weights, fp8_matmul=args.fp8_matmul,
+                                           text_cache_dir=args.text_cache,
                                            tiny_decoder=args.tiny_decoder)
         context = load_text_embeddings(args.text_embeds) if args.text_embeds else pipe.encode(args.prompt)
         width, height, frames = args.width or 1920, args.height or 1088, args.frames or 81
@@ -264,6 +267,8 @@ def build_parser(generate_defaults: dict | None = None) -> argparse.ArgumentPars
     gen.add_argument("--rope-positions", choices=["absolute", "window"])
     gen.add_argument("--attention", choices=list(BACKENDS))
     gen.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (CUDA: ~1.4x)")
+    gen.add_argument("--fp8-weights", action="store_true",
+                     help="keep the transformer blocks' weights in fp8 (half the DiT's memory, slightly off)")
     gen.add_argument("--fp8-matmul", action="store_true",
                      help="multiply in fp8 in the transformer blocks (bf16, fp8 tensor cores: Ada/Hopper or newer; "
                      "faster, slightly off; see README)")

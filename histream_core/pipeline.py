@@ -248,10 +248,12 @@ class HiStreamPipeline:
     @classmethod
     def from_files(cls, model: str | Path, vae: str | Path | None, text_encoder: str | Path | None = None,
                    tokenizer: str | Path | None = None, *, device: str | torch.device | None = None,
-                   dtype: torch.dtype | None = None, compile: bool = False, fp8_matmul: bool = False,
+                   dtype: torch.dtype | None = None, compile: bool = False, fp8_weights: bool = False,
+                   fp8_matmul: bool = False,
                    text_cache_dir: str | Path | None = None,
                    tiny_decoder: str | Path | None = None) -> "HiStreamPipeline":
         """``vae``: the Wan2.1 VAE file; or None with ``tiny_decoder`` (a TAEHV taew2_1 file) for fast drafts.
+        ``fp8_weights``: the blocks' linear weights kept in fp8 (half the DiT's memory, upcast per call);
         ``fp8_matmul``: the blocks multiply in fp8 (``CausalWanModel.use_fp8_matmul``; bf16, fp8 tensor cores)."""
         from .checkpoints import load_wan_model
         from .text import TextEncoder
@@ -264,7 +266,8 @@ class HiStreamPipeline:
         if text_encoder is not None:
             extra = {} if text_cache_dir is None else {"cache_dir": text_cache_dir}
             encoder = TextEncoder(text_encoder, tokenizer, device=device, **extra)
-        dit = load_wan_model(model, compute_dtype=dtype, device=device)
+        dit = load_wan_model(model, weight_dtype=torch.float8_e4m3fn if fp8_weights else None, compute_dtype=dtype,
+                             device=device)
         if fp8_matmul:
             dit.use_fp8_matmul()
         if compile:

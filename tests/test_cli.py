@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 
 from conftest import randomize_, tiny_model
 from histream_core.cli import main
+from histream_core.pipeline import HiStreamPipeline
 from histream_core.text import UMT5_PRESETS, UMT5Encoder
 from histream_core.vae import WanVAE, WanVAEConfig
 
@@ -86,6 +87,13 @@ def test_user_files_with_fp8_matmul(user_files, tmp_path, capsys):
     assert sum(1 for _ in iio.imiter(tmp_path / "fast.mp4")) == 9
     assert main([*args[:-1], "--dtype", "fp32", "--fp8-matmul", "--out", str(tmp_path / "no.mp4")]) == 2
     assert "needs the bf16 compute dtype" in capsys.readouterr().err and not (tmp_path / "no.mp4").exists()
+    # fp8 storage alone runs in any compute dtype (weights upcast per call)
+    stored = [*args[:-1], "--dtype", "fp32", "--fp8-weights", "--out", str(tmp_path / "stored.mp4")]
+    assert main(stored) == 0 and sum(1 for _ in iio.imiter(tmp_path / "stored.mp4")) == 9
+    pipe = HiStreamPipeline.from_files(user_files / "dit.safetensors", user_files / "vae.safetensors", device="cpu",
+                                       fp8_weights=True)
+    assert pipe.model.stores_block_weights_in_fp8 and pipe.model.blocks[0].ffn[0].weight_scale is not None
+    assert main(["generate", *SMALL, "--fp8-weights", "--out", str(tmp_path / "embedded.mp4")]) == 0
 
 
 def test_config_file_sets_defaults(tmp_path, capsys):
