@@ -27,7 +27,7 @@ from histream_core.config import MODEL_PRESETS  # noqa: E402
 from histream_core.model import BACKENDS, CausalWanModel  # noqa: E402
 from histream_core.modes import MODES  # noqa: E402
 from histream_core.timing import (Clock, ModeTiming, format_timings, peak_memory, reset_peak_memory,  # noqa: E402
-                                  time_mode)
+                                  time_mode, time_video)
 
 log = logging.getLogger("bench_1080p")
 
@@ -52,6 +52,18 @@ def mode_config(args, mode: str):
 def bench_mode(model, context, args, mode: str, device: torch.device) -> ModeTiming:
     return time_mode(model, context, mode, mode_config(args, mode), args.width, args.height, args.frames,
                      device=device, warmup=args.warmup, repeats=args.repeats, rate_tflops=args.rate)
+
+
+def profile_mode(model, context, args, mode: str, device: torch.device) -> None:
+    """Kernel time by kind (attention, GEMM, the rest) of one more video of ``mode``, on the graphs already compiled:
+    where a missed target's time goes, for seconds instead of a profile_denoise.py run that compiles again."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from profile_denoise import print_kernel_table
+    gpu = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]) as prof:
+        time_video(model, context, args.width, args.height, args.frames, mode_config(args, mode), Clock(device))
+    print_kernel_table(prof, f"profile of one {mode} video", args.frames, top=10, gpu=gpu)
 
 
 def build_decoder(args, device: torch.device, dtype: torch.dtype, tiled: bool = True):
@@ -190,6 +202,8 @@ def main() -> None:
     parser.add_argument("--e2e-mode", default="histream+", help="mode of the end-to-end mp4 run ('' to skip)")
     parser.add_argument("--e2e-orders", default="after,interleaved,overlapped",
                         help="decode orders of the end-to-end runs")
+    parser.add_argument("--profile", action="store_true",
+                        help="after the timings, the kernel time by kind of one more video of the first mode")
     parser.add_argument("--predict-memory", action="store_true",
                         help="also print the meta-device memory prediction of the end-to-end mode")
     parser.add_argument("--json", help="write the results here")
@@ -205,6 +219,8 @@ def main() -> None:
     context = torch.randn(1, model.cfg.text_len, model.cfg.text_dim, device=device)
     with torch.no_grad():
         rows = [bench_mode(model, context, args, mode, device) for mode in args.modes.split(",") if mode]
+        if args.profile and rows:
+            _attempt(lambda: profile_mode(model, context, args, rows[0].mode, device))
         vae = None if args.skip_vae else _attempt(lambda: bench_vae(args, device, dtype, clock))
         e2e = [_attempt(lambda order=order: bench_end_to_end(model, context, args, device, dtype, args.e2e_mode,
                                                              order), mode=args.e2e_mode, order=order)

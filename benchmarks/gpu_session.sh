@@ -24,6 +24,7 @@ fi
 if [[ -n "${SMOKE:-}" ]]; then  # toy sizes on the CPU: checks that every command line still parses and runs
     DIT=(--model tiny --device cpu --width 128 --height 128 --frames 17 --repeats 1 --warmup 0)
     QUICK=("${DIT[@]}")
+    MEMORY=(--model tiny --width 128 --height 128 --frames 17)
     VAE=(--tiny --device cpu --width 64 --height 64 --frames 9 --dtype fp32)
     CONV=(--tiny --device cpu --width 64 --height 32 --frames 9 --dtype fp32 --top 2 --iters 1 --warmup 0)
     PROFILE=(--tiny --device cpu --width 64 --height 32 --frames 9)
@@ -34,6 +35,7 @@ if [[ -n "${SMOKE:-}" ]]; then  # toy sizes on the CPU: checks that every comman
 else
     DIT=(--repeats 3 --warmup 1)
     QUICK=(--repeats 2 --warmup 1)
+    MEMORY=()
     VAE=(--width 1920 --height 1088 --frames 81 --dtype bf16 --chunk 3 --modes stream)  # as the pipeline decodes
     CONV=()
     PROFILE=()
@@ -54,11 +56,15 @@ run() {  # name, command...: the command's output also goes to $OUT/name.txt; a 
 }
 
 step_targets() {  # s/frame of both modes, VAE decode, end to end and peaks; the VAE switches; the fp8 matmul
-    run targets "$PY" benchmarks/bench_1080p.py "${QUICK[@]}" --modes histream+,histream --compile \
+    # the meta-device memory prediction runs on the CPU meanwhile, to hold against the measured peaks
+    "$PY" -m histream_core memory --mode histream+ --json "${MEMORY[@]}" > "$OUT/targets_predicted.json" &
+    local predicting=$!
+    run targets "$PY" benchmarks/bench_1080p.py "${QUICK[@]}" --modes histream,histream+ --compile --profile \
         --e2e-orders after --json "$OUT/targets.json"
     run targets_vae "$PY" benchmarks/bench_vae.py "${VAE[@]}" --channels-last --compile-norms --cudnn-benchmark
-    run targets_fp8 "$PY" benchmarks/bench_1080p.py "${QUICK[@]}" --modes histream+,histream --compile --fp8-matmul \
-        --skip-vae --e2e-mode '' --json "$OUT/targets_fp8.json"
+    run targets_fp8 "$PY" benchmarks/bench_1080p.py "${QUICK[@]}" --modes histream,histream+ --compile --fp8-matmul \
+        --profile --skip-vae --e2e-mode '' --json "$OUT/targets_fp8.json"
+    wait "$predicting" || FAILED+=(targets_predicted)
 }
 
 step_vae_conv() {
