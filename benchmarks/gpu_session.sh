@@ -25,7 +25,7 @@ if [[ -n "${SMOKE:-}" ]]; then  # toy sizes on the CPU: checks that every comman
     DIT=(--model tiny --device cpu --width 128 --height 128 --frames 17 --repeats 1 --warmup 0)
     QUICK=("${DIT[@]}")
     MEMORY=(--model tiny --width 128 --height 128 --frames 17)
-    VAE=(--tiny --device cpu --width 64 --height 64 --frames 9 --dtype fp32)
+    VAE=(--tiny --device cpu --width 64 --height 64 --frames 9 --dtype fp32 --modes stream)
     CONV=(--tiny --device cpu --width 64 --height 32 --frames 9 --dtype fp32 --top 2 --iters 1 --warmup 0)
     PROFILE=(--tiny --device cpu --width 64 --height 32 --frames 9)
     DENOISE_PROFILE=(--model tiny --device cpu --width 128 --height 128 --frames 17)
