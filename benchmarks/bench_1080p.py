@@ -59,7 +59,7 @@ def profile_mode(model, context, args, mode: str, device: torch.device) -> None:
     where a missed target's time goes, for seconds instead of a profile_denoise.py run that compiles again."""
     from torch.profiler import ProfilerActivity, profile
 
-    from profile_denoise import print_kernel_table
+    from kernel_table import print_kernel_table
     gpu = device.type == "cuda"
     with profile(activities=[ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]) as prof:
         time_video(model, context, args.width, args.height, args.frames, mode_config(args, mode), Clock(device))

@@ -17,7 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from profile_denoise import print_kernel_table  # noqa: E402
+from kernel_table import print_kernel_table  # noqa: E402
 from histream_core.vae import WanVAE, WanVAEConfig  # noqa: E402
 
 # cuDNN's conv kernels are named cudnn/xmma/implicit-gemm "fprop": match them before anything else
