@@ -77,6 +77,7 @@ class ModeTiming:
     floor_fraction: float      # the mode's FLOPs at the reference matmul rate / the measured time
     model_calls: int
     chunk_s: list[float]       # the median run's chunks
+    drift: float | None        # last full-size chunk / chunk 3 - 1 (DESIGN: chunk 50 within 5% of chunk 3)
     peak_gib: float | None     # CUDA only
     reserved_gib: float | None
 
@@ -96,22 +97,31 @@ def time_mode(model, text, name: str, cfg: SamplerConfig, width: int, height: in
     runs = [time_video(model, text, width, height, frames, cfg, clock) for _ in range(repeats)]
     totals = [sum(run) for run in runs]
     seconds = statistics.median(totals)
+    median_run = runs[totals.index(statistics.median_low(totals))]
     flops = run_flops(model.cfg, cfg, width, height, frames, name)
     return ModeTiming(
         mode=name, s_per_frame=seconds / frames, total_s=seconds, tflop_total=flops.tflop_total,
         achieved_tflops=flops.tflop_total / seconds,
         floor_fraction=(flops.tflop_per_frame / rate_tflops) / (seconds / frames), model_calls=flops.model_calls,
-        chunk_s=runs[totals.index(statistics.median_low(totals))], **peak_memory(device))
+        chunk_s=median_run, drift=chunk_drift(median_run), **peak_memory(device))
+
+
+def chunk_drift(chunk_s: list[float]) -> float | None:
+    """How much slower the last chunk but one ran than chunk 3, the first with the window full (None for videos of
+    fewer than five chunks). The last chunk is not comparable: it writes no cache, and it may be short. For 601
+    frames the chunk compared is chunk 50, as in the DESIGN's "chunk 50 within 5% of chunk 3"."""
+    return chunk_s[-2] / chunk_s[2] - 1 if len(chunk_s) >= 5 else None
 
 
 def format_timings(rows: list[ModeTiming]) -> str:
     header = (f"{'mode':<14}{'s/frame':>9}{'TFLOP':>9}{'TFLOP/s':>9}{'of floor':>9}{'calls':>7}{'peak GiB':>10}"
-              "  per-chunk s")
+              f"{'drift':>8}  per-chunk s")
     lines = [header, "-" * len(header)]
     for r in rows:
         peak = f"{r.peak_gib:.2f}" if r.peak_gib is not None else "-"
+        drift = f"{r.drift:+.1%}" if r.drift is not None else "-"
         lines.append(f"{r.mode:<14}{r.s_per_frame:>9.4f}{r.tflop_total:>9,.1f}{r.achieved_tflops:>9.1f}"
-                     f"{r.floor_fraction:>9.0%}{r.model_calls:>7}{peak:>10}  "
+                     f"{r.floor_fraction:>9.0%}{r.model_calls:>7}{peak:>10}{drift:>8}  "
                      + " ".join(f"{s:.3f}" for s in r.chunk_s))
     return "\n".join(lines)
 

@@ -210,6 +210,7 @@ def test_bench_times_each_mode_with_its_exact_flops(capsys):
         assert row["tflop_total"] == flops.tflop_total and row["model_calls"] == flops.model_calls
         assert len(row["chunk_s"]) == 2 and row["s_per_frame"] == pytest.approx(row["total_s"] / 17)
         assert row["total_s"] > 0 and row["peak_gib"] is None  # no CUDA here
+        assert row["drift"] is None  # two chunks: nothing after chunk 3 to compare
     assert main(args[:-4] + ["--repeats", "1", "--warmup", "0"]) == 0
     table = capsys.readouterr().out
     assert "tiny (random weights), 64x64, 17 frames" in table and "self-forcing" in table
@@ -226,3 +227,10 @@ def test_bench_on_a_checkpoint_and_its_errors(user_files, capsys):
     assert "multiple of 32" in capsys.readouterr().err
     assert main([*args, "--repeats", "0"]) == 2
     assert "repeats >= 1" in capsys.readouterr().err
+
+
+def test_chunk_drift_compares_the_last_chunk_but_one_with_chunk_3():
+    from histream_core.timing import chunk_drift
+    # the last chunk writes no cache (and may be short): never the one compared
+    assert chunk_drift([5.0, 2.0, 1.0, 1.01, 1.04, 0.3]) == pytest.approx(0.04)
+    assert chunk_drift([5.0, 2.0, 1.0, 1.0]) is None
