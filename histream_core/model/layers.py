@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,8 @@ import torch.nn.functional as F
 
 from ..cache import FP8, quantize_fp8
 from ..weight_files import dequantize
+
+log = logging.getLogger(__name__)
 
 
 def real_weight(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -93,6 +96,7 @@ def _has_triton() -> bool:
 def _compiled_quantize():
     """One compiled function for every token count (dynamic shapes: low/high resolution, text, chunk sizes).
     emulate_precision_casts: round to bf16 where the eager code does, so both give the same bits (tested)."""
+    log.info("fp8 matmul: quantizing GEMM inputs with a compiled kernel (compiled once, on its first calls)")
     return torch.compile(_quantize_rows, dynamic=True, fullgraph=True, options={"emulate_precision_casts": True})
 
 
