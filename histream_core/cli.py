@@ -152,12 +152,15 @@ def cmd_bench(args) -> int:
         raise ValueError(f"--modes: unknown {unknown or 'empty list'}; choose from {', '.join(MODES)}")
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     if args.checkpoint:
-        model = load_wan_model(args.checkpoint, compute_dtype=dtype, device=device)
+        model = load_wan_model(args.checkpoint, weight_dtype=torch.float8_e4m3fn if args.fp8_weights else None,
+                               compute_dtype=dtype, device=device)
     else:
         torch.manual_seed(0)
         with torch.device(device):
             model = CausalWanModel(MODEL_PRESETS[args.model], compute_dtype=dtype)
         model = model.to(dtype)
+        if args.fp8_weights:
+            model.store_block_weights_in_fp8()
     model = model.eval().requires_grad_(False)
     if args.fp8_matmul:
         model.use_fp8_matmul()
@@ -176,7 +179,8 @@ def cmd_bench(args) -> int:
                          indent=2))
     else:
         print(f"{source}, {args.width}x{args.height}, {args.frames} frames, {args.dtype} on {device}"
-              f"{', compiled' if args.compile else ''}{', fp8 matmul' if args.fp8_matmul else ''}: denoising "
+              f"{', compiled' if args.compile else ''}{', fp8 weights' if args.fp8_weights else ''}"
+              f"{', fp8 matmul' if args.fp8_matmul else ''}: denoising "
               f"(with cache passes, no decode), median of {args.repeats} after {args.warmup} warm-up; floor = the "
               f"mode's FLOPs at {args.rate:g} TFLOP/s")
         print(format_timings(rows))
@@ -293,6 +297,7 @@ def build_parser(generate_defaults: dict | None = None) -> argparse.ArgumentPars
     bench.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", choices=list(DTYPES))
     bench.add_argument("--attention", choices=list(BACKENDS))
     bench.add_argument("--kv-cache-fp8", action="store_true", help="K/V caches in fp8")
+    bench.add_argument("--fp8-weights", action="store_true", help="the blocks' weights stored in fp8")
     bench.add_argument("--fp8-matmul", action="store_true", help="the blocks multiply in fp8 (bf16, Ada/Hopper+)")
     bench.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (CUDA)")
     bench.add_argument("--repeats", type=int, default=3)

@@ -221,6 +221,8 @@ def test_bench_on_a_checkpoint_and_its_errors(user_files, capsys):
             "--frames", "9", "--device", "cpu", "--repeats", "1", "--warmup", "0"]
     assert main([*args, "--modes", "histream+"]) == 0
     assert "dit.safetensors" in capsys.readouterr().out
+    assert main([*args, "--modes", "histream+", "--fp8-weights"]) == 0
+    assert "fp8 weights" in capsys.readouterr().out
     assert main([*args, "--modes", "histream,fastest"]) == 2
     assert "unknown ['fastest']" in capsys.readouterr().err
     assert main([*args, "--height", "72"]) == 2  # not on the dual-resolution grid: the sampler's message
