@@ -162,6 +162,12 @@ def _attempt(measure, **labels) -> dict:
         return {**labels, "error": f"{type(exc).__name__}: {exc}"}
 
 
+def _measured(what: str, result: dict) -> dict:
+    """Print a result as soon as it exists (a GPU call that times out keeps what it printed), then hand it on."""
+    print(f"measured: {what}", json.dumps(result), flush=True)
+    return result
+
+
 def _peak_text(run: dict) -> str:
     if run["peak_gib"] is None:
         return ""
@@ -218,12 +224,16 @@ def main() -> None:
     model = build_model(args.model, device, dtype, args.compile, args.compile_mode, args.fp8_matmul)
     context = torch.randn(1, model.cfg.text_len, model.cfg.text_dim, device=device)
     with torch.no_grad():
-        rows = [bench_mode(model, context, args, mode, device) for mode in args.modes.split(",") if mode]
+        rows = []
+        for mode in filter(None, args.modes.split(",")):
+            rows.append(bench_mode(model, context, args, mode, device))
+            print("measured:", format_timings(rows[-1:]).splitlines()[-1], flush=True)  # kept if the call times out
         if args.profile and rows:
             _attempt(lambda: profile_mode(model, context, args, rows[0].mode, device))
-        vae = None if args.skip_vae else _attempt(lambda: bench_vae(args, device, dtype, clock))
-        e2e = [_attempt(lambda order=order: bench_end_to_end(model, context, args, device, dtype, args.e2e_mode,
-                                                             order), mode=args.e2e_mode, order=order)
+        vae = None if args.skip_vae else _measured("VAE decode", _attempt(lambda: bench_vae(args, device, dtype,
+                                                                                             clock)))
+        e2e = [_measured("end to end", _attempt(lambda order=order: bench_end_to_end(
+                   model, context, args, device, dtype, args.e2e_mode, order), mode=args.e2e_mode, order=order))
                for order in args.e2e_orders.split(",") if order and args.e2e_mode]
     predicted = (_attempt(lambda: predicted_memory(args, dtype, args.e2e_mode or "histream"))
                  if args.predict_memory else None)

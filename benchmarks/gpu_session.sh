@@ -15,6 +15,7 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:?set OUT to the folder for the results}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1  # each figure reaches $OUT/<name>.txt as it is printed, so a timed-out call keeps them
 
 if [[ -d .whl ]] && ! "$PY" -c "import imageio_ffmpeg" 2>/dev/null; then  # the GPU image lacks imageio-ffmpeg
     "$PY" -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
