@@ -15,9 +15,8 @@ import torch
 
 from .config import SamplerConfig
 from .flops import run_flops
+from .memory import GIB
 from .sampler import stream_video
-
-GIB = 2**30
 
 
 class Clock:

@@ -130,8 +130,8 @@ class Fp8Linear(nn.Module):
         weight = linear.weight.detach()
         if weight.dtype == FP8:  # as stored: raw (unit scales) or scaled (one scale, or one per row)
             stored = getattr(linear, "weight_scale", None)
-            stored = torch.ones((), device=weight.device) if stored is None else stored
-            values, scale = weight, stored.float().expand(weight.shape[0], 1) if stored.numel() == 1 else stored
+            stored = torch.ones((), device=weight.device) if stored is None else stored.float()
+            values, scale = weight, stored.expand(weight.shape[0], 1)
         else:
             values, scale = quantize_weight(weight)
         bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16)
