@@ -56,7 +56,8 @@ run() {  # name, command...: the command's output also goes to $OUT/name.txt; a 
     fi
 }
 
-step_targets() {  # s/frame of both modes, VAE decode, end to end and peaks; the VAE switches; the fp8 matmul
+step_targets() {  # s/frame of both modes, VAE decode, end to end and peaks; the VAE switches; the fp8 matmul;
+    # the decode with conv2d causal convs
     # the meta-device memory prediction runs on the CPU meanwhile, to hold against the measured peaks
     "$PY" -m histream_core memory --mode histream+ --json "${MEMORY[@]}" > "$OUT/targets_predicted.json" &
     local predicting=$!
@@ -65,6 +66,8 @@ step_targets() {  # s/frame of both modes, VAE decode, end to end and peaks; the
     run targets_vae "$PY" benchmarks/bench_vae.py "${VAE[@]}" --channels-last --compile-norms --cudnn-benchmark
     run targets_fp8 "$PY" benchmarks/bench_1080p.py "${QUICK[@]}" --modes histream,histream+ --compile --fp8-matmul \
         --profile --skip-vae --e2e-mode '' --json "$OUT/targets_fp8.json"
+    # last, so a call cut by its time limit loses it first: the other formulation, in case cuDNN's conv3d stays slow
+    run targets_vae_conv2d "$PY" benchmarks/bench_vae.py "${VAE[@]}" --conv-impl conv2d --compile-norms --cudnn-benchmark
     wait "$predicting" || FAILED+=(targets_predicted)
 }
 

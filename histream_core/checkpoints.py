@@ -1,6 +1,6 @@
 """Load Wan2.1 text-to-video DiT checkpoints in any common key layout, with no conversion step by the user.
 
-Layouts (DESIGN.md section 3), detected from the keys:
+Layouts, detected from the keys:
   * ``wan``: the original Wan2.1 names (``blocks.0.self_attn.q.weight``), which are ``CausalWanModel``'s own;
   * the same under a ``model.diffusion_model.`` / ``diffusion_model.`` / ``model.`` prefix (ComfyUI files,
     Self-Forcing generators); keys outside the detected prefix (a bundled VAE or text encoder) are ignored;

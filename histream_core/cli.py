@@ -26,7 +26,7 @@ from .pipeline import DECODE_ORDERS
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-H100_BF16_TFLOPS = 798.0  # measured bf16 8192^3 matmul rate on the lent H100 (DESIGN.md section 7)
+H100_BF16_TFLOPS = 798.0  # measured bf16 8192^3 matmul rate on the lent H100 (benchmarks/NOTES.md)
 
 
 def _sampler_config(args, mode: str | None = None):
@@ -268,7 +268,8 @@ def build_parser(generate_defaults: dict | None = None) -> argparse.ArgumentPars
     gen.add_argument("--kv-cache-fp8", action="store_true",
                      help="store the K/V caches in fp8 (half their memory, slightly off; see README)")
     gen.add_argument("--chunk-frames", type=int, help="latent frames per chunk (default 3)")
-    gen.add_argument("--rope-positions", choices=["absolute", "window"])
+    gen.add_argument("--rope-positions", choices=["absolute", "window"],
+                     help="window: renumber cached frames before each chunk (videos past 81 frames)")
     gen.add_argument("--attention", choices=list(BACKENDS))
     gen.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (CUDA: ~1.4x)")
     gen.add_argument("--fp8-weights", action="store_true",
@@ -316,7 +317,7 @@ def build_parser(generate_defaults: dict | None = None) -> argparse.ArgumentPars
     flops.add_argument("--json", action="store_true")
     flops.set_defaults(run=cmd_flops)
 
-    memory = sub.add_parser("memory", help="predicted peak GPU memory of a request, computed on the CPU in seconds")
+    memory = sub.add_parser("memory", help="predicted peak GPU memory of a request, computed on the CPU (about a minute at 1080p)")
     memory.add_argument("--model", default="wan2.1-1.3b", choices=list(MODEL_PRESETS))
     memory.add_argument("--width", type=int, default=1920)
     memory.add_argument("--height", type=int, default=1088)

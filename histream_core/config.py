@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Shape of a Wan2.1 text-to-video DiT (DESIGN.md section 3).
+    """Shape of a Wan2.1 text-to-video DiT.
 
     Parameter names of the model built from this config match the original Wan checkpoints.
     """

@@ -1,6 +1,6 @@
 """Peak GPU memory of a run, predicted without a GPU: the run goes through on the meta device, counting live bytes.
 
-Meta tensors have shapes and dtypes but no data, so the real 1.3B model at 1080p runs in seconds on a CPU while
+Meta tensors have shapes and dtypes but no data, so the real 1.3B model at 1080p runs in about a minute on a CPU while
 :class:`LiveTensorBytes` sees every tensor torch creates (weights, caches, activations) and when its storage dies.
 What it does not see: the CUDA context, cuDNN/cuBLAS workspaces and the caching allocator's rounding, so a GPU's
 ``max_memory_allocated`` reads a little higher and ``nvidia-smi`` higher still.

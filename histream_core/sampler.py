@@ -355,7 +355,7 @@ def stream_video(
                 if cache.num_frames:
                     cache.reposition(list(plan.cache_positions), lambda k, d, f=factors: shift_time(
                         k, d, model.cfg.rope_split, model.cfg.rope_theta, f[0]))
-        # 0. Prompt switch (DESIGN.md section 4.8): the cached frames are re-encoded under the new prompt.
+        # 0. Prompt switch (LongLive's KV recache): the cached frames are re-encoded under the new prompt.
         if plan.recache_runs:
             recache(plan, text_kv)
         draw = 0  # noise draws of this chunk: 0 = initial noise, k = re-noise before the k-th step

@@ -76,7 +76,7 @@ class ModeTiming:
     floor_fraction: float      # the mode's FLOPs at the reference matmul rate / the measured time
     model_calls: int
     chunk_s: list[float]       # the median run's chunks
-    drift: float | None        # last full-size chunk / chunk 3 - 1 (DESIGN: chunk 50 within 5% of chunk 3)
+    drift: float | None        # last full-size chunk / chunk 3 - 1 (the goal: chunk 50 within 5% of chunk 3)
     peak_gib: float | None     # CUDA only
     reserved_gib: float | None
 
@@ -108,7 +108,7 @@ def time_mode(model, text, name: str, cfg: SamplerConfig, width: int, height: in
 def chunk_drift(chunk_s: list[float]) -> float | None:
     """How much slower the last chunk but one ran than chunk 3, the first with the window full (None for videos of
     fewer than five chunks). The last chunk is not comparable: it writes no cache, and it may be short. For 601
-    frames the chunk compared is chunk 50, as in the DESIGN's "chunk 50 within 5% of chunk 3"."""
+    frames the chunk compared is chunk 50, as in the goal "chunk 50 within 5% of chunk 3"."""
     return chunk_s[-2] / chunk_s[2] - 1 if len(chunk_s) >= 5 else None
 
 

@@ -14,7 +14,7 @@ from .sampler import build_config, request_geometry
 
 NODE = "HiStream Cost Readout"
 MODEL_SIZES = ("wan2.1-1.3b", "wan2.1-14b")
-H100_BF16_TFLOPS = 798.0  # dense bf16 matmul rate measured on an H100 (DESIGN.md section 7)
+H100_BF16_TFLOPS = 798.0  # dense bf16 matmul rate measured on an H100 (benchmarks/NOTES.md)
 
 
 def memory_text(mode: str, width: int, height: int, length: int, model_cfg, window=None,

@@ -1,4 +1,4 @@
-"""Analytic FLOP count against torch's FlopCounterMode on the tiny model, and the 1.3B figures of DESIGN.md §7."""
+"""Analytic FLOP count against torch's FlopCounterMode on the tiny model, and the 1.3B figures of the project's design hand count."""
 
 import dataclasses
 import json
@@ -39,7 +39,7 @@ def test_prompt_schedule_recache_is_counted():
 
 
 def test_1p3b_1080p_matches_design_table():
-    """DESIGN.md section 7 counts Algorithm 1 literally: a full forward as the cache pass per resolution after every
+    """The design's hand count takes Algorithm 1 literally: a full forward as the cache pass per resolution after every
     chunk. We skip the last chunk's (nothing reads them) and stop the others at the last block's K/V; counted the
     literal way, our plan must match the design's within 2%."""
     cfg = MODEL_PRESETS["wan2.1-1.3b"]

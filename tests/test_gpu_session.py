@@ -30,6 +30,7 @@ def test_every_step_runs_at_toy_sizes(tmp_path: Path) -> None:
     assert len(targets["modes"]) == 2 and not any("error" in part for part in [targets["vae"], *targets["end_to_end"]])
     assert json.loads((tmp_path / "targets_fp8.json").read_text())["args"]["fp8_matmul"]
     assert "| stream |" in (tmp_path / "targets_vae.txt").read_text()
+    assert "convs conv2d" in (tmp_path / "targets_vae_conv2d.txt").read_text()
     assert "profile of one histream video" in (tmp_path / "targets.txt").read_text()
     assert "DiT weights" in json.loads((tmp_path / "targets_predicted.json").read_text())
     fp8 = json.loads((tmp_path / "fp8_matmul.json").read_text())

@@ -349,7 +349,7 @@ def test_cost_readout_matches_the_flop_count(comfy_host):
         pack_module("histream_core.modes").mode_config("histream+"), 1920, 1088, 81)
     assert f"model calls: {flops.model_calls} in 7 chunks" in text
     assert f"{flops.tflop_total:,.0f} TFLOP total" in text and out["ui"]["text"] == [text]
-    # DESIGN.md section 7's 53.3 counts the last chunk's cache passes, which nothing reads (3.9 TFLOP/frame)
+    # The design's hand count, 53.3, counts the last chunk's cache passes, which nothing reads (3.9 TFLOP/frame)
     assert math.isclose(flops.tflop_per_frame, 53.3 - 3.9, rel_tol=0.02)
     assert f"{1000 * flops.tflop_per_frame / 798:,.1f} ms/frame" in text
 

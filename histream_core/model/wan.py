@@ -188,7 +188,7 @@ class CausalWanModel(nn.Module):
     def use_fp8_matmul(self) -> "CausalWanModel":
         """Multiply in fp8 in every transformer block's linear layers (``Fp8Linear``): inference only, bf16 compute.
 
-        The speed option of the DESIGN's real-time budget: at 1080p the blocks' GEMMs are about a fifth of the
+        The speed option of the real-time (16 fps at 1080p) budget: at 1080p the blocks' GEMMs are about a fifth of the
         compiled denoising time, and fp8 tensor cores run them at about twice the bf16 rate. The embeddings, the
         modulation path and the head stay as they are (small, and fp32 where Wan keeps it). Weights are quantized
         here, once (about half their memory); call it before ``compile_blocks``. Off by default: it moves x0 (see
