@@ -75,7 +75,7 @@ def build_decoder(args, device: torch.device, dtype: torch.dtype, tiled: bool = 
             return TinyWanDecoder().to(dtype).eval()
         vae = WanVAE(WanVAEConfig() if args.model != "tiny" else WanVAEConfig(base_dim=8)).to(dtype).eval()
     vae.set_channels_last(args.vae_channels_last).compile_norms(args.vae_compile).set_conv_impl(args.vae_conv_impl)
-    return TiledDecoder(vae, tile=args.tile, overlap=max(1, args.tile // 4)) if args.tile and tiled else vae
+    return TiledDecoder.overlapping_by_a_quarter(vae, args.tile) if args.tile and tiled else vae
 
 
 def bench_vae(args, device: torch.device, dtype: torch.dtype, clock: Clock) -> dict:

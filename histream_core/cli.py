@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,9 +21,12 @@ import torch
 
 from .config import MODEL_PRESETS
 from .flops import flops_table, format_table
-from .model import BACKENDS, CausalWanModel
+from .model import BACKENDS, AttentionBackendError, CausalWanModel
 from .modes import MODES, mode_config
 from .pipeline import DECODE_ORDERS
+from .sampler import RequestError, check_prompt_starts, chunk_at_frame, video_geometry
+from .vae.tiling import MIN_TILE
+from .video import check_video_path
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +54,32 @@ def _sampler_config(args, mode: str | None = None):
     return cfg.with_(**changes)
 
 
+EMBEDDED_SIZE = (256, 160, 33)   # width, height, frames of the embedded default
+CHECKPOINT_SIZE = (1920, 1088, 81)
+
+
 def cmd_generate(args) -> int:
-    from .pipeline import HiStreamPipeline, embedded_default, generate_to_file, random_text_embedding
+    from .pipeline import HiStreamPipeline, checked_device, embedded_default, generate_to_file, random_text_embedding
     from .text import load_text_embeddings
     from .vae import load_tiny_decoder
 
-    device = torch.device(args.device)
+    # Everything that can be checked without the model files is checked first: loading them takes minutes.
+    device = checked_device(args.device)
     compute_dtype = DTYPES[args.dtype]
+    _check_files(args)
+    width, height, frames = (given if given is not None else default for given, default in zip(
+        (args.width, args.height, args.frames), EMBEDDED_SIZE if args.checkpoint is None else CHECKPOINT_SIZE))
+    cfg = _sampler_config(args)
+    geometry = video_geometry(width, height, frames, cfg)
+    if args.tile and args.tiny_decoder:
+        raise ValueError("decode tiles apply to the Wan VAE; the tiny decoder is small enough to decode whole frames "
+                         "(drop --tile)")
+    if args.tile and args.tile < MIN_TILE:
+        raise ValueError(f"--tile must be at least {MIN_TILE} latent pixels, got {args.tile}; 64 (512 px) decodes "
+                         "1080p in about 4 GiB")
+    starts = _schedule_starts(args, geometry, cfg.stream.chunk_frames)
+    out = check_video_path(args.out, args.fps, make_folder=True)
+
     if args.checkpoint is None:
         model, vae = embedded_default(device)
         if args.tiny_decoder:
@@ -65,80 +89,114 @@ def cmd_generate(args) -> int:
             model.store_block_weights_in_fp8()
         if args.fp8_matmul:
             model.use_fp8_matmul()
+        if args.compile:
+            model.compile_blocks()
         pipe = HiStreamPipeline(model, vae)
-        width, height, frames = args.width or 256, args.height or 160, args.frames or 33
         context = (load_text_embeddings(args.text_embeds) if args.text_embeds
                    else random_text_embedding(args.prompt, model.cfg.text_dim))
         log.warning("embedded default: tiny random DiT + small random VAE (a plumbing check; pass --checkpoint "
                     "for art)")
     else:
-        if args.vae is None and args.tiny_decoder is None:
-            raise ValueError("with --checkpoint also pass --vae (wan_2.1_vae.safetensors), or --tiny-decoder "
-                             "(taew2_1.safetensors) for fast drafts")
-        if args.vae is not None and args.tiny_decoder is not None:
-            raise ValueError("pass --vae or --tiny-decoder, not both: one of them decodes the video")
-        if args.text_embeds is None and args.text_encoder is None:
-            raise ValueError("with --checkpoint pass --text-encoder (umt5_xxl_fp16.safetensors) and --prompt, "
-                             "or --text-embeds (precomputed umT5 states)")
         pipe = HiStreamPipeline.from_files(args.checkpoint, args.vae, args.text_encoder, args.tokenizer,
                                            device=device, dtype=compute_dtype, compile=args.compile,
                                            fp8_weights=args.fp8_weights, fp8_matmul=args.fp8_matmul,
                                            text_cache_dir=args.text_cache,
                                            tiny_decoder=args.tiny_decoder)
         context = load_text_embeddings(args.text_embeds) if args.text_embeds else pipe.encode(args.prompt)
-        width, height, frames = args.width or 1920, args.height or 1088, args.frames or 81
-    if args.schedule:
-        context = _schedule(args, pipe, context)
-    if args.compile and args.checkpoint is None:
-        pipe.model.compile_blocks()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    report = generate_to_file(pipe.model, pipe.vae, context, out, width, height, frames, _sampler_config(args),
-                              args.seed, fps=args.fps, tile=args.tile, order=args.decode_order)
+    if starts:
+        encode = pipe.encode if pipe.text_encoder is not None else (
+            lambda prompt: random_text_embedding(prompt, pipe.model.cfg.text_dim))
+        context = [(0, context), *((start, encode(prompt)) for start, prompt in starts)]
+    report = generate_to_file(pipe.model, pipe.vae, context, out, width, height, frames, cfg, args.seed,
+                              fps=args.fps, tile=args.tile, order=args.decode_order)
     print(json.dumps(report.as_dict(), indent=2) if args.json else report.table())
     return 0
 
 
-def _schedule(args, pipe, first: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
-    """--schedule FRAME:PROMPT ... -> the engine's prompt schedule [(first chunk, states)], the --prompt first."""
-    from .pipeline import random_text_embedding
-    from .sampler import chunk_at_frame
-    if args.checkpoint is not None and pipe.text_encoder is None:
+def _check_files(args) -> None:
+    """Which files a run needs, and options that would be silently ignored."""
+    if args.checkpoint is None:
+        ignored = [f"--{name.replace('_', '-')}" for name in ("vae", "text_encoder", "tokenizer", "text_cache")
+                   if getattr(args, name) is not None]
+        if ignored:
+            raise ValueError(f"{', '.join(ignored)} need --checkpoint: the embedded default has its own random VAE "
+                             "and stand-in text states (pass --checkpoint with them, or drop them)")
+        return
+    if args.vae is None and args.tiny_decoder is None:
+        raise ValueError("with --checkpoint also pass --vae (wan_2.1_vae.safetensors), or --tiny-decoder "
+                         "(taew2_1.safetensors) for fast drafts")
+    if args.vae is not None and args.tiny_decoder is not None:
+        raise ValueError("pass --vae or --tiny-decoder, not both: one of them decodes the video")
+    if args.text_embeds is None and args.text_encoder is None:
+        raise ValueError("with --checkpoint pass --text-encoder (umt5_xxl_fp16.safetensors) and --prompt, "
+                         "or --text-embeds (precomputed umT5 states)")
+    if args.schedule and args.text_encoder is None:
         raise ValueError("--schedule needs --text-encoder (and --tokenizer) to encode its prompts; with --text-embeds "
                          "alone only the first prompt is known")
-    chunk_frames = args.chunk_frames or mode_config(args.mode).stream.chunk_frames
-    entries = [(0, first)]
-    for item in args.schedule:
+
+
+def _schedule_starts(args, geometry, chunk_frames: int) -> list[tuple[int, str]]:
+    """--schedule FRAME:PROMPT ... -> [(first chunk, prompt)] after the --prompt, checked against the video."""
+    starts = []
+    for item in args.schedule or ():
         frame, sep, prompt = item.partition(":")
         if not sep or not frame.strip().isdigit() or not prompt.strip():
             raise ValueError(f"--schedule {item!r}: write FRAME:PROMPT, e.g. --schedule '48:the fox jumps'")
         start = chunk_at_frame(int(frame), chunk_frames)
-        if start <= entries[-1][0]:
+        previous = starts[-1][0] if starts else 0
+        if start <= previous:
             raise ValueError(f"--schedule {item!r}: starts in chunk {start + 1}, not after the previous prompt's "
-                             f"chunk {entries[-1][0] + 1}; give increasing frames at least {4 * chunk_frames} apart")
-        states = (pipe.encode(prompt) if pipe.text_encoder is not None
-                  else random_text_embedding(prompt, pipe.model.cfg.text_dim))
-        entries.append((start, states))
-    return entries
+                             f"chunk {previous + 1}; give increasing frames at least {4 * chunk_frames} apart")
+        starts.append((start, prompt))
+    try:
+        check_prompt_starts([start for start, _ in starts], geometry, chunk_frames)
+    except RequestError as exc:
+        raise ValueError(f"--schedule: {exc}") from None
+    return starts
 
 
-def config_file_defaults(argv: list[str] | None) -> dict:
-    """``--config FILE``: a JSON object of generate options (CLI names, dashes or underscores) used as defaults."""
+def _config_file_args(argv: list[str]) -> list[str]:
+    """``generate --config FILE``: the file's options (a JSON object, generate's option names) become command-line
+    options in front of the given ones, so they are checked as those are and the command line overrides them."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
-    if not known.config:
-        return {}
+    if not known.config or not argv or argv[0] != "generate":
+        return argv
     path = Path(known.config)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
     try:
-        values = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"config file {path} is not valid JSON: {exc}") from None
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"config file {path} is not valid JSON (UTF-8): {exc}") from None
     if not isinstance(values, dict):
         raise ValueError(f"config file {path} must hold a JSON object of generate options")
-    return {key.replace("-", "_"): value for key, value in values.items()}
+    actions = {action.dest: action for action in _generate_parser(argparse.ArgumentParser().add_subparsers())._actions
+               if action.option_strings and action.dest not in ("help", "config")}  # noqa: SLF001
+    unknown = sorted(set(key.replace("-", "_") for key in values) - set(actions))
+    if unknown:
+        raise ValueError(f"config file {path} has unknown options {unknown}; use generate's option names")
+    tokens = []
+    for key, value in values.items():
+        action = actions[key.replace("-", "_")]
+        flag = action.option_strings[-1]
+        if isinstance(action, argparse._StoreTrueAction):  # noqa: SLF001
+            if not isinstance(value, bool):
+                raise ValueError(f"config file {path}: {key} takes true or false, got {value!r}")
+            tokens += [flag] if value else []
+        elif isinstance(action, argparse._AppendAction):  # noqa: SLF001
+            items = [value] if isinstance(value, str) else value
+            if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+                raise ValueError(f"config file {path}: {key} takes a list of \"FRAME:PROMPT\" strings, got {value!r}")
+            if flag not in argv:  # the command line's schedule replaces the file's
+                for item in items:
+                    tokens += [flag, item]
+        elif value is not None:
+            if isinstance(value, (bool, list, dict)):
+                raise ValueError(f"config file {path}: {key} takes a single value, got {value!r}")
+            tokens += [flag, str(value)]
+    return [argv[0], *tokens, *argv[1:]]
 
 
 def cmd_bench(args) -> int:
@@ -150,7 +208,8 @@ def cmd_bench(args) -> int:
     unknown = [m for m in modes if m not in MODES]
     if unknown or not modes:
         raise ValueError(f"--modes: unknown {unknown or 'empty list'}; choose from {', '.join(MODES)}")
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    from .pipeline import checked_device
+    device, dtype = checked_device(args.device), DTYPES[args.dtype]
     if args.checkpoint:
         model = load_wan_model(args.checkpoint, weight_dtype=torch.float8_e4m3fn if args.fp8_weights else None,
                                compute_dtype=dtype, device=device)
@@ -225,12 +284,14 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-def build_parser(generate_defaults: dict | None = None) -> argparse.ArgumentParser:
-    """The CLI; ``generate_defaults`` (from a --config file) replace generate's defaults."""
-    parser = argparse.ArgumentParser(prog="python -m histream_core", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+def _positive(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
 
+
+def _generate_parser(sub) -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate a video into an mp4/webm, printing per-chunk timings")
     gen.add_argument("--checkpoint", help="Wan2.1 causal DiT file (.safetensors/.pt); omit for the embedded default")
     gen.add_argument("--vae", help="Wan2.1 VAE file (wan_2.1_vae.safetensors or Wan2.1_VAE.pth)")
@@ -279,11 +340,14 @@ def build_parser(generate_defaults: dict | None = None) -> argparse.ArgumentPars
                      "faster, slightly off; see README)")
     gen.add_argument("--json", action="store_true", help="print the timings as JSON")
     gen.set_defaults(run=cmd_generate)
-    if generate_defaults:
-        unknown = sorted(set(generate_defaults) - {action.dest for action in gen._actions})  # noqa: SLF001
-        if unknown:
-            raise ValueError(f"config file has unknown options {unknown}; use generate's option names")
-        gen.set_defaults(**generate_defaults)
+    return gen
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m histream_core", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _generate_parser(sub)
 
     bench = sub.add_parser("bench", help="per-frame denoising latency, FLOPs and TFLOP/s of each mode (the paper's "
                            "ablation rows) on a checkpoint or random weights")
@@ -303,7 +367,8 @@ def build_parser(generate_defaults: dict | None = None) -> argparse.ArgumentPars
     bench.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (CUDA)")
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--warmup", type=int, default=1, help="untimed videos first (compilation, autotuning)")
-    bench.add_argument("--rate", type=float, default=H100_BF16_TFLOPS, help="matmul TFLOP/s for the floor column")
+    bench.add_argument("--rate", type=_positive, default=H100_BF16_TFLOPS,
+                       help="matmul TFLOP/s for the floor column")
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(run=cmd_bench, shift=None, low_res_scale=None, rope_positions=None, no_window=False,
                        chunk_frames=None)
@@ -313,11 +378,13 @@ def build_parser(generate_defaults: dict | None = None) -> argparse.ArgumentPars
     flops.add_argument("--width", type=int, default=1920)
     flops.add_argument("--height", type=int, default=1088)
     flops.add_argument("--frames", type=int, default=81)
-    flops.add_argument("--rate", type=float, default=H100_BF16_TFLOPS, help="matmul TFLOP/s for the floor column")
+    flops.add_argument("--rate", type=_positive, default=H100_BF16_TFLOPS,
+                       help="matmul TFLOP/s for the floor column")
     flops.add_argument("--json", action="store_true")
     flops.set_defaults(run=cmd_flops)
 
-    memory = sub.add_parser("memory", help="predicted peak GPU memory of a request, computed on the CPU (about a minute at 1080p)")
+    memory = sub.add_parser("memory", help="predicted peak GPU memory of a request, computed on the CPU (about a "
+                            "minute at 1080p)")
     memory.add_argument("--model", default="wan2.1-1.3b", choices=list(MODEL_PRESETS))
     memory.add_argument("--width", type=int, default=1920)
     memory.add_argument("--height", type=int, default=1088)
@@ -338,20 +405,58 @@ def build_parser(generate_defaults: dict | None = None) -> argparse.ArgumentPars
     return parser
 
 
+def _out_of_memory(args, where: str) -> str:
+    """What to change after running out of memory: the options this run has not used yet."""
+    tips = []
+    if getattr(args, "command", None) == "generate":
+        tips += [tip for unused, tip in (
+            (not args.tile, "decode in tiles (--tile 64)"),
+            (args.decode_order != "after", "decode after denoising (--decode-order after)"),
+            (not args.kv_cache_fp8, "store the caches in fp8 (--kv-cache-fp8)"),
+            (not (args.fp8_weights or args.fp8_matmul), "keep the blocks' weights in fp8 (--fp8-weights)")) if unused]
+    tips.append("lower --width/--height")
+    return (f"out of {where} memory: {', '.join(tips)}; 'python -m histream_core memory' predicts the peak of a "
+            "request without a GPU")
+
+
+def _is_host_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and any(
+        text in str(exc) for text in ("can't allocate memory", "not enough memory")))
+
+
+def _stop_on_sigterm(signum, frame) -> None:
+    raise KeyboardInterrupt  # unwinds like Ctrl-C, so no half-written video is left behind
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI: tables and JSON go to stdout, messages and errors through logging to stderr."""
+    """Run the CLI: tables and JSON go to stdout, messages and errors through logging to stderr.
+
+    Exit status: 0 done, 2 a request or file that cannot work (the message says what to change), 3 out of memory,
+    130 interrupted (Ctrl-C or SIGTERM; nothing is saved)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s", stream=sys.stderr, force=True)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm) if in_main_thread else None
+    args = None
     try:
-        args = build_parser(config_file_defaults(argv)).parse_args(argv)
+        args = build_parser().parse_args(_config_file_args(list(sys.argv[1:] if argv is None else argv)))
         return args.run(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except torch.OutOfMemoryError:
+        log.error("%s", _out_of_memory(args, "GPU"))
+        return 3
+    except KeyboardInterrupt:
+        log.error("interrupted: nothing was saved")
+        return 130
+    except (ValueError, OSError, ImportError, AttentionBackendError, RuntimeError, MemoryError) as exc:
+        if _is_host_out_of_memory(exc):
+            log.error("%s", _out_of_memory(args, "host (CPU)"))
+            return 3
+        if isinstance(exc, RuntimeError) and not isinstance(exc, AttentionBackendError):
+            raise  # a bug, not a bad request: keep its traceback
         log.error("%s", exc)
         return 2
-    except torch.OutOfMemoryError:
-        log.error("out of GPU memory: decode in tiles (--tile 64), keep --decode-order after, store the caches in "
-                  "fp8 (--kv-cache-fp8), or lower --width/--height; 'python -m histream_core memory' predicts the "
-                  "peak of a request without a GPU")
-        return 3
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 __all__ = ["main", "build_parser"]

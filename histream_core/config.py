@@ -6,6 +6,7 @@ so a bad config fails where it is built, not deep inside a forward pass.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 
@@ -158,10 +159,10 @@ class HDConfig:
     train_tokens_per_frame: int = 2040
 
     def __post_init__(self) -> None:
-        if min(self.rope_factors_high + self.rope_factors_low) <= 0:
-            raise ValueError("RoPE NTK factors must be positive")
-        if self.first_chunk_attn_coef <= 0 or self.train_tokens_per_frame < 2:
-            raise ValueError("first_chunk_attn_coef must be > 0 and train_tokens_per_frame >= 2")
+        if not all(0 < f < math.inf for f in self.rope_factors_high + self.rope_factors_low):
+            raise ValueError("RoPE NTK factors must be positive numbers")
+        if not 0 < self.first_chunk_attn_coef < math.inf or self.train_tokens_per_frame < 2:
+            raise ValueError("first_chunk_attn_coef must be a positive number and train_tokens_per_frame >= 2")
 
 
 UPSAMPLE_MODES = ("bicubic", "bilinear", "nearest")
@@ -210,8 +211,8 @@ class SamplerConfig:
     def __post_init__(self) -> None:
         if not 0 < self.low_res_scale <= 1:
             raise ValueError(f"low_res_scale must be in (0, 1], got {self.low_res_scale}")
-        if self.shift <= 0:
-            raise ValueError(f"shift must be positive, got {self.shift}")
+        if not (0 < self.shift < math.inf):
+            raise ValueError(f"shift must be a positive number, got {self.shift}")
         if self.upsample not in UPSAMPLE_MODES:
             raise ValueError(f"upsample must be one of {UPSAMPLE_MODES}, got {self.upsample!r}")
         if self.downsample not in DOWNSAMPLE_MODES:

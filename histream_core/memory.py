@@ -160,7 +160,7 @@ def predict_memory(model_cfg: ModelConfig, vae_cfg: WanVAEConfig, width: int, he
         vae = vae.to(dtype).eval().requires_grad_(False).set_conv_impl("conv2d" if unreliable else "conv3d")
         vae_weights = meter.live - dit_weights
         text = torch.empty(1, model_cfg.text_len, model_cfg.text_dim, device="meta", dtype=dtype)
-        decoder = TiledDecoder(vae, tile=tile, overlap=max(1, tile // 4)) if tile else vae
+        decoder = TiledDecoder.overlapping_by_a_quarter(vae, tile) if tile else vae
 
         def run(work) -> int:
             base = meter.live

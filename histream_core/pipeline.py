@@ -22,7 +22,7 @@ from .model import CausalWanModel
 from .overlap import DecodeBeside
 from .sampler import LatentChunk, PromptSchedule, seeded_generator, stream_video
 from .vae import TiledDecoder, TinyWanDecoder, WanVAE, WanVAEConfig, denormalize
-from .video import WAN_FPS, VideoWriter, uint8_frames
+from .video import WAN_FPS, VideoWriter, check_video_path, uint8_frames
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,29 @@ def embedded_default(device: str | torch.device = "cpu") -> tuple[CausalWanModel
         model = CausalWanModel(MODEL_PRESETS["tiny"]).eval()
         vae = WanVAE(EMBEDDED_VAE).eval()
     return model.to(device), vae.to(device)
+
+
+def checked_device(device: str | torch.device | None) -> torch.device:
+    """The device to run on (None: CUDA when this torch sees a GPU, else the CPU); one it cannot use is refused."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a device name; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device}: this torch ({torch.__version__}) sees no CUDA GPU; use cpu, or "
+                             "install a CUDA build of torch")
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif device.type != "cpu":
+        raise ValueError(f"device {device}: HiStream runs on cpu or cuda")
+    return device
+
+
+COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _sync(device: torch.device) -> None:
@@ -208,7 +231,7 @@ def generate_to_file(
     device = next(model.parameters()).device
     context = (context.to(device) if isinstance(context, torch.Tensor)
                else [(start, states.to(device)) for start, states in context])
-    decoder = TiledDecoder(vae, tile=tile, overlap=max(1, tile // 4)) if tile else vae
+    decoder = TiledDecoder.overlapping_by_a_quarter(vae, tile) if tile else vae
     timings = []
     # Encoding to H.264 is CPU work: it runs in a thread while the GPU works on the next chunk. At most one
     # chunk is in flight, so memory stays flat; an error in the thread surfaces at the next chunk.
@@ -260,8 +283,11 @@ class HiStreamPipeline:
         from .vae import load_tiny_decoder, load_vae
         if (vae is None) == (tiny_decoder is None):
             raise ValueError("give the Wan VAE file (wan_2.1_vae.safetensors) or a tiny decoder (taew2_1), one of them")
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = checked_device(device)
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        if dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"dtype {dtype} cannot be a compute dtype; use torch.bfloat16 (GPU), torch.float16 or "
+                             "torch.float32 (fp8 is a weight option: fp8_weights=True or fp8_matmul=True)")
         encoder = None
         if text_encoder is not None:
             extra = {} if text_cache_dir is None else {"cache_dir": text_cache_dir}
@@ -296,13 +322,22 @@ class HiStreamPipeline:
         frame 0 (each later prompt takes over with the first chunk at or after its frame, with a KV recache).
         """
         from .modes import mode_config
-        from .sampler import chunk_at_frame
+        from .sampler import check_prompt_starts, chunk_at_frame, video_geometry
         config = config or mode_config(mode)
+        # the request is checked before the prompts are encoded (the encoder takes a while to load)
+        geometry = video_geometry(width, height, frames, config, self.model.cfg.patch_size[1])
+        check_video_path(out, fps)
         if isinstance(prompt, str):
             context = self.encode(prompt)
         elif isinstance(prompt, torch.Tensor):
             context = prompt
+        elif isinstance(prompt, Sequence) and all(isinstance(e, (tuple, list)) and len(e) == 2 and
+                                                  isinstance(e[0], int) and isinstance(e[1], str) for e in prompt):
+            starts = [chunk_at_frame(frame, config.stream.chunk_frames) for frame, _ in prompt]
+            check_prompt_starts(starts, geometry, config.stream.chunk_frames)
+            context = [(start, self.encode(text)) for start, (_, text) in zip(starts, prompt)]
         else:
-            context = [(chunk_at_frame(frame, config.stream.chunk_frames), self.encode(text)) for frame, text in prompt]
+            raise ValueError(f"prompt must be a string, umT5 states [1, tokens, 4096] or a story "
+                             f"[(first video frame, prompt), ...]; got {type(prompt).__name__}")
         return generate_to_file(self.model, self.vae, context, out, width, height, frames, config, seed, fps=fps,
                                 tile=tile, order=order, on_chunk=on_chunk)

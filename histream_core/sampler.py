@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import numbers
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
@@ -42,7 +43,15 @@ class GenerationInterrupted(RuntimeError):
     """The interrupt hook asked the loop to stop; nothing partial is yielded."""
 
 
+class NonFiniteLatents(ValueError):
+    """A chunk came out NaN or infinite: it would decode to a black video, so the loop stops instead."""
+
+
 # -- request geometry ----------------------------------------------------------------------------------------------
+MAX_SIDE = 8192       # pixels: twice 4K; far past what a 1.3B model was trained for
+MAX_FRAMES = 100_001  # 1 h 44 min at 16 fps; the plan of every chunk is made up front
+
+
 @dataclass(frozen=True)
 class VideoGeometry:
     """Pixel request and the latent grids it implies."""
@@ -54,9 +63,29 @@ class VideoGeometry:
     high: tuple[int, int]  # latent (height, width) at the target resolution
     low: tuple[int, int]   # latent (height, width) of the low-resolution passes (== high without DRC)
 
+    def num_chunks(self, chunk_frames: int) -> int:
+        return -(-self.latent_frames // chunk_frames)
+
+
+def check_prompt_starts(starts: Sequence[int], geometry: VideoGeometry, chunk_frames: int) -> None:
+    """Refuse a scheduled prompt that would start after the video's last chunk (it would silently never be used)."""
+    chunks = geometry.num_chunks(chunk_frames)
+    late = [start for start in starts if start >= chunks]
+    if late:
+        latest = VAE_TEMPORAL_STRIDE * (chunks - 1) * chunk_frames - 3  # first video frame of the last chunk
+        fix = f"start it at frame {latest} or before" if chunks > 1 else "make the video longer"
+        raise RequestError("prompt_schedule", f"a scheduled prompt starts in chunk {late[0] + 1}, but this "
+                           f"{geometry.frames}-frame video has {chunks} chunk(s), so it would never be used: {fix}")
+
 
 def video_geometry(width: int, height: int, frames: int, cfg: SamplerConfig, patch: int = 2) -> VideoGeometry:
     """Validate a request and derive its latent grids; errors say what to change."""
+    limits = (("width", width, MAX_SIDE), ("height", height, MAX_SIDE), ("frames", frames, MAX_FRAMES))
+    for name, value, limit in limits:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise RequestError(name, f"{name} must be a whole number, got {value!r} ({type(value).__name__})")
+        if value > limit:
+            raise RequestError(name, f"{name} {value} is above the limit of {limit:,}; ask for less")
     token = VAE_SPATIAL_STRIDE * patch  # 16 pixels per DiT token side for Wan
     scales = (1.0, cfg.low_res_scale) if cfg.drc else (1.0,)
 
@@ -297,11 +326,13 @@ def stream_video(
     """
     geometry = video_geometry(width, height, frames, cfg, model.cfg.patch_size[1])
     prompts = prompt_schedule(model, text)
+    check_prompt_starts([start for start, _ in prompts], geometry, cfg.stream.chunk_frames)
     plans = plan_video(geometry, cfg, frozenset(start for start, _ in prompts[1:]))
     device = next(model.parameters()).device
     for _, text_kv in prompts:
         if text_kv.layers[0][0].shape[0] not in (1, batch):
-            raise ValueError(f"text conditioning has batch {text_kv.layers[0][0].shape[0]}, expected 1 or {batch}")
+            raise ValueError(f"text conditioning holds {text_kv.layers[0][0].shape[0]} prompts but the video batch is "
+                             f"{batch}: give the states of one prompt, [1, tokens, dim]")
     hd = cfg.hd
     rope_high = hd.rope_factors_high if hd.enabled else (1.0, 1.0, 1.0)
     rope_low = hd.rope_factors_low if hd.enabled else (1.0, 1.0, 1.0)
@@ -380,6 +411,8 @@ def stream_video(
                 draw += 1
                 x = renoise(x0, chunk_noise(seed, plan.index, draw, high_shape, device), plan.high_steps[j + 1])
         clean = x0
+        # read after the chunk's last call, so it costs no extra sync (a memory prediction's meta tensors hold none)
+        finite = None if clean.is_meta else torch.isfinite(clean).all()
 
         if plan.writes_cache:  # every chunk but the last
             # 4. Dual-resolution caching (lines 17-18): timestep-0 passes of the clean chunk write KV_high and,
@@ -395,6 +428,11 @@ def stream_video(
                 cached_clean = window_keep(cached_clean + list(clean.split(1, dim=2)), cfg)
 
         _synchronize(device)
+        if finite is not None and not finite:
+            raise NonFiniteLatents(
+                f"chunk {plan.index + 1} came out as NaN/inf: check that the checkpoint's weights and the text "
+                f"conditioning are finite and that the schedule's shift ({cfg.shift:g}) is a normal number; with "
+                "fp16 compute, try bf16 (fp16 can overflow)")
         seconds = time.perf_counter() - started
         log.info("chunk %d/%d: %d latent frames in %.3f s", plan.index + 1, len(plans), plan.num_frames, seconds)
         yield LatentChunk(plan.index, len(plans), plan.first_frame, clean.float(), seconds,
@@ -408,5 +446,7 @@ def generate_video(model: CausalWanModel, text, width: int, height: int, frames:
                                                                **kwargs)], dim=2)
 
 
-__all__ = ["RequestError", "GenerationInterrupted", "VideoGeometry", "video_geometry", "ModelCall", "ChunkPlan", "plan_video",
-           "Progress", "LatentChunk", "PromptSchedule", "prompt_schedule", "chunk_at_frame", "stream_video", "generate_video", "chunk_noise", "seeded_generator", "resize_latents"]
+__all__ = ["RequestError", "GenerationInterrupted", "VideoGeometry", "video_geometry", "check_prompt_starts",
+           "ModelCall", "ChunkPlan", "plan_video", "Progress", "LatentChunk", "NonFiniteLatents", "PromptSchedule",
+           "prompt_schedule", "chunk_at_frame", "stream_video", "generate_video", "chunk_noise", "seeded_generator",
+           "resize_latents"]

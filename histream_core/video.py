@@ -1,18 +1,23 @@
 """Streaming video files: frames go to ffmpeg chunk by chunk, so a minutes-long video is written at constant memory.
 
-Uses the ffmpeg binary shipped with ``imageio-ffmpeg`` (``imageio_ffmpeg.write_frames``). Containers:
+Runs the ffmpeg binary shipped with ``imageio-ffmpeg`` as a child process fed raw RGB frames. Containers:
 ``.mp4`` (H.264, yuv420p, ``crf`` 0-51, default 19) and ``.webm`` (VP9, yuv420p, ``crf`` 0-63, default 31).
 
-The file appears under its name only when the writer closes successfully: frames are written to a hidden
-temporary file in the same folder, which is renamed over the target at the end, and deleted if the ``with`` block
-raises (including KeyboardInterrupt) or :meth:`VideoWriter.abort` is called.
+The file appears under its name only when ffmpeg finished successfully (exit status 0): frames are written to a
+hidden temporary file in the same folder, which is renamed over the target at the end, and deleted if ffmpeg fails
+(a full disk, say: :class:`VideoWriteError` with ffmpeg's own message), if the ``with`` block raises (including
+KeyboardInterrupt) or if :meth:`VideoWriter.abort` is called.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import secrets
+import subprocess
+import tempfile
+from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -23,6 +28,7 @@ import torch
 log = logging.getLogger(__name__)
 
 WAN_FPS = 16.0  # Wan2.1's native frame rate
+FPS_RANGE = (1.0, 240.0)
 
 # container suffix -> (ffmpeg codec, default crf, max crf, extra ffmpeg output options)
 _CONTAINERS: dict[str, tuple[str, int, int, tuple[str, ...]]] = {
@@ -31,6 +37,50 @@ _CONTAINERS: dict[str, tuple[str, int, int, tuple[str, ...]]] = {
 }
 
 FrameArray = torch.Tensor | np.ndarray
+
+
+class VideoWriteError(OSError):
+    """ffmpeg could not write the video (full disk, no permission, ...); nothing was saved under the name."""
+
+
+def check_video_path(path: str | os.PathLike[str], fps: float = WAN_FPS, crf: int | None = None, *,
+                     make_folder: bool = False) -> Path:
+    """Check where and how a video will be written, before any work is spent on it; returns the path.
+
+    The folder must exist, or with ``make_folder`` is made (once the name, fps and crf have passed)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in _CONTAINERS:
+        raise ValueError(f"unknown container {suffix or '(no suffix)'!r} for {path}; "
+                         f"use one of {sorted(_CONTAINERS)} (.mp4: H.264, .webm: VP9)")
+    if not (math.isfinite(fps) and FPS_RANGE[0] <= fps <= FPS_RANGE[1]):
+        raise ValueError(f"fps must be between {FPS_RANGE[0]:g} and {FPS_RANGE[1]:g} (Wan's is {WAN_FPS:g}), got {fps}")
+    _, default_crf, max_crf, _ = _CONTAINERS[suffix]
+    if crf is not None and not 0 <= crf <= max_crf:
+        raise ValueError(f"crf for {suffix} must be in [0, {max_crf}] (lower is better quality), got {crf}")
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; give a file name such as {path / ('video' + suffix)}")
+    if make_folder:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OSError(f"cannot make the folder {path.parent} for {path.name}: {exc.strerror}") from None
+    if path.parent.exists() and not path.parent.is_dir():
+        raise NotADirectoryError(f"{path.parent} is a file, not a folder; choose another place for {path.name}")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"folder {path.parent} does not exist; create it before writing {path.name}")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"folder {path.parent} is not writable; choose another place for {path.name}")
+    return path
+
+
+def _ffmpeg_exe() -> str:
+    try:
+        import imageio_ffmpeg
+    except ImportError:
+        raise ImportError("writing mp4/webm needs the imageio-ffmpeg package (it ships ffmpeg): "
+                          "pip install imageio-ffmpeg") from None
+    return imageio_ffmpeg.get_ffmpeg_exe()
 
 
 def uint8_frames(frames: torch.Tensor) -> torch.Tensor:
@@ -73,26 +123,16 @@ class VideoWriter:
     """
 
     def __init__(self, path: str | os.PathLike[str], fps: float = WAN_FPS, crf: int | None = None) -> None:
-        self.path = Path(path)
+        self.path = check_video_path(path, fps, crf)
         suffix = self.path.suffix.lower()
-        if suffix not in _CONTAINERS:
-            raise ValueError(f"unknown container {suffix or '(no suffix)'!r} for {self.path}; "
-                             f"use one of {sorted(_CONTAINERS)} (.mp4: H.264, .webm: VP9)")
-        codec, default_crf, max_crf, extra = _CONTAINERS[suffix]
-        if not fps > 0:
-            raise ValueError(f"fps must be positive, got {fps}")
-        crf = default_crf if crf is None else crf
-        if not 0 <= crf <= max_crf:
-            raise ValueError(f"crf for {suffix} must be in [0, {max_crf}] (lower is better quality), got {crf}")
-        if not self.path.parent.is_dir():
-            raise FileNotFoundError(
-                f"folder {self.path.parent} does not exist; create it before writing {self.path.name}")
+        codec, default_crf, _, extra = _CONTAINERS[suffix]
         self.fps = float(fps)
-        self.crf = crf
+        self.crf = default_crf if crf is None else crf
         self._codec = codec
         self._extra = extra
         self._tmp = self.path.with_name(f".{self.path.stem}.{secrets.token_hex(4)}.partial{suffix}")
-        self._gen: Any = None  # imageio-ffmpeg's frame generator, started on the first write
+        self._ffmpeg: subprocess.Popen | None = None  # started on the first write
+        self._messages: Any = None  # ffmpeg's stderr, a temporary file (a pipe could fill up and stall it)
         self._size: tuple[int, int] | None = None  # (width, height)
         self._done = False
         self.frames_written = 0
@@ -110,18 +150,28 @@ class VideoWriter:
             self._start(width, height)
         elif (width, height) != self._size:
             raise ValueError(f"frame size {width}x{height} differs from the video's {self._size[0]}x{self._size[1]}")
-        for frame in array:
-            self._gen.send(frame)
+        try:
+            self._ffmpeg.stdin.write(memoryview(array).cast("B"))
+        except BrokenPipeError:  # ffmpeg quit early: its message says why
+            self._ffmpeg.wait()
+            raise self._failure() from None
         self.frames_written += len(array)
 
     def _start(self, width: int, height: int) -> None:
-        import imageio_ffmpeg
-
         self._size = (width, height)
-        self._gen = imageio_ffmpeg.write_frames(
-            str(self._tmp), (width, height), fps=self.fps, codec=self._codec, quality=None, pix_fmt_out="yuv420p",
-            macro_block_size=1, ffmpeg_log_level="error", output_params=["-crf", str(self.crf), *self._extra])
-        self._gen.send(None)  # starts ffmpeg
+        fps = Fraction(self.fps).limit_denominator(1001)  # 23.976 -> 24000/1001, as players expect
+        command = [_ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24",
+                   "-s", f"{width}x{height}", "-r", str(fps), "-i", "-", "-an", "-c:v", self._codec,
+                   "-pix_fmt", "yuv420p", "-crf", str(self.crf), *self._extra, str(self._tmp)]
+        self._messages = tempfile.TemporaryFile()
+        self._ffmpeg = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                        stderr=self._messages)
+
+    def _failure(self) -> VideoWriteError:
+        self._messages.seek(0)
+        said = self._messages.read().decode(errors="replace").strip().splitlines()[-5:]
+        return VideoWriteError(f"ffmpeg could not write {self.path} (exit status {self._ffmpeg.returncode}): "
+                               f"{' / '.join(said) or 'no message'}; nothing was saved (is the disk full?)")
 
     def close(self) -> Path:
         """Finish the file and move it to its name; returns the path. Raises if no frame was written."""
@@ -131,14 +181,18 @@ class VideoWriter:
             self.abort()
             raise ValueError(f"no frames were written to {self.path}; nothing was saved")
         try:
-            self._gen.close()  # flushes and waits for ffmpeg
-            if not self._tmp.is_file() or self._tmp.stat().st_size == 0:
-                raise RuntimeError(f"ffmpeg produced no output for {self.path}; see its messages above")
+            try:
+                self._ffmpeg.stdin.close()  # ffmpeg flushes the encoder and writes the trailer
+            except BrokenPipeError:
+                pass  # it has already quit; its exit status says how
+            if self._ffmpeg.wait() != 0 or not self._tmp.is_file() or self._tmp.stat().st_size == 0:
+                raise self._failure()
             os.replace(self._tmp, self.path)
         except BaseException:
             self._discard()
             raise
         self._done = True
+        self._messages.close()
         log.info("wrote %s: %d frames, %dx%d, %.3g fps", self.path, self.frames_written, *self._size, self.fps)
         return self.path
 
@@ -151,10 +205,13 @@ class VideoWriter:
     def _discard(self) -> None:
         self._done = True
         try:
-            if self._gen is not None:
-                self._gen.close()
+            if self._ffmpeg is not None and self._ffmpeg.poll() is None:
+                self._ffmpeg.kill()
+                self._ffmpeg.wait()
         finally:
             self._tmp.unlink(missing_ok=True)
+            if self._messages is not None:
+                self._messages.close()
 
     def __enter__(self) -> VideoWriter:
         return self
@@ -174,4 +231,4 @@ def write_video(path: str | os.PathLike[str], frames: FrameArray, fps: float = W
     return writer.path
 
 
-__all__ = ["VideoWriter", "write_video", "to_uint8_frames", "WAN_FPS"]
+__all__ = ["VideoWriter", "VideoWriteError", "check_video_path", "write_video", "to_uint8_frames", "WAN_FPS"]

@@ -102,6 +102,8 @@ def open_weight_file(path: Path, *, advice: str, error: Callable[[Unusable], Exc
 
 
 def _open(path: Path, nested: Sequence[str]) -> AbstractContextManager[WeightFile]:
+    if path.is_dir():
+        raise Unusable("it is a folder, not a file", "give the weights file inside it")
     if not path.is_file():
         raise Unusable("the file does not exist", "check the path")
     suffix = path.suffix.lower()
@@ -130,10 +132,13 @@ def _safetensors_file(handle: Any) -> Iterator[WeightFile]:
         yield WeightFile("safetensors", None, entries)
 
 
-def _torch_file(path: Path, nested: Sequence[str]) -> WeightFile:
-    """torch.load that can only rebuild tensors and plain containers (weights_only), mmap'd for zip-format files."""
+def load_torch_object(path: Path) -> Any:
+    """torch.load that can only rebuild tensors and plain containers (weights_only), mmap'd for zip-format files.
+
+    Raises Unusable with a short reason: torch's own message for a refused object would advise loading with
+    weights_only=False, which would run the file's code."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as exc:
         refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
         if refused:
@@ -142,6 +147,10 @@ def _torch_file(path: Path, nested: Sequence[str]) -> WeightFile:
                            "can run; if you trust the file, re-save its state dict with torch.save or as "
                            ".safetensors") from exc
         raise _unreadable(exc.__context__ if isinstance(exc.__context__, Exception) else exc) from exc
+
+
+def _torch_file(path: Path, nested: Sequence[str]) -> WeightFile:
+    obj = load_torch_object(path)
     if not isinstance(obj, Mapping):
         raise Unusable(f"the file holds a {type(obj).__name__}, not a dict of tensors")
     source = next((name for name in nested if isinstance(obj.get(name), Mapping) and obj[name]), None)

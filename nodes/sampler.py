@@ -163,7 +163,7 @@ def text_context(positive, text_dim: int, text_len: int) -> tuple[torch.Tensor, 
 def scheduled_text(schedule: HiStreamPrompts, first: torch.Tensor, cfg: SamplerConfig, geometry: VideoGeometry,
                    model_cfg) -> tuple[list[tuple[int, torch.Tensor]], list[str]]:
     """The engine's prompt schedule [(first chunk, states)] from the first prompt and the schedule node's prompts."""
-    num_chunks = -(-geometry.latent_frames // cfg.stream.chunk_frames)
+    num_chunks = geometry.num_chunks(cfg.stream.chunk_frames)
     entries, notes = [(0, first)], []
     for start, conditioning in schedule.chunk_starts(cfg.stream.chunk_frames):
         if start >= num_chunks:

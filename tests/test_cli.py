@@ -236,3 +236,125 @@ def test_chunk_drift_compares_the_last_chunk_but_one_with_chunk_3():
     # the last chunk writes no cache (and may be short): never the one compared
     assert chunk_drift([5.0, 2.0, 1.0, 1.01, 1.04, 0.3]) == pytest.approx(0.04)
     assert chunk_drift([5.0, 2.0, 1.0, 1.0]) is None
+
+
+# -- bad input: a message that names the problem and the fix, before any file is loaded, and no file left ----------
+def test_requests_are_checked_before_the_model_files_are_loaded(tmp_path, capsys):
+    """Loading real weights takes minutes; a wrong size, output or schedule must not wait for it. Here the
+    checkpoint does not even exist, so any message about it would mean the request was checked too late."""
+    files = ["--checkpoint", str(tmp_path / "absent.safetensors"), "--vae", "v", "--text-encoder", "t",
+             "--device", "cpu"]
+    cases = [
+        (["--width", "80"], "width 80 does not fit"),
+        (["--width", "0"], "width 0 does not fit"),                   # 0 is not "the default"
+        (["--frames", "8"], "4k+1"),
+        (["--frames", "33", "--schedule", "30:later"], "would never be used: start it at frame 21 or before"),
+        (["--out", str(tmp_path / "taken.mp4")], "is a folder"),
+        (["--out", str(tmp_path / "new" / "x.avi")], "unknown container '.avi'"),
+        (["--fps", "inf"], "fps must be between"),
+        (["--tile", "1"], "--tile must be at least 4"),
+        (["--shift", "nan"], "shift must be a positive number"),
+    ]
+    (tmp_path / "taken.mp4").mkdir()
+    for extra, expected in cases:
+        assert main(["generate", *files, "--width", "64", "--height", "64", "--frames", "9", *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert expected in err and "absent" not in err, (extra, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.mp4"]  # not even the folder of the refused .avi
+
+
+def test_options_that_would_be_ignored_or_cannot_run_are_refused(tmp_path, capsys):
+    out = ["--out", str(tmp_path / "x.mp4")]
+    assert main(["generate", *SMALL, "--vae", str(tmp_path / "nope.safetensors"), *out]) == 2
+    assert "--vae need --checkpoint" in capsys.readouterr().err
+    assert main(["generate", *SMALL[:6], "--device", "bogus", *out]) == 2
+    assert "not a device name" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["generate", *SMALL[:6], "--device", "cuda", *out]) == 2
+        assert "sees no CUDA GPU" in capsys.readouterr().err
+    assert main(["generate", *SMALL, "--attention", "sage", *out]) == 2  # not installed in the test environment
+    assert "sageattention is not installed" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:
+        main(["flops", "--rate", "0"])
+    assert refused.value.code == 2 and "must be a positive number" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_config_file_values_are_checked_like_options(tmp_path, capsys):
+    config = tmp_path / "run.json"
+    for values, expected in [({"kv_cache_fp8": "false"}, "takes true or false"),
+                             ({"schedule": 12}, "list of \"FRAME:PROMPT\" strings"),
+                             ({"width": [64]}, "takes a single value")]:
+        config.write_text(json.dumps(values))
+        assert main(["generate", "--config", str(config)]) == 2
+        assert expected in capsys.readouterr().err
+    for values, expected in [({"width": 64.5}, "invalid int value: '64.5'"), ({"dtype": "fp8"}, "invalid choice")]:
+        config.write_text(json.dumps(values))
+        with pytest.raises(SystemExit):
+            main(["generate", "--config", str(config)])
+        assert expected in capsys.readouterr().err
+    config.write_bytes(b"\xff\xfe{")
+    assert main(["generate", "--config", str(config)]) == 2
+    assert f"config file {config} is not valid JSON" in capsys.readouterr().err
+    config.write_text(json.dumps({"frames": 17, "mode": "two-step"}))  # the command line overrides the file
+    assert main(["generate", "--config", str(config), *SMALL, "--out", str(tmp_path / "x.mp4"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["frames"] == 9 and [c["model_calls"] for c in report["chunks"]] == [2]
+
+
+def test_non_finite_results_stop_the_run_instead_of_writing_a_black_video(tmp_path, capsys):
+    embeds = tmp_path / "nan.safetensors"
+    save_file({"context": torch.full((1, 4, 32), float("nan"))}, str(embeds))  # the tiny model's text_dim
+    out = tmp_path / "black.mp4"
+    assert main(["generate", *SMALL, "--text-embeds", str(embeds), "--out", str(out)]) == 2
+    assert "chunk 1 came out as NaN/inf" in capsys.readouterr().err
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["nan.safetensors"]
+
+
+def test_interrupted_runs_exit_130_and_leave_nothing(tmp_path, capsys, monkeypatch):
+    import histream_core.pipeline as pipeline
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(pipeline, "generate_to_file", interrupted)
+    assert main(["generate", *SMALL, "--out", str(tmp_path / "x.mp4")]) == 130
+    assert "interrupted: nothing was saved" in capsys.readouterr().err
+
+
+def test_sigterm_stops_a_run_without_leaving_a_partial_file(tmp_path):
+    """Job schedulers and `timeout` stop programs with SIGTERM; it must unwind like Ctrl-C (the partial file goes)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    out = tmp_path / "long.mp4"
+    run = subprocess.Popen([sys.executable, "-m", "histream_core", "generate", "--width", "64", "--height", "64",
+                            "--frames", "401", "--device", "cpu", "--dtype", "fp32", "--decode-order", "interleaved",
+                            "--out", str(out)], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".long.*.partial.mp4")) and time.monotonic() < deadline and run.poll() is None:
+        time.sleep(0.05)
+    run.send_signal(signal.SIGTERM)
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 130, err[-2000:]
+    assert "interrupted: nothing was saved" in err and list(tmp_path.iterdir()) == []
+
+
+def test_python_api_refuses_bad_arguments_with_the_fix(user_files, tmp_path):
+    with pytest.raises(ValueError, match="not a device name"):
+        HiStreamPipeline.from_files(user_files / "dit.safetensors", user_files / "vae.safetensors", device="gpu0")
+    with pytest.raises(ValueError, match="cannot be a compute dtype"):
+        HiStreamPipeline.from_files(user_files / "dit.safetensors", user_files / "vae.safetensors", device="cpu",
+                                    dtype=torch.int8)
+    with pytest.raises(ValueError, match="is a folder, not a file"):
+        HiStreamPipeline.from_files(user_files, user_files / "vae.safetensors", device="cpu")
+    pipe = HiStreamPipeline.from_files(user_files / "dit.safetensors", user_files / "vae.safetensors", device="cpu")
+    states = torch.randn(1, 4, pipe.model.cfg.text_dim)
+    with pytest.raises(ValueError, match="prompt must be a string"):
+        pipe.generate(None, width=64, height=64, frames=5, out=tmp_path / "x.mp4")
+    with pytest.raises(ValueError, match="width must be a whole number"):
+        pipe.generate(states, width=64.0, height=64, frames=5, out=tmp_path / "x.mp4")
+    (tmp_path / "taken.mp4").mkdir()
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        pipe.generate(states, width=64, height=64, frames=5, out=tmp_path / "taken.mp4")
+    assert [p.name for p in tmp_path.iterdir()] == ["taken.mp4"]

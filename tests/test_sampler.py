@@ -10,7 +10,8 @@ from histream_core.cache import DualResCache, KVCache
 from histream_core.config import ChunkSteps, HDConfig, SamplerConfig, StreamConfig
 from histream_core.model import AttentionSettings
 from histream_core.modes import MODES, mode_config
-from histream_core.sampler import (GenerationInterrupted, RequestError, chunk_at_frame, generate_video, plan_video, stream_video, video_geometry)
+from histream_core.sampler import (GenerationInterrupted, NonFiniteLatents, RequestError, chunk_at_frame,
+                                   generate_video, plan_video, stream_video, video_geometry)
 
 W, H = 64, 96  # latent 12x8 at high resolution, 6x4 at low
 
@@ -135,11 +136,37 @@ def test_progress_reports_x0_previews(model, context):
     (40, 96, 37, "no-drc", "width", "width 40 .*16-pixel tokens.* use 32 or 48"),
     (64, 96, 36, "histream", "frames", "frames must be 4k\\+1.*use 33 or 37"),
     (64, 96, 0, "histream", "frames", "frames must be 4k\\+1"),
+    (64.0, 96, 37, "histream", "width", "width must be a whole number, got 64.0 \\(float\\)"),
+    (64, "96", 37, "histream", "height", "height must be a whole number"),
+    (64, 96, True, "histream", "frames", "frames must be a whole number"),
+    (64, 96, 1_000_000_001, "histream", "frames", "frames 1000000001 is above the limit of 100,001"),
+    (16_384, 96, 37, "histream", "width", "above the limit of 8,192"),
 ])
 def test_bad_requests_say_what_to_change(model, context, width, height, frames, cfg, field, match):
     with pytest.raises(RequestError, match=match) as error:
         list(stream_video(model, context, width, height, frames, mode_config(cfg), 0))
     assert error.value.field == field
+
+
+def test_a_prompt_starting_after_the_last_chunk_is_refused(model, context):
+    """37 frames are 10 latent frames, 4 chunks of 3 (the last one short): chunk 5 never comes."""
+    with pytest.raises(RequestError, match="starts in chunk 5, but this 37-frame video has 4 chunk.*frame 33 or bef"):
+        list(stream_video(model, [(0, context), (4, context)], W, H, 37, mode_config("histream"), 0))
+
+
+def test_non_finite_latents_stop_the_loop(model, context):
+    """NaN in (here) the text states would decode to a black video; the loop stops at the first such chunk."""
+    with torch.no_grad(), pytest.raises(NonFiniteLatents, match="chunk 1 came out as NaN/inf"):
+        list(stream_video(model, torch.full_like(context, float("nan")), W, H, 5, mode_config("histream"), 0))
+
+
+@pytest.mark.parametrize("make", [lambda: mode_config("histream").with_(shift=float("nan")),
+                                  lambda: mode_config("histream").with_(shift=float("inf")),
+                                  lambda: HDConfig(first_chunk_attn_coef=float("nan")),
+                                  lambda: HDConfig(rope_factors_high=(1.0, float("nan"), 5.0))])
+def test_non_finite_settings_are_refused(make):
+    with pytest.raises(ValueError, match="positive number"):
+        make()
 
 
 def test_sizes_off_the_32_grid_work_without_drc(model, context):

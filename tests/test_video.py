@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from contextlib import nullcontext
 
 import imageio.v2 as imageio
@@ -9,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from histream_core.video import VideoWriter, to_uint8_frames, write_video
+from histream_core import video
+from histream_core.video import VideoWriteError, VideoWriter, check_video_path, to_uint8_frames, write_video
 
 
 def gradient_frames(t: int, h: int = 32, w: int = 48) -> np.ndarray:
@@ -74,6 +76,48 @@ def test_failed_write_keeps_an_existing_file(tmp_path) -> None:
             writer.write(gradient_frames(2, h=16))
     assert path.read_bytes() == b"previous video"
     assert [p.name for p in tmp_path.iterdir()] == ["clip.mp4"]
+
+
+FAILING_FFMPEG = """#!/bin/sh
+for output; do :; done
+cat > /dev/null
+printf 'half a video' > "$output"
+echo "av_interleaved_write_frame(): No space left on device" >&2
+exit 1
+"""
+
+
+def test_an_ffmpeg_failure_is_an_error_and_saves_nothing(tmp_path, monkeypatch) -> None:
+    """ffmpeg that fails at the end (a full disk when it writes the trailer) leaves a non-empty file: its exit status,
+    not the file's size, says whether the video is whole."""
+    fake = tmp_path / "ffmpeg"
+    fake.write_text(FAILING_FFMPEG)
+    fake.chmod(0o755)
+    monkeypatch.setattr(video, "_ffmpeg_exe", lambda: str(fake))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "clip.mp4").write_bytes(b"previous video")
+    with pytest.raises(VideoWriteError, match="No space left on device.*nothing was saved"):
+        write_video(out / "clip.mp4", gradient_frames(3))
+    assert [p.name for p in out.iterdir()] == ["clip.mp4"] and (out / "clip.mp4").read_bytes() == b"previous video"
+
+
+def test_the_output_path_is_checked_before_any_work(tmp_path) -> None:
+    (tmp_path / "taken.mp4").mkdir()
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        check_video_path(tmp_path / "taken.mp4")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(NotADirectoryError, match="is a file, not a folder"):
+        check_video_path(tmp_path / "file" / "clip.mp4")
+    for fps in (float("nan"), float("inf"), 0.00001, 1e9):
+        with pytest.raises(ValueError, match="fps must be between"):
+            check_video_path(tmp_path / "clip.mp4", fps=fps)
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        with pytest.raises(PermissionError, match="not writable"):
+            check_video_path(locked / "clip.mp4")
+    assert check_video_path(tmp_path / "clip.webm", fps=23.976) == tmp_path / "clip.webm"
 
 
 def test_bad_arguments_are_explained(tmp_path) -> None:

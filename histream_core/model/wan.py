@@ -240,7 +240,8 @@ class CausalWanModel(nn.Module):
             raise ValueError("text conditioning is empty (0 tokens): encode a prompt with the Wan text encoder first")
         if context.shape[1] > self.cfg.text_len:
             raise ValueError(f"text conditioning has {context.shape[1]} tokens, the model takes at most "
-                             f"{self.cfg.text_len}: trim it (the caller should say the prompt was cut)")
+                             f"{self.cfg.text_len}: keep the first {self.cfg.text_len} (umT5 encoders cut prompts "
+                             "there)")
         pad = context.new_zeros(context.shape[0], self.cfg.text_len - context.shape[1], context.shape[2])
         param = next(self.parameters())
         embedded = self.text_embedding(torch.cat([context, pad], 1).to(param.device, self.compute_dtype))

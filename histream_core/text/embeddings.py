@@ -8,22 +8,29 @@ from pathlib import Path
 
 import torch
 
+from ..weight_files import Unusable, load_torch_object
+
 
 def load_text_embeddings(path: str | Path) -> torch.Tensor:
     """Read umT5 states # [1, tokens, 4096] (a [tokens, 4096] tensor gets a batch axis)."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"text embedding file {path} is a folder; give the .safetensors file inside it")
     if not path.is_file():
         raise FileNotFoundError(f"text embedding file {path} does not exist")
+    save_hint = "save them with safetensors.torch.save_file({'context': states}, path)"
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
             tensors = load_file(str(path))
         else:
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
+            loaded = load_torch_object(path)
             tensors = loaded if isinstance(loaded, dict) else {"context": loaded}
-    except Exception as exc:  # noqa: BLE001 - any reader failure means the same thing to the user
-        raise ValueError(f"cannot read text embeddings from {path}: {exc}. Save them with "
-                         "safetensors.torch.save_file({'context': states}, path)") from exc
+    except Unusable as problem:
+        raise ValueError(f"cannot read text embeddings from {path}: {problem.problem}; {problem.hint}") from None
+    except Exception as exc:  # noqa: BLE001 - any safetensors failure means the same thing to the user
+        raise ValueError(f"cannot read text embeddings from {path} ({type(exc).__name__}: {exc}); it is truncated "
+                         f"or not a safetensors file: {save_hint}") from exc
     if "context" in tensors:
         states = tensors["context"]
     elif len(tensors) == 1:
@@ -31,5 +38,5 @@ def load_text_embeddings(path: str | Path) -> torch.Tensor:
     else:
         raise ValueError(f"{path} holds several tensors {sorted(tensors)[:5]}; name the text states 'context'")
     if not isinstance(states, torch.Tensor) or states.ndim not in (2, 3):
-        raise ValueError(f"text states in {path} must be a [tokens, dim] or [1, tokens, dim] tensor")
+        raise ValueError(f"text states in {path} must be a [tokens, dim] or [1, tokens, dim] tensor; {save_hint}")
     return states[None] if states.ndim == 2 else states

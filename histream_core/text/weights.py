@@ -111,6 +111,7 @@ def load_umt5_encoder(path: str | Path, *, dtype: torch.dtype | None = None, dev
 
 def read_embedded_tokenizer(path: str | Path) -> bytes | None:
     """The sentencepiece model ComfyUI stores in some text-encoder files (uint8 ``spiece_model``), or None.
+    Raises TextEncoderError for a file that is no umT5 encoder at all.
 
     Only ``.safetensors`` files are looked into (reading one tensor); torch files are never unpickled for this.
     """
@@ -119,7 +120,13 @@ def read_embedded_tokenizer(path: str | Path) -> bytes | None:
         return None
     with _open(path) as file:
         key = next((k for k in file.entries if k == "spiece_model" or k.endswith(".spiece_model")), None)
-        return None if key is None else file.entries[key].load().numpy().tobytes()
+        if key is None:  # a file of another kind (a DiT, a VAE) is named as such, not as lacking a tokenizer
+            try:
+                _detect(set(file.entries))
+            except Unusable as problem:
+                raise _error(path, problem) from None
+            return None
+        return file.entries[key].load().numpy().tobytes()
 
 
 # -- reading files ------------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@
 package's modules use. diffusers renames them (``encoder.conv_in``, ``decoder.up_blocks.1.resnets.0.norm1``, ...);
 :func:`wan_state_dict_from_diffusers` maps them back. The config is read from tensor shapes (base width from
 ``encoder.conv1.weight``, latent channels from ``conv2.weight``). Pickled files are only read with
-``torch.load(weights_only=True)``, which refuses anything but tensors and plain containers.
+``torch.load(weights_only=True)``, which refuses anything but tensors and plain containers
+(``weight_files.open_weight_file``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..weight_files import Unusable, open_weight_file
 from .config import WanVAEConfig
 from .model import WanVAE
 
@@ -76,26 +78,11 @@ def wan_state_dict_from_diffusers(state_dict: Mapping[str, torch.Tensor],
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise VAECheckpointError(f"{path}: no such file; {EXPECTED_FILE}")
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".safetensors":
-            from safetensors.torch import load_file
-            data = load_file(str(path), device="cpu")
-        elif suffix in (".pt", ".pth", ".ckpt", ".bin"):
-            data = torch.load(path, map_location="cpu", weights_only=True)
-        else:
-            raise VAECheckpointError(f"{path}: unsupported file type {suffix!r} (use .safetensors, .pt or .pth); "
-                                     f"{EXPECTED_FILE}")
-    except VAECheckpointError:
-        raise
-    except Exception as err:  # truncated or foreign files fail in many library-specific ways
-        raise VAECheckpointError(f"{path}: cannot be read as a {suffix} checkpoint ({type(err).__name__}: {err}); "
-                                 f"the file may be truncated or not a checkpoint; {EXPECTED_FILE}") from err
-    if not isinstance(data, Mapping) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise VAECheckpointError(f"{path}: holds a {type(data).__name__}, not a flat dict of tensors; {EXPECTED_FILE}")
-    return dict(data)
+    def error(problem: Unusable) -> VAECheckpointError:
+        return VAECheckpointError(f"{path}: {problem.problem}; {problem.hint}")
+
+    with open_weight_file(path, advice=EXPECTED_FILE, error=error) as weights:
+        return {key: entry.load() for key, entry in weights.entries.items()}
 
 
 def _detect(state_dict: Mapping[str, torch.Tensor]) -> tuple[str, dict[str, torch.Tensor]] | None:

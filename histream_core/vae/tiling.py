@@ -81,6 +81,9 @@ def _unpark(caches: tuple[_Parked | None, ...] | None) -> tuple[torch.Tensor | N
     return None if caches is None else tuple(None if c is None else c.back() for c in caches)
 
 
+MIN_TILE = 4  # latent pixels; a quarter of it is the overlap
+
+
 class TiledDecoder:
     """Decode with a :class:`WanVAE` tile by tile; implements :class:`~.stream.ChunkDecoder`.
 
@@ -103,6 +106,14 @@ class TiledDecoder:
         self.overlap = overlap
         self.frames_per_pass = frames_per_pass
         self.segment_frames = segment_frames
+
+    @classmethod
+    def overlapping_by_a_quarter(cls, vae: WanVAE, tile: int) -> "TiledDecoder":
+        """Tiles of ``tile`` latent pixels that overlap by a quarter of a tile: the command line's ``--tile``."""
+        if tile < MIN_TILE:
+            raise ValueError(f"tile must be at least {MIN_TILE} latent pixels ({8 * MIN_TILE} px), got {tile}; "
+                             "64 (512 px) decodes 1080p in about 4 GiB")
+        return cls(vae, tile=tile, overlap=tile // 4)
 
     def initial_state(self) -> TiledState:
         return TiledState()
