@@ -14,19 +14,21 @@ import logging
 import signal
 import sys
 import threading
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from .config import MODEL_PRESETS
+from .config import MODEL_PRESETS, SamplerConfig
 from .flops import flops_table, format_table
 from .model import BACKENDS, AttentionBackendError, CausalWanModel
+from .model.attention import check_backend_runs
 from .modes import MODES, mode_config
-from .pipeline import DECODE_ORDERS
-from .sampler import RequestError, check_prompt_starts, chunk_at_frame, video_geometry
+from .pipeline import (DECODE_ORDERS, EMBEDDED_VAE, HiStreamPipeline, checked_device, embedded_default,
+                       generate_to_file, random_text_embedding)
+from .sampler import RequestError, VideoGeometry, check_prompt_starts, chunk_at_frame, video_geometry
 from .vae.tiling import MIN_TILE
-from .video import check_video_path
+from .video import check_video_path, made_folders
 
 log = logging.getLogger(__name__)
 
@@ -58,15 +60,37 @@ EMBEDDED_SIZE = (256, 160, 33)   # width, height, frames of the embedded default
 CHECKPOINT_SIZE = (1920, 1088, 81)
 
 
-def cmd_generate(args) -> int:
-    from .pipeline import HiStreamPipeline, checked_device, embedded_default, generate_to_file, random_text_embedding
-    from .text import load_text_embeddings
-    from .vae import load_tiny_decoder
+@dataclass(frozen=True)
+class _Request:
+    """A generate request that passed every check that needs no model file."""
 
-    # Everything that can be checked without the model files is checked first: loading them takes minutes.
+    device: torch.device
+    dtype: torch.dtype
+    geometry: VideoGeometry
+    cfg: SamplerConfig
+    starts: list[tuple[int, str]]  # later prompts: (first chunk, prompt)
+    out: Path
+
+
+def cmd_generate(args) -> int:
+    request = _checked_request(args)
+    pipe, context = _pipeline_and_text(args, request)
+    if request.starts:
+        encode = pipe.encode if pipe.text_encoder is not None else (
+            lambda prompt: random_text_embedding(prompt, pipe.model.cfg.text_dim))
+        context = [(0, context), *((start, encode(prompt)) for start, prompt in request.starts)]
+    size = request.geometry
+    with made_folders(request.out.parent):
+        report = generate_to_file(pipe.model, pipe.vae, context, request.out, size.width, size.height, size.frames,
+                                  request.cfg, args.seed, fps=args.fps, tile=args.tile, order=args.decode_order)
+    print(json.dumps(report.as_dict(), indent=2) if args.json else report.table())
+    return 0
+
+
+def _checked_request(args) -> _Request:
+    """Everything that can be checked without the model files, checked first: loading them takes minutes."""
     device = checked_device(args.device)
-    compute_dtype = DTYPES[args.dtype]
-    _check_files(args)
+    dtype = DTYPES[args.dtype]
     width, height, frames = (given if given is not None else default for given, default in zip(
         (args.width, args.height, args.frames), EMBEDDED_SIZE if args.checkpoint is None else CHECKPOINT_SIZE))
     cfg = _sampler_config(args)
@@ -78,61 +102,66 @@ def cmd_generate(args) -> int:
         raise ValueError(f"--tile must be at least {MIN_TILE} latent pixels, got {args.tile}; 64 (512 px) decodes "
                          "1080p in about 4 GiB")
     starts = _schedule_starts(args, geometry, cfg.stream.chunk_frames)
-    out = check_video_path(args.out, args.fps, make_folder=True)
+    out = check_video_path(args.out, args.fps, folder_may_be_missing=True)
+    _check_files(args)
+    if args.attention:
+        check_backend_runs(args.attention, device, dtype)
+    return _Request(device, dtype, geometry, cfg, starts, out)
 
-    if args.checkpoint is None:
-        model, vae = embedded_default(device)
-        if args.tiny_decoder:
-            vae = load_tiny_decoder(args.tiny_decoder, device=device)
-        model.compute_dtype = compute_dtype
-        if args.fp8_weights:
-            model.store_block_weights_in_fp8()
-        if args.fp8_matmul:
-            model.use_fp8_matmul()
-        if args.compile:
-            model.compile_blocks()
-        pipe = HiStreamPipeline(model, vae)
-        context = (load_text_embeddings(args.text_embeds) if args.text_embeds
-                   else random_text_embedding(args.prompt, model.cfg.text_dim))
-        log.warning("embedded default: tiny random DiT + small random VAE (a plumbing check; pass --checkpoint "
-                    "for art)")
-    else:
+
+def _pipeline_and_text(args, request: _Request) -> tuple[HiStreamPipeline, torch.Tensor]:
+    """The user's files (or the embedded default) loaded, and the first prompt's states."""
+    from .text import load_text_embeddings
+    from .vae import load_tiny_decoder
+
+    if args.checkpoint is not None:
         pipe = HiStreamPipeline.from_files(args.checkpoint, args.vae, args.text_encoder, args.tokenizer,
-                                           device=device, dtype=compute_dtype, compile=args.compile,
+                                           device=request.device, dtype=request.dtype, compile=args.compile,
                                            fp8_weights=args.fp8_weights, fp8_matmul=args.fp8_matmul,
-                                           text_cache_dir=args.text_cache,
-                                           tiny_decoder=args.tiny_decoder)
-        context = load_text_embeddings(args.text_embeds) if args.text_embeds else pipe.encode(args.prompt)
-    if starts:
-        encode = pipe.encode if pipe.text_encoder is not None else (
-            lambda prompt: random_text_embedding(prompt, pipe.model.cfg.text_dim))
-        context = [(0, context), *((start, encode(prompt)) for start, prompt in starts)]
-    report = generate_to_file(pipe.model, pipe.vae, context, out, width, height, frames, cfg, args.seed,
-                              fps=args.fps, tile=args.tile, order=args.decode_order)
-    print(json.dumps(report.as_dict(), indent=2) if args.json else report.table())
-    return 0
+                                           text_cache_dir=args.text_cache, tiny_decoder=args.tiny_decoder)
+        return pipe, load_text_embeddings(args.text_embeds) if args.text_embeds else pipe.encode(args.prompt)
+    log.warning("embedded default: tiny random DiT + small random VAE (a plumbing check; pass --checkpoint for art)")
+    model, vae = embedded_default(request.device)
+    if args.tiny_decoder:
+        vae = load_tiny_decoder(args.tiny_decoder, device=request.device)
+    model.compute_dtype = request.dtype
+    if args.fp8_weights:
+        model.store_block_weights_in_fp8()
+    if args.fp8_matmul:
+        model.use_fp8_matmul()
+    if args.compile:
+        model.compile_blocks()
+    context = (load_text_embeddings(args.text_embeds) if args.text_embeds
+               else random_text_embedding(args.prompt, model.cfg.text_dim))
+    return HiStreamPipeline(model, vae), context
 
 
 def _check_files(args) -> None:
-    """Which files a run needs, and options that would be silently ignored."""
+    """Which files a run needs, that they are there, and options that would be silently ignored."""
     if args.checkpoint is None:
         ignored = [f"--{name.replace('_', '-')}" for name in ("vae", "text_encoder", "tokenizer", "text_cache")
                    if getattr(args, name) is not None]
         if ignored:
-            raise ValueError(f"{', '.join(ignored)} need --checkpoint: the embedded default has its own random VAE "
-                             "and stand-in text states (pass --checkpoint with them, or drop them)")
-        return
-    if args.vae is None and args.tiny_decoder is None:
-        raise ValueError("with --checkpoint also pass --vae (wan_2.1_vae.safetensors), or --tiny-decoder "
-                         "(taew2_1.safetensors) for fast drafts")
-    if args.vae is not None and args.tiny_decoder is not None:
-        raise ValueError("pass --vae or --tiny-decoder, not both: one of them decodes the video")
-    if args.text_embeds is None and args.text_encoder is None:
-        raise ValueError("with --checkpoint pass --text-encoder (umt5_xxl_fp16.safetensors) and --prompt, "
-                         "or --text-embeds (precomputed umT5 states)")
-    if args.schedule and args.text_encoder is None:
-        raise ValueError("--schedule needs --text-encoder (and --tokenizer) to encode its prompts; with --text-embeds "
-                         "alone only the first prompt is known")
+            raise ValueError(f"{', '.join(ignored)} {'needs' if len(ignored) == 1 else 'need'} --checkpoint: the "
+                             "embedded default has its own random VAE and stand-in text states (pass --checkpoint "
+                             "with them, or drop them)")
+    else:
+        if args.vae is None and args.tiny_decoder is None:
+            raise ValueError("with --checkpoint also pass --vae (wan_2.1_vae.safetensors), or --tiny-decoder "
+                             "(taew2_1.safetensors) for fast drafts")
+        if args.vae is not None and args.tiny_decoder is not None:
+            raise ValueError("pass --vae or --tiny-decoder, not both: one of them decodes the video")
+        if args.text_embeds is None and args.text_encoder is None:
+            raise ValueError("with --checkpoint pass --text-encoder (umt5_xxl_fp16.safetensors) and --prompt, "
+                             "or --text-embeds (precomputed umT5 states)")
+        if args.schedule and args.text_encoder is None:
+            raise ValueError("--schedule needs --text-encoder (and --tokenizer) to encode its prompts; with "
+                             "--text-embeds alone only the first prompt is known")
+    for name in ("checkpoint", "vae", "tiny_decoder", "text_encoder", "text_embeds", "tokenizer"):
+        given = getattr(args, name)
+        if given is not None and not Path(given).is_file() and not (name == "tokenizer" and Path(given).is_dir()):
+            what = "is a folder; give the file inside it" if Path(given).is_dir() else "does not exist"
+            raise FileNotFoundError(f"--{name.replace('_', '-')} {given} {what}")
 
 
 def _schedule_starts(args, geometry, chunk_frames: int) -> list[tuple[int, str]]:
@@ -193,10 +222,23 @@ def _config_file_args(argv: list[str]) -> list[str]:
                 for item in items:
                     tokens += [flag, item]
         elif value is not None:
-            if isinstance(value, (bool, list, dict)):
-                raise ValueError(f"config file {path}: {key} takes a single value, got {value!r}")
-            tokens += [flag, str(value)]
+            _check_config_value(path, key, value, action)
+            tokens.append(f"{flag}={value}")  # "=": a value may start with "-"
     return [argv[0], *tokens, *argv[1:]]
+
+
+def _check_config_value(path: Path, key: str, value, action: argparse.Action) -> None:
+    """A config file's value as argparse would check it on the command line, in a message that names the file."""
+    if isinstance(value, (bool, list, dict)):
+        raise ValueError(f"config file {path}: {key} takes a single value, got {value!r}")
+    try:
+        converted = action.type(str(value)) if action.type else str(value)
+    except (ValueError, TypeError, argparse.ArgumentTypeError):
+        kind = getattr(action.type, "__name__", "value")
+        raise ValueError(f"config file {path}: {key} takes {'an' if kind == 'int' else 'a'} {kind}, got "
+                         f"{value!r}") from None
+    if action.choices is not None and converted not in action.choices:
+        raise ValueError(f"config file {path}: {key} must be one of {list(action.choices)}, got {value!r}")
 
 
 def cmd_bench(args) -> int:
@@ -208,8 +250,11 @@ def cmd_bench(args) -> int:
     unknown = [m for m in modes if m not in MODES]
     if unknown or not modes:
         raise ValueError(f"--modes: unknown {unknown or 'empty list'}; choose from {', '.join(MODES)}")
-    from .pipeline import checked_device
     device, dtype = checked_device(args.device), DTYPES[args.dtype]
+    for mode in modes:  # the request first: building the model takes a while
+        video_geometry(args.width, args.height, args.frames, _sampler_config(args, mode))
+    if args.attention:
+        check_backend_runs(args.attention, device, dtype)
     if args.checkpoint:
         model = load_wan_model(args.checkpoint, weight_dtype=torch.float8_e4m3fn if args.fp8_weights else None,
                                compute_dtype=dtype, device=device)
@@ -259,7 +304,6 @@ def cmd_flops(args) -> int:
 
 def cmd_memory(args) -> int:
     from .memory import predict_memory
-    from .pipeline import EMBEDDED_VAE
     from .vae import WanVAEConfig
     vae = EMBEDDED_VAE if args.model == "tiny" else WanVAEConfig()
     prediction = predict_memory(MODEL_PRESETS[args.model], vae, args.width, args.height, args.frames,
@@ -317,7 +361,8 @@ def _generate_parser(sub) -> argparse.ArgumentParser:
     gen.add_argument("--fps", type=float, default=16.0)
     gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     gen.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", choices=list(DTYPES))
-    gen.add_argument("--tile", type=int, help="decode in spatial tiles of this many latent pixels (saves memory)")
+    gen.add_argument("--tile", type=int, help="decode in spatial tiles of this many latent pixels (saves memory; "
+                     "0: whole frames)")
     gen.add_argument("--decode-order", choices=list(DECODE_ORDERS), default="after",
                      help="after: decode once denoising is done (least memory, the default); interleaved: decode "
                      "each chunk as soon as it exists (first frames sooner, DiT caches and VAE share memory); "
@@ -415,8 +460,9 @@ def _out_of_memory(args, where: str) -> str:
             (not args.kv_cache_fp8, "store the caches in fp8 (--kv-cache-fp8)"),
             (not (args.fp8_weights or args.fp8_matmul), "keep the blocks' weights in fp8 (--fp8-weights)")) if unused]
     tips.append("lower --width/--height")
-    return (f"out of {where} memory: {', '.join(tips)}; 'python -m histream_core memory' predicts the peak of a "
-            "request without a GPU")
+    predict = ("; 'python -m histream_core memory' predicts a request's peak GPU memory without a GPU"
+               if where == "GPU" else "")
+    return f"out of {where} memory: {', '.join(tips)}{predict}"
 
 
 def _is_host_out_of_memory(exc: BaseException) -> bool:

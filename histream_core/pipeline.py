@@ -21,7 +21,7 @@ from .config import MODEL_PRESETS, SamplerConfig
 from .model import CausalWanModel
 from .overlap import DecodeBeside
 from .sampler import LatentChunk, PromptSchedule, seeded_generator, stream_video
-from .vae import TiledDecoder, TinyWanDecoder, WanVAE, WanVAEConfig, denormalize
+from .vae import TiledDecoder, TinyWanDecoder, WanVAE, WanVAEConfig, check_finite_frames, denormalize
 from .video import WAN_FPS, VideoWriter, check_video_path, uint8_frames
 
 log = logging.getLogger(__name__)
@@ -224,6 +224,9 @@ def generate_to_file(
     sooner). ``tile``: decode in spatial tiles of this many latent pixels (Wan VAE only). ``vae`` may be the
     tiny TAEHV decoder instead of the Wan VAE: much faster, lower quality.
     """
+    for name, value in (("seed", seed), ("tile", tile or 0)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be a whole number, got {value!r}")
     if tile and not isinstance(vae, WanVAE):
         raise ValueError("decode tiles apply to the Wan VAE; the tiny decoder is small enough to decode whole frames "
                          "(drop --tile)")
@@ -242,7 +245,7 @@ def generate_to_file(
             handed = time.perf_counter()
             if pending is not None:
                 pending.result()
-            pending = encoder.submit(writer.write, uint8_frames(video).cpu())
+            pending = encoder.submit(writer.write, uint8_frames(check_finite_frames(video, chunk.index + 1)).cpu())
             timing = ChunkTiming(chunk.index, chunk.latents.shape[2], video.shape[2], chunk.cached_frames,
                                  chunk.model_calls, chunk.seconds, decode_s, time.perf_counter() - handed)
             timings.append(timing)

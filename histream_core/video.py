@@ -12,15 +12,16 @@ KeyboardInterrupt) or if :meth:`VideoWriter.abort` is called.
 from __future__ import annotations
 
 import logging
-import math
+import numbers
 import os
 import secrets
 import subprocess
 import tempfile
+from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -44,34 +45,57 @@ class VideoWriteError(OSError):
 
 
 def check_video_path(path: str | os.PathLike[str], fps: float = WAN_FPS, crf: int | None = None, *,
-                     make_folder: bool = False) -> Path:
+                     folder_may_be_missing: bool = False) -> Path:
     """Check where and how a video will be written, before any work is spent on it; returns the path.
 
-    The folder must exist, or with ``make_folder`` is made (once the name, fps and crf have passed)."""
+    The folder must exist and take a file (tried with a temporary one), or with ``folder_may_be_missing`` its
+    nearest existing ancestor must (see :func:`made_folders`)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"the output must be a file path (str or Path), got {path!r}")
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in _CONTAINERS:
         raise ValueError(f"unknown container {suffix or '(no suffix)'!r} for {path}; "
                          f"use one of {sorted(_CONTAINERS)} (.mp4: H.264, .webm: VP9)")
-    if not (math.isfinite(fps) and FPS_RANGE[0] <= fps <= FPS_RANGE[1]):
-        raise ValueError(f"fps must be between {FPS_RANGE[0]:g} and {FPS_RANGE[1]:g} (Wan's is {WAN_FPS:g}), got {fps}")
+    if isinstance(fps, bool) or not isinstance(fps, numbers.Real) or not FPS_RANGE[0] <= fps <= FPS_RANGE[1]:
+        raise ValueError(f"fps must be between {FPS_RANGE[0]:g} and {FPS_RANGE[1]:g} (Wan's is {WAN_FPS:g}), "
+                         f"got {fps!r}")
     _, default_crf, max_crf, _ = _CONTAINERS[suffix]
     if crf is not None and not 0 <= crf <= max_crf:
         raise ValueError(f"crf for {suffix} must be in [0, {max_crf}] (lower is better quality), got {crf}")
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; give a file name such as {path / ('video' + suffix)}")
-    if make_folder:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise OSError(f"cannot make the folder {path.parent} for {path.name}: {exc.strerror}") from None
-    if path.parent.exists() and not path.parent.is_dir():
-        raise NotADirectoryError(f"{path.parent} is a file, not a folder; choose another place for {path.name}")
-    if not path.parent.is_dir():
+    existing = next(folder for folder in (path.parent, *path.parent.parents) if folder.exists())
+    if not existing.is_dir():
+        raise NotADirectoryError(f"{existing} is a file, so it cannot hold {path}; choose another place")
+    if existing != path.parent and not folder_may_be_missing:
         raise FileNotFoundError(f"folder {path.parent} does not exist; create it before writing {path.name}")
-    if not os.access(path.parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"folder {path.parent} is not writable; choose another place for {path.name}")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise PermissionError(f"cannot write in the folder {existing} ({exc.strerror}); choose another place for "
+                              f"{path.name}") from None
     return path
+
+
+@contextmanager
+def made_folders(folder: Path) -> Iterator[None]:
+    """Make ``folder`` and its missing parents for the block; if the block fails they go again (those still empty)."""
+    missing = [f for f in (folder, *folder.parents) if not f.exists()]  # innermost first
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OSError(f"cannot make the folder {folder}: {exc.strerror}") from None
+    try:
+        yield
+    except BaseException:
+        for made in missing:
+            try:
+                made.rmdir()
+            except OSError:  # something was written there after all
+                break
+        raise
 
 
 def _ffmpeg_exe() -> str:
@@ -171,7 +195,7 @@ class VideoWriter:
         self._messages.seek(0)
         said = self._messages.read().decode(errors="replace").strip().splitlines()[-5:]
         return VideoWriteError(f"ffmpeg could not write {self.path} (exit status {self._ffmpeg.returncode}): "
-                               f"{' / '.join(said) or 'no message'}; nothing was saved (is the disk full?)")
+                               f"{' / '.join(said) or 'no message'}; nothing was saved")
 
     def close(self) -> Path:
         """Finish the file and move it to its name; returns the path. Raises if no frame was written."""
@@ -187,7 +211,11 @@ class VideoWriter:
                 pass  # it has already quit; its exit status says how
             if self._ffmpeg.wait() != 0 or not self._tmp.is_file() or self._tmp.stat().st_size == 0:
                 raise self._failure()
-            os.replace(self._tmp, self.path)
+            try:
+                os.replace(self._tmp, self.path)
+            except OSError as exc:
+                raise VideoWriteError(f"cannot put the finished video at {self.path} ({exc.strerror}); nothing was "
+                                      "saved: choose another name or folder") from None
         except BaseException:
             self._discard()
             raise
@@ -231,4 +259,5 @@ def write_video(path: str | os.PathLike[str], frames: FrameArray, fps: float = W
     return writer.path
 
 
-__all__ = ["VideoWriter", "VideoWriteError", "check_video_path", "write_video", "to_uint8_frames", "WAN_FPS"]
+__all__ = ["VideoWriter", "VideoWriteError", "check_video_path", "made_folders", "write_video", "to_uint8_frames",
+           "WAN_FPS"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import warnings
 import zipfile
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -138,7 +139,9 @@ def load_torch_object(path: Path) -> Any:
     Raises Unusable with a short reason: torch's own message for a refused object would advise loading with
     weights_only=False, which would run the file's code."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        with warnings.catch_warnings():  # old pickle protocols warn, uselessly here: the file is refused or read
+            warnings.filterwarnings("ignore", message=".*pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as exc:
         refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
         if refused:

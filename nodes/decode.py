@@ -17,8 +17,8 @@ from weakref import WeakKeyDictionary
 import torch
 import torch.nn.functional as F
 
-from ..histream_core.vae import (TiledDecoder, TinyWanDecoder, VAECheckpointError, WanVAE, frames_to_images,
-                                 load_tiny_decoder)
+from ..histream_core.vae import (TiledDecoder, TinyWanDecoder, VAECheckpointError, WanVAE, check_finite_frames,
+                                 frames_to_images, load_tiny_decoder)
 from ..histream_core.vae import checkpoints as vae_checkpoints
 from ..histream_core.video import VideoWriter
 from . import host
@@ -80,7 +80,7 @@ def decoded_chunks(decoder, latents: torch.Tensor, bar) -> Iterator[torch.Tensor
 
     for done, frames in enumerate(decoder.decode_stream(pieces()), 1):
         bar.update_absolute(done, len(starts))
-        yield frames
+        yield check_finite_frames(frames, done)
 
 
 def small(images: torch.Tensor) -> torch.Tensor:

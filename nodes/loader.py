@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..histream_core.checkpoints import CheckpointError, load_wan_model
-from ..histream_core.model.attention import BACKENDS, AttentionBackendError, attention
+from ..histream_core.model.attention import BACKENDS, AttentionBackendError, check_backend_runs
 from ..histream_core.model.wan import CausalWanModel
 from . import host
 from .errors import input_error
@@ -92,10 +92,7 @@ class HiStreamLoader:
 
 
 def _check_attention(backend: str, device: torch.device, dtype: torch.dtype) -> None:
-    """Run the chosen kernel once on a few zeros, so a missing package fails here and not minutes into a video."""
-    q = torch.zeros(1, 8, 1, 64, device=device, dtype=dtype)  # [B, L, heads, head_dim]
     try:
-        attention(q, q, q, backend)
-    except (AttentionBackendError, RuntimeError) as exc:
-        raise input_error(NODE, "attention", f"{backend} cannot run on {device} in {dtype}: {exc}; "
-                          "choose sdpa") from exc
+        check_backend_runs(backend, device, dtype)
+    except AttentionBackendError as exc:
+        raise input_error(NODE, "attention", str(exc)) from exc

@@ -175,7 +175,7 @@ def test_schedule_with_a_real_checkpoint_needs_the_text_encoder(user_files, tmp_
     out = tmp_path / "x.mp4"
     assert main(["generate", *SMALL, "--checkpoint", str(user_files / "dit.safetensors"), "--vae",
                  str(user_files / "vae.safetensors"), "--text-embeds", str(embeds), "--schedule", "13:later",
-                 "--out", str(out)]) == 2
+                 "--frames", "37", "--out", str(out)]) == 2
     assert "--schedule needs --text-encoder" in capsys.readouterr().err and not out.exists()
 
 
@@ -266,7 +266,7 @@ def test_requests_are_checked_before_the_model_files_are_loaded(tmp_path, capsys
 def test_options_that_would_be_ignored_or_cannot_run_are_refused(tmp_path, capsys):
     out = ["--out", str(tmp_path / "x.mp4")]
     assert main(["generate", *SMALL, "--vae", str(tmp_path / "nope.safetensors"), *out]) == 2
-    assert "--vae need --checkpoint" in capsys.readouterr().err
+    assert "--vae needs --checkpoint" in capsys.readouterr().err
     assert main(["generate", *SMALL[:6], "--device", "bogus", *out]) == 2
     assert "not a device name" in capsys.readouterr().err
     if not torch.cuda.is_available():
@@ -282,21 +282,19 @@ def test_options_that_would_be_ignored_or_cannot_run_are_refused(tmp_path, capsy
 
 def test_config_file_values_are_checked_like_options(tmp_path, capsys):
     config = tmp_path / "run.json"
-    for values, expected in [({"kv_cache_fp8": "false"}, "takes true or false"),
-                             ({"schedule": 12}, "list of \"FRAME:PROMPT\" strings"),
-                             ({"width": [64]}, "takes a single value")]:
+    for values, expected in [({"kv_cache_fp8": "false"}, "kv_cache_fp8 takes true or false"),
+                             ({"schedule": 12}, "schedule takes a list of \"FRAME:PROMPT\" strings"),
+                             ({"width": [64]}, "width takes a single value"),
+                             ({"width": 64.5}, "width takes an int, got 64.5"),
+                             ({"dtype": "fp8"}, "dtype must be one of ['fp32', 'bf16', 'fp16'], got 'fp8'")]:
         config.write_text(json.dumps(values))
         assert main(["generate", "--config", str(config)]) == 2
-        assert expected in capsys.readouterr().err
-    for values, expected in [({"width": 64.5}, "invalid int value: '64.5'"), ({"dtype": "fp8"}, "invalid choice")]:
-        config.write_text(json.dumps(values))
-        with pytest.raises(SystemExit):
-            main(["generate", "--config", str(config)])
-        assert expected in capsys.readouterr().err
+        assert f"config file {config}: {expected}" in capsys.readouterr().err
     config.write_bytes(b"\xff\xfe{")
     assert main(["generate", "--config", str(config)]) == 2
     assert f"config file {config} is not valid JSON" in capsys.readouterr().err
-    config.write_text(json.dumps({"frames": 17, "mode": "two-step"}))  # the command line overrides the file
+    # the command line overrides the file; a value may start with "-"
+    config.write_text(json.dumps({"frames": 17, "mode": "two-step", "prompt": "-a fox"}))
     assert main(["generate", "--config", str(config), *SMALL, "--out", str(tmp_path / "x.mp4"), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["frames"] == 9 and [c["model_calls"] for c in report["chunks"]] == [2]
@@ -305,18 +303,18 @@ def test_config_file_values_are_checked_like_options(tmp_path, capsys):
 def test_non_finite_results_stop_the_run_instead_of_writing_a_black_video(tmp_path, capsys):
     embeds = tmp_path / "nan.safetensors"
     save_file({"context": torch.full((1, 4, 32), float("nan"))}, str(embeds))  # the tiny model's text_dim
-    out = tmp_path / "black.mp4"
+    out = tmp_path / "new" / "black.mp4"  # the folder made for the video goes again with the failed run
     assert main(["generate", *SMALL, "--text-embeds", str(embeds), "--out", str(out)]) == 2
     assert "chunk 1 came out as NaN/inf" in capsys.readouterr().err
-    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["nan.safetensors"]
+    assert [p.name for p in tmp_path.iterdir()] == ["nan.safetensors"]
 
 
 def test_interrupted_runs_exit_130_and_leave_nothing(tmp_path, capsys, monkeypatch):
-    import histream_core.pipeline as pipeline
+    import histream_core.cli as cli
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr(pipeline, "generate_to_file", interrupted)
+    monkeypatch.setattr(cli, "generate_to_file", interrupted)
     assert main(["generate", *SMALL, "--out", str(tmp_path / "x.mp4")]) == 130
     assert "interrupted: nothing was saved" in capsys.readouterr().err
 
@@ -358,3 +356,19 @@ def test_python_api_refuses_bad_arguments_with_the_fix(user_files, tmp_path):
     with pytest.raises(IsADirectoryError, match="is a folder"):
         pipe.generate(states, width=64, height=64, frames=5, out=tmp_path / "taken.mp4")
     assert [p.name for p in tmp_path.iterdir()] == ["taken.mp4"]
+
+
+def test_non_finite_frames_stop_the_decode(tmp_path):
+    """A VAE with an inf weight (or fp16 overflow) decodes black frames; the run stops and writes nothing."""
+    from histream_core.pipeline import embedded_default
+    from histream_core.vae import NonFiniteFrames
+    model, vae = embedded_default()
+    with torch.no_grad():
+        vae.decoder.head[-1].weight.view(-1)[0] = float("inf")
+    pipe = HiStreamPipeline(model, vae)
+    states = torch.randn(1, 4, model.cfg.text_dim)
+    with pytest.raises(NonFiniteFrames, match="decoded frames of chunk 1 are NaN/inf"):
+        pipe.generate(states, width=64, height=64, frames=5, out=tmp_path / "x.mp4")
+    with pytest.raises(ValueError, match="seed must be a whole number"):
+        pipe.generate(states, width=64, height=64, frames=5, out=tmp_path / "x.mp4", seed=1.5)
+    assert list(tmp_path.iterdir()) == []

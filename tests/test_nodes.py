@@ -188,6 +188,13 @@ def test_tiled_decode_gives_the_same_frames_count(comfy_host, stock_vae):
     assert images.shape == (5, 128, 64, 3)
 
 
+def test_non_finite_frames_are_an_error_and_save_nothing(comfy_host, stock_vae):
+    latents = torch.full((1, 16, 2, 8, 8), float("nan"))
+    with pytest.raises(ValueError, match="decoded frames of chunk 1 are NaN/inf"):
+        decode(latents, stock_vae, save_mp4=True, filename_prefix="HiStream/nan")
+    assert not [name for name in files_under(comfy_host.output) if "nan" in name]
+
+
 def test_tiny_decoder_from_vae_approx(comfy_host, stock_vae):
     tiny = pack_module("histream_core.vae").TinyWanDecoder
     torch.manual_seed(5)
@@ -299,7 +306,7 @@ def test_loader_rejects_a_vae_file(comfy_host, stock_vae):
 def test_loader_reports_a_missing_attention_package(comfy_host, checkpoint):
     if importlib_available("sageattention"):
         pytest.skip("sageattention is installed here")
-    with pytest.raises(ValueError, match="HiStream Loader, input 'attention': sage cannot run .*choose sdpa"):
+    with pytest.raises(ValueError, match="HiStream Loader, input 'attention': attention backend sage cannot run .*sdpa"):
         nodes()["HiStreamLoader"]().load(checkpoint, "default", "fp32", "sage", "cpu")
 
 

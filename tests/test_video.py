@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import os
 from contextlib import nullcontext
+from pathlib import Path
 
 import imageio.v2 as imageio
 import numpy as np
@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from histream_core import video
-from histream_core.video import VideoWriteError, VideoWriter, check_video_path, to_uint8_frames, write_video
+from histream_core.video import (VideoWriteError, VideoWriter, check_video_path, made_folders, to_uint8_frames,
+                                 write_video)
 
 
 def gradient_frames(t: int, h: int = 32, w: int = 48) -> np.ndarray:
@@ -107,17 +108,32 @@ def test_the_output_path_is_checked_before_any_work(tmp_path) -> None:
     with pytest.raises(IsADirectoryError, match="is a folder"):
         check_video_path(tmp_path / "taken.mp4")
     (tmp_path / "file").write_text("")
-    with pytest.raises(NotADirectoryError, match="is a file, not a folder"):
-        check_video_path(tmp_path / "file" / "clip.mp4")
-    for fps in (float("nan"), float("inf"), 0.00001, 1e9):
+    with pytest.raises(NotADirectoryError, match="file is a file, so it cannot hold"):
+        check_video_path(tmp_path / "file" / "new" / "clip.mp4", folder_may_be_missing=True)
+    for fps in (float("nan"), float("inf"), 0.00001, 1e9, "16"):
         with pytest.raises(ValueError, match="fps must be between"):
             check_video_path(tmp_path / "clip.mp4", fps=fps)
-    if os.geteuid() != 0:  # root writes anywhere
-        locked = tmp_path / "locked"
-        locked.mkdir(mode=0o555)
-        with pytest.raises(PermissionError, match="not writable"):
-            check_video_path(locked / "clip.mp4")
+    with pytest.raises(ValueError, match="must be a file path"):
+        check_video_path(5)
+    if Path("/proc/self").is_dir():  # a folder that takes no files, even for root
+        with pytest.raises(PermissionError, match="cannot write in the folder /proc"):
+            check_video_path("/proc/clip.mp4")
+    with pytest.raises(FileNotFoundError, match="create it before writing"):
+        check_video_path(tmp_path / "a" / "clip.mp4")
+    assert check_video_path(tmp_path / "a" / "b" / "clip.mp4", folder_may_be_missing=True).name == "clip.mp4"
     assert check_video_path(tmp_path / "clip.webm", fps=23.976) == tmp_path / "clip.webm"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "taken.mp4"]  # the probe file is gone
+
+
+def test_made_folders_go_again_when_the_run_fails(tmp_path) -> None:
+    with pytest.raises(RuntimeError):
+        with made_folders(tmp_path / "a" / "b"):
+            assert (tmp_path / "a" / "b").is_dir()
+            raise RuntimeError("the run failed")
+    assert list(tmp_path.iterdir()) == []
+    with made_folders(tmp_path / "a" / "b"):
+        pass
+    assert (tmp_path / "a" / "b").is_dir()
 
 
 def test_bad_arguments_are_explained(tmp_path) -> None:

@@ -70,6 +70,18 @@ def check_backend(name: str) -> None:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {BACKENDS}")
 
 
+def check_backend_runs(name: str, device: torch.device, dtype: torch.dtype) -> None:
+    """Run the backend once on a few zeros, so a missing package or an unsupported device fails before the model
+    loads, not minutes into a video."""
+    check_backend(name)
+    q = torch.zeros(1, 8, 1, 64, device=device, dtype=dtype)  # [B, L, heads, head_dim]
+    try:
+        attention(q, q, q, name)
+    except (AttentionBackendError, RuntimeError) as exc:
+        raise AttentionBackendError(f"attention backend {name} cannot run on {device} in {dtype} "
+                                    f"({str(exc).splitlines()[0]}); choose sdpa") from exc
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa",
               logit_scale: float = 1.0) -> torch.Tensor:
     """Softmax attention of every query over every key (a chunk sees itself and its cache in full)."""

@@ -82,7 +82,8 @@ class TextEncoder:
                  cache_dir: str | Path | None = DEFAULT_CACHE_DIR, text_len: int = 512) -> None:
         self.encoder_path = Path(encoder_path)
         if not self.encoder_path.is_file():
-            raise TextEncoderError(f"text encoder file '{self.encoder_path}' does not exist.\n"
+            what = "is a folder, not a file" if self.encoder_path.is_dir() else "does not exist"
+            raise TextEncoderError(f"text encoder file '{self.encoder_path}' {what}.\n"
                                    f"What to do: point at {EXPECTED_ENCODER}.")
         self.device = torch.device(device)
         self.dtype = dtype or default_dtype(self.device)

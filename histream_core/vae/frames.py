@@ -16,6 +16,18 @@ def frames_to_images(frames: torch.Tensor) -> torch.Tensor:
     return images.permute(0, 2, 3, 4, 1).reshape(-1, *frames.shape[3:], 3)
 
 
+class NonFiniteFrames(ValueError):
+    """Decoded frames came out NaN or infinite: they would be written as black, so the decode stops instead."""
+
+
+def check_finite_frames(frames: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Return ``frames`` if every value is finite, else raise :class:`NonFiniteFrames` (``chunk`` counts from 1)."""
+    if not bool(torch.isfinite(frames).all()):
+        raise NonFiniteFrames(f"the decoded frames of chunk {chunk} are NaN/inf: check that the VAE file's weights "
+                              "are finite; with fp16, try bf16 or fp32 (fp16 can overflow in the VAE)")
+    return frames
+
+
 def images_to_frames(images: torch.Tensor) -> torch.Tensor:
     """ComfyUI IMAGE [N, H, W, 3] in [0, 1] -> VAE frames [1, 3, N, H, W] in [-1, 1] (one video of N frames)."""
     if images.ndim != 4 or images.shape[-1] != 3:
@@ -23,4 +35,4 @@ def images_to_frames(images: torch.Tensor) -> torch.Tensor:
     return (images.float() * 2.0 - 1.0).permute(3, 0, 1, 2).unsqueeze(0)
 
 
-__all__ = ["frames_to_images", "images_to_frames"]
+__all__ = ["frames_to_images", "images_to_frames", "NonFiniteFrames", "check_finite_frames"]
