@@ -193,14 +193,7 @@ def _config_file_args(argv: list[str]) -> list[str]:
     if not known.config or not argv or argv[0] != "generate":
         return argv
     path = Path(known.config)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    try:
-        values = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"config file {path} is not valid JSON (UTF-8): {exc}") from None
-    if not isinstance(values, dict):
-        raise ValueError(f"config file {path} must hold a JSON object of generate options")
+    values = _read_config(path)
     actions = {action.dest: action for action in _generate_parser(argparse.ArgumentParser().add_subparsers())._actions
                if action.option_strings and action.dest not in ("help", "config")}  # noqa: SLF001
     unknown = sorted(set(key.replace("-", "_") for key in values) - set(actions))
@@ -219,12 +212,23 @@ def _config_file_args(argv: list[str]) -> list[str]:
             if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
                 raise ValueError(f"config file {path}: {key} takes a list of \"FRAME:PROMPT\" strings, got {value!r}")
             if flag not in argv:  # the command line's schedule replaces the file's
-                for item in items:
-                    tokens += [flag, item]
+                tokens += [f"{flag}={item}" for item in items]
         elif value is not None:
             _check_config_value(path, key, value, action)
             tokens.append(f"{flag}={value}")  # "=": a value may start with "-"
     return [argv[0], *tokens, *argv[1:]]
+
+
+def _read_config(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"config file {path} is not valid JSON (UTF-8): {exc}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path} must hold a JSON object of generate options")
+    return values
 
 
 def _check_config_value(path: Path, key: str, value, action: argparse.Action) -> None:

@@ -372,3 +372,13 @@ def test_non_finite_frames_stop_the_decode(tmp_path):
     with pytest.raises(ValueError, match="seed must be a whole number"):
         pipe.generate(states, width=64, height=64, frames=5, out=tmp_path / "x.mp4", seed=1.5)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_config_file_schedule_is_used_unless_the_command_line_gives_one(tmp_path, capsys):
+    config = tmp_path / "story.json"
+    config.write_text(json.dumps({"schedule": ["13:the fox jumps"], "frames": 37}))
+    base = ["generate", "--config", str(config), *SMALL[:4], "--device", "cpu", "--dtype", "fp32", "--json"]
+    assert main([*base, "--out", str(tmp_path / "a.mp4")]) == 0
+    assert [c["model_calls"] for c in json.loads(capsys.readouterr().out)["chunks"]] == [6, 6, 10, 4]  # recache
+    assert main([*base, "--schedule", "25:later", "--out", str(tmp_path / "b.mp4")]) == 0  # chunk 4 takes over
+    assert [c["model_calls"] for c in json.loads(capsys.readouterr().out)["chunks"]] == [6, 6, 6, 8]
