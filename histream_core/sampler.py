@@ -14,6 +14,7 @@ import math
 import numbers
 import time
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -72,10 +73,20 @@ def check_prompt_starts(starts: Sequence[int], geometry: VideoGeometry, chunk_fr
     chunks = geometry.num_chunks(chunk_frames)
     late = [start for start in starts if start >= chunks]
     if late:
-        latest = VAE_TEMPORAL_STRIDE * (chunks - 1) * chunk_frames - 3  # first video frame of the last chunk
-        fix = f"start it at frame {latest} or before" if chunks > 1 else "make the video longer"
+        fix = (f"start it at frame {chunk_start_frame(chunks - 1, chunk_frames)} or before" if chunks > 1
+               else "make the video longer")
         raise RequestError("prompt_schedule", f"a scheduled prompt starts in chunk {late[0] + 1}, but this "
                            f"{geometry.frames}-frame video has {chunks} chunk(s), so it would never be used: {fix}")
+
+
+def size_step(cfg: SamplerConfig, patch: int = 2) -> int:
+    """The pixel step of valid widths and heights: whole DiT tokens (16 px for Wan) at full resolution and, with
+    dual-resolution caching, at ``low_res_scale`` too (computed exactly: 0.7 is 7/10, not the float below it)."""
+    token = VAE_SPATIAL_STRIDE * patch
+    if not cfg.drc:
+        return token
+    scale = Fraction(cfg.low_res_scale).limit_denominator(1000)  # v * p/q whole tokens <=> v multiple of below
+    return math.lcm(token, token * scale.denominator // math.gcd(scale.numerator, token * scale.denominator))
 
 
 def video_geometry(width: int, height: int, frames: int, cfg: SamplerConfig, patch: int = 2) -> VideoGeometry:
@@ -86,20 +97,13 @@ def video_geometry(width: int, height: int, frames: int, cfg: SamplerConfig, pat
             raise RequestError(name, f"{name} must be a whole number, got {value!r} ({type(value).__name__})")
         if value > limit:
             raise RequestError(name, f"{name} {value} is above the limit of {limit:,}; ask for less")
-    token = VAE_SPATIAL_STRIDE * patch  # 16 pixels per DiT token side for Wan
-    scales = (1.0, cfg.low_res_scale) if cfg.drc else (1.0,)
-
-    def fits(value: int) -> bool:
-        return value > 0 and all((value * s) % token == 0 for s in scales)
-
+    step = size_step(cfg, patch)
     for name, value in (("width", width), ("height", height)):
-        if not fits(value):
-            lower = next((v for v in range(value - 1, 0, -1) if fits(v)), None)
-            upper = next(v for v in range(value + 1, value + 64 * token) if fits(v))
-            step = next(v for v in range(token, 64 * token + 1, token) if fits(v))
+        if value <= 0 or value % step:
+            lower, upper = value // step * step, (max(value, 0) // step + 1) * step
             why = (f"dual-resolution caching runs the low-res passes at {cfg.low_res_scale:g}x, so the size must be "
-                   f"a multiple of {step}" if cfg.drc else f"the model works on {token}-pixel tokens")
-            suggestion = f"{lower} or {upper}" if lower else str(upper)
+                   f"a multiple of {step}" if cfg.drc else f"the model works on {step}-pixel tokens")
+            suggestion = f"{lower} or {upper}" if lower > 0 else str(upper)
             raise RequestError(name, f"{name} {value} does not fit the latent grid ({why}); use {suggestion}")
     if frames < 1 or (frames - 1) % VAE_TEMPORAL_STRIDE:
         lower = max(1, frames - (frames - 1) % VAE_TEMPORAL_STRIDE)
@@ -279,6 +283,11 @@ def _synchronize(device: torch.device) -> None:
 PromptSchedule = Sequence[tuple[int, "TextKV | torch.Tensor"]]  # (first chunk index, conditioning), from chunk 0
 
 
+def chunk_start_frame(chunk: int, chunk_frames: int) -> int:
+    """The first video frame (0-based) of chunk ``chunk``: latent c*M holds video frames 4*c*M-3 .. 4*c*M."""
+    return VAE_TEMPORAL_STRIDE * chunk * chunk_frames - 3 if chunk else 0
+
+
 def chunk_at_frame(frame: int, chunk_frames: int) -> int:
     """The first chunk whose first video frame is at or after ``frame`` (0-based).
 
@@ -446,7 +455,7 @@ def generate_video(model: CausalWanModel, text, width: int, height: int, frames:
                                                                **kwargs)], dim=2)
 
 
-__all__ = ["RequestError", "GenerationInterrupted", "VideoGeometry", "video_geometry", "check_prompt_starts",
-           "ModelCall", "ChunkPlan", "plan_video", "Progress", "LatentChunk", "NonFiniteLatents", "PromptSchedule",
-           "prompt_schedule", "chunk_at_frame", "stream_video", "generate_video", "chunk_noise", "seeded_generator",
-           "resize_latents"]
+__all__ = ["RequestError", "GenerationInterrupted", "VideoGeometry", "video_geometry", "size_step",
+           "check_prompt_starts", "ModelCall", "ChunkPlan", "plan_video", "Progress", "LatentChunk",
+           "NonFiniteLatents", "PromptSchedule", "prompt_schedule", "chunk_at_frame", "chunk_start_frame",
+           "stream_video", "generate_video", "chunk_noise", "seeded_generator", "resize_latents"]

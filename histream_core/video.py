@@ -17,7 +17,7 @@ import os
 import secrets
 import subprocess
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
@@ -233,9 +233,12 @@ class VideoWriter:
     def _discard(self) -> None:
         self._done = True
         try:
-            if self._ffmpeg is not None and self._ffmpeg.poll() is None:
-                self._ffmpeg.kill()
-                self._ffmpeg.wait()
+            if self._ffmpeg is not None:
+                if self._ffmpeg.poll() is None:
+                    self._ffmpeg.kill()
+                    self._ffmpeg.wait()
+                with suppress(OSError):  # a dead ffmpeg's pipe may refuse the flush
+                    self._ffmpeg.stdin.close()
         finally:
             self._tmp.unlink(missing_ok=True)
             if self._messages is not None:

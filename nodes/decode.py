@@ -17,10 +17,10 @@ from weakref import WeakKeyDictionary
 import torch
 import torch.nn.functional as F
 
-from ..histream_core.vae import (TiledDecoder, TinyWanDecoder, VAECheckpointError, WanVAE, check_finite_frames,
-                                 frames_to_images, load_tiny_decoder)
+from ..histream_core.vae import (NonFiniteFrames, TiledDecoder, TinyWanDecoder, VAECheckpointError, WanVAE,
+                                 check_finite_frames, frames_to_images, load_tiny_decoder)
 from ..histream_core.vae import checkpoints as vae_checkpoints
-from ..histream_core.video import VideoWriter
+from ..histream_core.video import VideoWriter, check_video_path, made_folders
 from . import host
 from .errors import input_error, out_of_memory_advice
 
@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 NODE = "VAE Chunk Decode"
 CHUNK_LATENT_FRAMES = 3  # latent frames per decode call (12 video frames): the sampler's chunk
+MIN_TILE_PX = 64
 _streaming_vaes: WeakKeyDictionary = WeakKeyDictionary()  # ComfyUI VAE object -> its WanVAE
 _tiny_decoders: dict[tuple, TinyWanDecoder] = {}  # (path, mtime, dtype, preview, device) -> decoder; last two
 NO_TINY_DECODER = "none"
@@ -80,7 +81,32 @@ def decoded_chunks(decoder, latents: torch.Tensor, bar) -> Iterator[torch.Tensor
 
     for done, frames in enumerate(decoder.decode_stream(pieces()), 1):
         bar.update_absolute(done, len(starts))
-        yield check_finite_frames(frames, done)
+        try:
+            check_finite_frames(frames, done)
+        except NonFiniteFrames as exc:  # ComfyUI would show the exception's class path; this names the node
+            raise ValueError(f"{NODE}: {exc}") from None
+        yield frames
+
+
+def check_tile_size(node: str, name: str, tile_size: int) -> None:
+    """0 (whole frames) or whole latent pixels, at least 64 px: smaller tiles lose too much context at their edges."""
+    if tile_size and (tile_size < MIN_TILE_PX or tile_size % 8):
+        raise input_error(node, name, f"{tile_size} is not a tile size: use 0 (whole frames) or a multiple of 8 of at "
+                          f"least {MIN_TILE_PX} px; 512 fits a 1080p decode in about 4 GiB")
+
+
+def mp4_path(prefix: str, width: int, height: int, fps: float, crf: int):
+    """The numbered mp4 path under the output folder for ``prefix`` (checked), and its subfolder."""
+    if not prefix.strip():
+        raise input_error(NODE, "filename_prefix", "empty: give a name such as HiStream/video")
+    try:
+        path, subfolder = host.new_output_file(prefix, width, height, ".mp4")
+        check_video_path(path, fps, crf, folder_may_be_missing=True)
+    except Exception as exc:  # ComfyUI refuses paths outside the output folder with a bare "**** ERROR: ..."
+        reason = str(exc).strip().splitlines()[0].strip("* ").removeprefix("ERROR: ")
+        raise input_error(NODE, "filename_prefix", f"{prefix!r} cannot name a file in the output folder "
+                          f"({reason}); use a short relative name such as HiStream/video") from None
+    return path, subfolder
 
 
 def small(images: torch.Tensor) -> torch.Tensor:
@@ -142,6 +168,10 @@ class HiStreamVAEChunkDecode:
         if latents.ndim != 5 or latents.shape[1] != 16:
             raise input_error(NODE, "samples", f"expected Wan video latents [batch, 16, frames, H/8, W/8], got shape "
                               f"{tuple(latents.shape)}: connect a Wan video LATENT (e.g. HiStream Dual-Res Sampler)")
+        check_tile_size(NODE, "tile_size", tile_size)
+        if tile_overlap % 8:
+            raise input_error(NODE, "tile_overlap", f"{tile_overlap} is not a multiple of 8 (one latent pixel); use "
+                              f"{tile_overlap // 8 * 8} or {tile_overlap // 8 * 8 + 8}")
         if tile_size and tile_overlap >= tile_size:
             raise input_error(NODE, "tile_overlap", f"{tile_overlap} must be smaller than tile_size {tile_size}")
         if save_mp4 and importlib.util.find_spec("imageio_ffmpeg") is None:
@@ -168,9 +198,9 @@ class HiStreamVAEChunkDecode:
                 videos = [frames_to_images(f).unflatten(0, (latents.shape[0], -1)).to(host.output_device())
                           for f in decoded_chunks(decoder, latents, bar)]
                 return {"result": (torch.cat(videos, dim=1).flatten(0, 1), "")}
-            path, subfolder = host.new_output_file(filename_prefix, width, height, ".mp4")
+            path, subfolder = mp4_path(filename_prefix, width, height, fps, crf)
             previews, written = [], 0
-            with VideoWriter(path, fps=fps, crf=crf) as writer:
+            with made_folders(path.parent), VideoWriter(path, fps=fps, crf=crf) as writer:
                 for frames in decoded_chunks(decoder, latents, bar):
                     writer.write(frames)
                     images = frames_to_images(frames)

@@ -7,7 +7,6 @@ without ComfyUI (unit tests, ``python -c``), and they exist only once the host h
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -80,10 +79,10 @@ def model_path(folder: str, name: str) -> str:
 
 
 def new_output_file(prefix: str, width: int, height: int, suffix: str) -> tuple[Path, str]:
-    """A fresh path under ComfyUI's output folder, numbered as ComfyUI's save nodes do, and its subfolder."""
+    """A fresh path under ComfyUI's output folder, numbered as ComfyUI's save nodes do, and its subfolder. Its
+    folder may not exist yet (``histream_core.video.made_folders`` makes it for as long as the file is written)."""
     import folder_paths
 
     folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(
         prefix, folder_paths.get_output_directory(), width, height)
-    os.makedirs(folder, exist_ok=True)
     return Path(folder) / f"{name}_{counter:05}_{suffix}", subfolder

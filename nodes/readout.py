@@ -10,6 +10,7 @@ from ..histream_core.flops import run_flops
 from ..histream_core.memory import GIB, predict_memory
 from ..histream_core.modes import MODES
 from ..histream_core.vae import WanVAEConfig
+from .decode import check_tile_size
 from .sampler import build_config, request_geometry
 
 NODE = "HiStream Cost Readout"
@@ -93,6 +94,7 @@ class HiStreamCostReadout:
             name, model_cfg = model_size, MODEL_PRESETS[model_size]
         text = cost_text(mode, width, height, length, name, model_cfg, window, tflops)
         if predict_memory:
+            check_tile_size(NODE, "decode_tile_size", decode_tile_size)
             text += "\n" + memory_text(mode, width, height, length, model_cfg, window, dtype, decode_tile_size,
                                         **fp8)
         return {"ui": {"text": [text]}, "result": (text,)}

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from typing import Iterator
 
 import torch
 from PIL import Image
 
 from ..histream_core.config import ChunkSteps, SamplerConfig
 from ..histream_core.modes import MODES, mode_config
-from ..histream_core.sampler import RequestError, VideoGeometry, stream_video, video_geometry
+from ..histream_core.sampler import (LatentChunk, NonFiniteLatents, RequestError, VideoGeometry, chunk_start_frame,
+                                     stream_video, video_geometry)
 from ..histream_core.vae import denormalize, frames_to_images, latent_preview
 from . import host
 from .errors import input_error, out_of_memory_advice
@@ -141,9 +143,12 @@ def text_context(positive, text_dim: int, text_len: int) -> tuple[torch.Tensor, 
         raise input_error(NODE, "positive", "no conditioning: connect a CLIPTextEncode on a CLIPLoader of type 'wan'")
     cond = positive[0][0]
     if cond.ndim != 3 or cond.shape[-1] != text_dim:
+        fix = ("encode the prompt with CLIPLoader type 'wan' and umt5_xxl_fp8_e4m3fn_scaled.safetensors"
+               + (" (768 wide is CLIP-L, which Wan cannot read)" if cond.shape[-1] == 768 else "")
+               if text_dim == WAN_TEXT_DIM else f"this checkpoint reads {text_dim}-wide text states, not umT5-XXL's "
+               f"{WAN_TEXT_DIM}: load a Wan2.1 text-to-video checkpoint in HiStream Loader")
         raise input_error(NODE, "positive", f"the conditioning has shape {tuple(cond.shape)} but the model reads "
-                          f"[1, tokens, {text_dim}] (umT5-XXL states); encode the prompt with CLIPLoader type 'wan' "
-                          "and umt5_xxl_fp8_e4m3fn_scaled.safetensors (768 wide is CLIP-L, which Wan cannot read)")
+                          f"[1, tokens, {text_dim}]; {fix}")
     used = torch.nonzero(cond[0].abs().amax(dim=-1) > 0)
     if used.numel() == 0:
         raise input_error(NODE, "positive", "the conditioning is all zeros: encode a prompt with CLIPTextEncode")
@@ -166,8 +171,12 @@ def scheduled_text(schedule: HiStreamPrompts, first: torch.Tensor, cfg: SamplerC
     num_chunks = geometry.num_chunks(cfg.stream.chunk_frames)
     entries, notes = [(0, first)], []
     for start, conditioning in schedule.chunk_starts(cfg.stream.chunk_frames):
-        if start >= num_chunks:
-            notes.append(f"a scheduled prompt starts after the video's last chunk ({num_chunks} chunks) and is unused")
+        if start >= num_chunks:  # a note, not an error: a short test render keeps the schedule attached
+            last = chunk_start_frame(num_chunks - 1, cfg.stream.chunk_frames)
+            note = (f"a scheduled prompt (chunk {start + 1}) starts after this {geometry.frames}-frame video's last "
+                    f"chunk (frame {last}) and is unused: lower its start_frame or raise length")
+            log.warning("%s: %s", NODE, note)
+            notes.append(note)
             continue
         if start <= entries[-1][0]:
             raise input_error(NODE, "prompt_schedule", f"two prompts start in chunk {start + 1} (chunks are "
@@ -176,6 +185,17 @@ def scheduled_text(schedule: HiStreamPrompts, first: torch.Tensor, cfg: SamplerC
         entries.append((start, states))
         notes += more
     return entries, notes
+
+
+WAN_TEXT_DIM = 4096  # umT5-XXL, the text encoder of every Wan2.1 checkpoint
+
+
+def _named_failures(chunks: Iterator[LatentChunk]) -> Iterator[LatentChunk]:
+    """The loop's chunks; a NaN/inf chunk's error names this node (ComfyUI shows the exception's class path)."""
+    try:
+        yield from chunks
+    except NonFiniteLatents as exc:
+        raise ValueError(f"{NODE}: {exc}") from None
 
 
 LATENT_COLORS = "latent colors"  # preview_decoder value: the linear latent -> RGB map, no decoder
@@ -306,8 +326,8 @@ class HiStreamDualResSampler:
                 text = text.to(device)
             else:
                 text = [(start, states.to(device)) for start, states in text]
-            for chunk in stream_video(dit, text, width, height, length, cfg, seed,
-                                      on_progress=on_progress, should_stop=host.raise_if_interrupted):
+            for chunk in _named_failures(stream_video(dit, text, width, height, length, cfg, seed,
+                                                      on_progress=on_progress, should_stop=host.raise_if_interrupted)):
                 chunks.append(denormalize(chunk.latents).to(host.output_device()))
                 seconds += chunk.seconds
                 calls += chunk.model_calls

@@ -57,14 +57,17 @@ class HiStreamPromptSchedule:
     DESCRIPTION = "Prompts that take over later in the video; connect to the Dual-Res Sampler's prompt_schedule."
 
     def build(self, kv_recache, recache_anchor, **inputs):
-        entries = []
+        entries, names = [], []
         for i in range(2, LATER_PROMPTS + 2):
             conditioning = inputs.get(f"positive_{i}")
             if conditioning is not None:
                 entries.append((int(inputs.get(f"start_frame_{i}", 48 * (i - 1))), conditioning))
+                names.append(f"start_frame_{i}")
         if not entries:
             raise input_error(NODE, "positive_2", "connect at least one later prompt (CLIPTextEncode)")
         frames = [frame for frame, _ in entries]
-        if frames != sorted(set(frames)):
-            raise input_error(NODE, "start_frame_3", f"start frames must increase from prompt to prompt, got {frames}")
+        late = next((j for j in range(1, len(frames)) if frames[j] <= frames[j - 1]), None)
+        if late is not None:
+            raise input_error(NODE, names[late], f"{frames[late]} is not after {names[late - 1]} ({frames[late - 1]}): "
+                              f"start frames must increase from prompt to prompt")
         return (HiStreamPrompts(tuple(entries), kv_recache, recache_anchor),)

@@ -100,6 +100,9 @@ class Host:
         def get_save_image_path(prefix, output_dir, width=0, height=0):
             subfolder, name = os.path.split(os.path.normpath(prefix))
             folder = os.path.join(output_dir, subfolder)
+            if os.path.commonpath((output_dir, os.path.abspath(folder))) != output_dir:  # as ComfyUI 0.3.64 refuses
+                raise Exception("**** ERROR: Saving image outside the output folder is not allowed.\n"
+                                f" full_output_folder: {os.path.abspath(folder)}")
             os.makedirs(folder, exist_ok=True)
             counter = 1 + sum(1 for f in os.listdir(folder) if f.startswith(name + "_"))
             return folder, name, counter, subfolder, prefix

@@ -318,6 +318,14 @@ def importlib_available(name: str) -> bool:
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(tile_size=256, tile_overlap=256), "input 'tile_overlap': 256 must be smaller than tile_size 256"),
+    (dict(tile_size=8, tile_overlap=0), "input 'tile_size': 8 is not a tile size: use 0 .* at least 64 px"),
+    (dict(tile_size=100), "input 'tile_size': 100 is not a tile size"),
+    (dict(tile_size=256, tile_overlap=20), "input 'tile_overlap': 20 is not a multiple of 8 .* use 16 or 24"),
+    (dict(save_mp4=True, filename_prefix="  "), "input 'filename_prefix': empty"),
+    (dict(save_mp4=True, filename_prefix="../../elsewhere/video"),
+     "input 'filename_prefix': '../../elsewhere/video' cannot name a file in the output folder \\(Saving image "
+     "outside the output folder is not allowed.\\)"),
+    (dict(save_mp4=True, fps=0.0), "input 'filename_prefix': .*fps"),
     (dict(vae="not a vae"), "input 'vae': expected a ComfyUI VAE"),
     (dict(samples=torch.zeros(1, 16, 8, 8)), "input 'samples': expected Wan video latents"),
 ])
@@ -378,11 +386,15 @@ def test_prompt_schedule_bad_inputs(comfy_host, loaded):
     node = nodes()["HiStreamPromptSchedule"]()
     with pytest.raises(ValueError, match="input 'positive_2'.*connect at least one"):
         node.build(True, True)
-    with pytest.raises(ValueError, match="start frames must increase"):
+    with pytest.raises(ValueError, match="input 'start_frame_3': 20 is not after start_frame_2 \\(40\\)"):
         node.build(True, True, positive_2=wan_conditioning(4), start_frame_2=40,
                    positive_3=wan_conditioning(4), start_frame_3=20)
+    with pytest.raises(ValueError, match="input 'start_frame_4': 40 is not after start_frame_2 \\(40\\)"):
+        node.build(True, True, positive_2=wan_conditioning(4), start_frame_2=40,
+                   positive_4=wan_conditioning(4), start_frame_4=40)
     late = node.build(True, True, positive_2=wan_conditioning(4), start_frame_2=500)[0]
-    assert any("unused" in note for note in sample(loaded, length=13, prompt_schedule=late)["ui"]["text"])
+    notes = sample(loaded, length=13, prompt_schedule=late)["ui"]["text"]
+    assert any("starts after this 13-frame video's last chunk (frame 9) and is unused" in note for note in notes)
 
 
 def test_cost_readout_predicts_memory_on_request(comfy_host):
@@ -395,6 +407,8 @@ def test_cost_readout_predicts_memory_on_request(comfy_host):
     assert line.startswith("predicted peak GPU memory (bfloat16") and "VAE decode (tiles 64)" in line
     sampler_gib = float(line.split("sampler ")[1].split(" GiB")[0])
     assert 2.6 < sampler_gib < 5  # 2.64 GiB of 1.3B bf16 weights, small caches at 128x96
+    with pytest.raises(ValueError, match="HiStream Cost Readout, input 'decode_tile_size': 20 is not a tile size"):
+        readout.report("histream+", 128, 96, 17, "wan2.1-1.3b", 798.0, predict_memory=True, decode_tile_size=20)
 
 
 FAKE_PREDICTION = SimpleNamespace(denoise_peak=0, vae_weights=0, decode_peak=0, dit_weights=0)

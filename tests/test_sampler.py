@@ -11,7 +11,7 @@ from histream_core.config import ChunkSteps, HDConfig, SamplerConfig, StreamConf
 from histream_core.model import AttentionSettings
 from histream_core.modes import MODES, mode_config
 from histream_core.sampler import (GenerationInterrupted, NonFiniteLatents, RequestError, chunk_at_frame,
-                                   generate_video, plan_video, stream_video, video_geometry)
+                                   generate_video, plan_video, size_step, stream_video, video_geometry)
 
 W, H = 64, 96  # latent 12x8 at high resolution, 6x4 at low
 
@@ -146,6 +146,18 @@ def test_bad_requests_say_what_to_change(model, context, width, height, frames, 
     with pytest.raises(RequestError, match=match) as error:
         list(stream_video(model, context, width, height, frames, mode_config(cfg), 0))
     assert error.value.field == field
+
+
+@pytest.mark.parametrize("scale,step", [(0.5, 32), (0.7, 160), (0.55, 320), (0.33, 1600), (1.0, 16)])
+def test_the_size_step_is_exact_for_any_low_res_scale(scale, step):
+    """Every multiple of the step (and nothing finer) gives whole tokens at both resolutions; floats such as
+    1440 * 0.7 = 1007.9999... must not refuse a size that fits."""
+    cfg = mode_config("histream").with_(low_res_scale=scale)
+    assert size_step(cfg) == step
+    geometry = video_geometry(3 * step, step, 1, cfg)
+    assert geometry.low == (round(step * scale / 8), round(3 * step * scale / 8))  # rounded, as floats are
+    with pytest.raises(RequestError, match=f"{step}(-pixel tokens|\\)); use {step} or {2 * step}"):
+        video_geometry(step + 8, step, 1, cfg)
 
 
 def test_a_prompt_starting_after_the_last_chunk_is_refused(model, context):
