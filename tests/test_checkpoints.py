@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import tiny_model
+from conftest import needs_fp8_matmul, tiny_model
 from histream_core.checkpoints import CheckpointError, detect_config, inspect_checkpoint, load_wan_model
 from histream_core.config import MODEL_PRESETS
 from histream_core.model import CausalWanModel
@@ -214,7 +214,13 @@ def test_comfy_scaled_fp8_stays_fp8_with_its_scales(model, inputs, reference, tm
     assert load_wan_model(path, weight_dtype=torch.bfloat16, **TINY).head.head.weight.dtype == torch.bfloat16
     asked_fp8 = load_wan_model(path, weight_dtype=FP8, **TINY)
     assert torch.equal(asked_fp8.blocks[0].self_attn.q.weight_scale, q.weight_scale)
-    # the fp8 matmul takes the stored values and scales as they are
+
+
+@needs_fp8_matmul
+def test_the_fp8_matmul_takes_scaled_fp8_weights_as_stored(model, tmp_path):
+    path = write(prefixed(scaled_fp8(wan_state(model)), "model.diffusion_model."), tmp_path / "scaled.safetensors")
+    kept = load_wan_model(path, **TINY)
+    q = kept.blocks[0].self_attn.q
     kept.compute_dtype = torch.bfloat16
     fast = kept.use_fp8_matmul().blocks[0].self_attn.q
     assert torch.equal(fast.weight.view(torch.uint8), q.weight.view(torch.uint8))

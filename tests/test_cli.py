@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import randomize_, tiny_model
+from conftest import needs_fp8_matmul, randomize_, tiny_model
 from histream_core.cli import main
 from histream_core.pipeline import HiStreamPipeline
 from histream_core.text import UMT5_PRESETS, UMT5Encoder
@@ -79,6 +79,7 @@ def test_user_files_end_to_end(user_files, tmp_path, capsys):
     assert any((tmp_path / "cache").iterdir())  # the prompt's embedding was cached
 
 
+@needs_fp8_matmul
 def test_user_files_with_fp8_matmul(user_files, tmp_path, capsys):
     args = ["generate", *SMALL[:-1], "bf16", "--checkpoint", str(user_files / "dit.safetensors"), "--vae",
             str(user_files / "vae.safetensors"), "--text-encoder", str(user_files / "umt5.pth"), "--tokenizer",

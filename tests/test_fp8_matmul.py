@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn as nn
 
-from conftest import tiny_model
+from conftest import needs_fp8_matmul, tiny_model
 from histream_core.cli import main
 from histream_core.config import MODEL_PRESETS
 from histream_core.memory import predict_memory
-from histream_core.model.layers import CastLinear, Fp8Input, Fp8Linear
+from histream_core.model.layers import CastLinear, Fp8Input, Fp8Linear, check_fp8_matmul
 from histream_core.modes import mode_config
 from histream_core.pipeline import EMBEDDED_VAE
 from histream_core.sampler import stream_video
@@ -37,6 +39,7 @@ def hand_quantized(t: torch.Tensor) -> torch.Tensor:
     return (t.double() / scale).to(t.dtype).to(FP8).double() * scale
 
 
+@needs_fp8_matmul
 def test_fp8_linear_is_the_product_of_its_rounded_operands():
     layer = linear()
     x = (torch.randn(2, 5, 64) * torch.linspace(0.01, 10, 5)[None, :, None]).to(torch.bfloat16)
@@ -76,6 +79,7 @@ def bf16_tiny(seed: int = 0):
     return model
 
 
+@needs_fp8_matmul
 def test_use_fp8_matmul_converts_the_block_linears_only():
     model = bf16_tiny().use_fp8_matmul()
     in_blocks = [m for m in model.blocks.modules() if isinstance(m, (CastLinear, Fp8Linear))]
@@ -84,6 +88,7 @@ def test_use_fp8_matmul_converts_the_block_linears_only():
     assert model.uses_fp8_matmul and not bf16_tiny().uses_fp8_matmul
 
 
+@needs_fp8_matmul
 def test_fp8_matmul_video_stays_close_to_bf16():
     context = torch.randn(1, 8, 32, generator=torch.Generator().manual_seed(1))
     cfg = mode_config("histream")
@@ -107,10 +112,24 @@ def test_use_fp8_matmul_errors_say_what_to_do(monkeypatch):
     def no_fp8(*args, **kwargs):
         raise RuntimeError("torch._scaled_mm is only supported on CUDA devices with compute capability >= 9.0")
     monkeypatch.setattr(torch, "_scaled_mm", no_fp8)
-    with pytest.raises(ValueError, match="needs fp8 tensor cores.*keep the bf16 matmuls"):
+    with pytest.raises(ValueError, match="does not run on cpu.*keep the bf16 matmuls"):
+        bf16_tiny().use_fp8_matmul()
+    with pytest.raises(ValueError, match="does not run on meta \\(it needs fp8 tensor cores \\(Ada, Hopper or newer"):
+        check_fp8_matmul(torch.device("meta"))  # any device but the CPU is a GPU that lacks them
+
+
+def test_an_old_pytorch_on_the_cpu_is_named(monkeypatch):
+    def per_tensor_only(*args, **kwargs):  # PyTorch 2.11's message, word for word
+        raise RuntimeError("(scale_a.numel() == 1 && scale_b.numel() == 1) INTERNAL ASSERT FAILED at \"/pytorch/aten/"
+                           "src/ATen/native/Blas.cpp\":249. Now _scaled_mm only supports per-tensor scaling for CPU "
+                           "backend.")
+    monkeypatch.setattr(torch, "_scaled_mm", per_tensor_only)
+    with pytest.raises(ValueError, match=f"does not run on cpu \\(PyTorch {re.escape(torch.__version__)} multiplies "
+                       "fp8 on the CPU with one scale per tensor only; PyTorch 2.13 or a CUDA GPU"):
         bf16_tiny().use_fp8_matmul()
 
 
+@needs_fp8_matmul
 def test_cli_fp8_matmul(tmp_path, capsys):
     small = ["--width", "64", "--height", "64", "--frames", "9", "--device", "cpu"]
     assert main(["generate", *small, "--dtype", "fp32", "--fp8-matmul", "--out", str(tmp_path / "a.mp4")]) == 2
@@ -132,6 +151,7 @@ def test_memory_prediction_counts_fp8_block_weights():
     assert stored.dit_weights == fast.dit_weights and stored.dit_caches == plain.dit_caches
 
 
+@needs_fp8_matmul
 def test_each_gemm_input_is_quantized_once(monkeypatch):
     """q, k and v read the same input: one quantization serves them (the eager path pays per quantization)."""
     import histream_core.model.layers as layers
@@ -150,7 +170,16 @@ def test_fused_quantization_matches_the_eager_one():
     """On CUDA, eager runs quantize in one compiled kernel; it must give what quantize_fp8 gives."""
     x = (torch.randn(3, 40, 64) * torch.logspace(-3, 2, 40)[None, :, None]).to(torch.bfloat16)
     eager, fused = Fp8Input.of(x, fused=False), Fp8Input.of(x, fused=True)
-    assert torch.equal(fused.scale, eager.scale) and fused.leading_shape == eager.leading_shape == (3, 40)
-    # bit for bit: compiled with emulate_precision_casts, inductor rounds to bf16 where eager does
-    assert torch.equal(fused.values.view(torch.uint8), eager.values.view(torch.uint8))
+    assert fused.leading_shape == eager.leading_shape == (3, 40)
     assert relative_error(fused.values.float() * fused.scale, x.reshape(-1, 64)) < 0.05
+    if torch_version() >= (2, 13):  # bit for bit: with emulate_precision_casts inductor rounds to bf16 where eager does
+        assert torch.equal(fused.scale, eager.scale)
+        assert torch.equal(fused.values.view(torch.uint8), eager.values.view(torch.uint8))
+    else:  # PyTorch 2.11's CPU inductor keeps the scale in fp32 (measured: 1.6% of the values one e4m3 step apart)
+        assert torch.allclose(fused.scale, eager.scale, rtol=2 ** -8, atol=0)
+        assert relative_error(fused.values.float() * fused.scale, x.reshape(-1, 64)) <= 1.01 * relative_error(
+            eager.values.float() * eager.scale, x.reshape(-1, 64))
+
+
+def torch_version() -> tuple[int, int]:
+    return tuple(int(part) for part in torch.__version__.split(".")[:2])

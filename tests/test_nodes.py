@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from comfy_stubs import ROOT, InterruptProcessingException, comfy_host, load_pack, pack_module  # noqa: F401
-from conftest import randomize_, tiny_model
+from conftest import needs_fp8_matmul, randomize_, tiny_model
 
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
 SIZE = dict(width=64, height=64)
@@ -414,6 +414,7 @@ def test_cost_readout_predicts_memory_on_request(comfy_host):
 FAKE_PREDICTION = SimpleNamespace(denoise_peak=0, vae_weights=0, decode_peak=0, dit_weights=0)
 
 
+@needs_fp8_matmul
 def test_loader_fp8_fast_multiplies_in_fp8_and_the_sampler_runs(comfy_host, checkpoint, monkeypatch):
     fast = nodes()["HiStreamLoader"]().load(checkpoint, "fp8_e4m3fn_fast", "bf16", "sdpa", "cpu")[0]
     assert fast.model.uses_fp8_matmul

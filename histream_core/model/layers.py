@@ -147,15 +147,18 @@ class Fp8Linear(nn.Module):
 
 
 def check_fp8_matmul(device: torch.device) -> None:
-    """Raise ValueError unless this device multiplies fp8 (CUDA: compute capability 8.9 or newer; the CPU can)."""
+    """Raise ValueError unless this device multiplies fp8 with a scale per row, as Fp8Linear does (CUDA: compute
+    capability 8.9 or newer; the CPU: PyTorch 2.13 can, 2.11 takes only one scale per tensor)."""
     ones = torch.ones(16, 16, device=device, dtype=FP8)
     unit = torch.ones(16, 1, device=device)
     try:
         torch._scaled_mm(ones, ones.t(), scale_a=unit, scale_b=unit.t(), out_dtype=torch.bfloat16)
     except RuntimeError as exc:
-        raise ValueError(f"fp8 matmul does not run on {device} ({str(exc).splitlines()[0]}): it needs fp8 tensor "
-                         "cores (Ada, Hopper or newer); keep the bf16 matmuls (fp8 storage alone still halves "
-                         "the weights' memory)") from exc
+        needs = (f"PyTorch {torch.__version__} multiplies fp8 on the CPU with one scale per tensor only; PyTorch "
+                 "2.13 or a CUDA GPU with fp8 tensor cores runs it" if torch.device(device).type == "cpu" else
+                 "it needs fp8 tensor cores (Ada, Hopper or newer)")
+        raise ValueError(f"fp8 matmul does not run on {device} ({needs}; torch said: {str(exc).splitlines()[0]}); "
+                         "keep the bf16 matmuls (fp8 storage alone still halves the weights' memory)") from exc
 
 
 class CastConv3d(nn.Conv3d):
