@@ -23,7 +23,7 @@ from .config import MODEL_PRESETS, SamplerConfig
 from .flops import flops_table, format_table
 from .model import BACKENDS, AttentionBackendError, CausalWanModel
 from .model.attention import check_backend_runs
-from .modes import MODES, mode_config
+from .modes import KNOBS, MODES, STEPS_EXAMPLE, KnobError, with_knobs
 from .pipeline import (DECODE_ORDERS, EMBEDDED_VAE, HiStreamPipeline, checked_device, embedded_default,
                        generate_to_file, random_text_embedding)
 from .sampler import RequestError, VideoGeometry, check_prompt_starts, chunk_at_frame, video_geometry
@@ -36,23 +36,34 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 H100_BF16_TFLOPS = 798.0  # measured bf16 8192^3 matmul rate on the lent H100 (benchmarks/NOTES.md)
 
 
+def _flag(knob: str) -> str:
+    return "--" + knob.replace("_", "-")
+
+
 def _sampler_config(args, mode: str | None = None):
-    cfg = mode_config(mode or args.mode)
+    """The mode's configuration with the command line's knobs and switches applied (KnobError names the flag)."""
+    mode = mode or args.mode
+    knobs = {knob: value for knob in KNOBS if (value := getattr(args, knob, None)) is not None}
+    try:
+        cfg = with_knobs(mode, **knobs)
+    except KnobError as exc:
+        raise ValueError(f"{_flag(exc.knob)}: {exc}") from None
     changes = {}
-    if args.shift is not None:
-        changes["shift"] = args.shift
-    if args.low_res_scale is not None:
-        changes["low_res_scale"] = args.low_res_scale
     if args.rope_positions is not None:
         changes["rope_positions"] = args.rope_positions
     if args.attention is not None:
         changes["attention_backend"] = args.attention
     if args.kv_cache_fp8:
         changes["kv_cache_fp8"] = True
+    window = {name: value for name in ("chunk_frames", "anchor_frames", "local_frames")
+              if (value := getattr(args, name, None)) is not None}
     if args.no_window:
-        changes["stream"] = replace(cfg.stream, window=False)
-    if args.chunk_frames is not None:
-        changes["stream"] = replace(changes.get("stream", cfg.stream), chunk_frames=args.chunk_frames)
+        window["window"] = False
+    if window:
+        try:
+            changes["stream"] = replace(cfg.stream, **window)
+        except ValueError as exc:
+            raise ValueError(f"{', '.join(_flag(name) for name in window if name != 'window')}: {exc}") from None
     return cfg.with_(**changes)
 
 
@@ -372,12 +383,24 @@ def _generate_parser(sub) -> argparse.ArgumentParser:
                      "each chunk as soon as it exists (first frames sooner, DiT caches and VAE share memory); "
                      "overlapped: as interleaved, decoding in a second thread/CUDA stream while the next chunk "
                      "is denoised")
-    gen.add_argument("--shift", type=float, help="override the mode's timestep shift")
-    gen.add_argument("--low-res-scale", type=float, help="override the low-resolution scale (default 0.5)")
+    knobs = gen.add_argument_group("the paper's readings, on top of --mode (default: the mode's value; README "
+                                   "'How the paper was read')")
+    knobs.add_argument("--shift", type=float, help="timestep shift (7; self-forcing and no-hd: 5)")
+    knobs.add_argument("--low-res-scale", type=float, help="low resolution = scale x target (0.5)")
+    knobs.add_argument("--ntk-factor-high", type=float, help="NTK RoPE factor of the full-resolution passes (5)")
+    knobs.add_argument("--ntk-factor-low", type=float, help="NTK RoPE factor of the low-resolution passes (2; 5 is "
+                       "the other reading of the paper)")
+    knobs.add_argument("--first-chunk-attn-coef", type=float, help="attention scaling of chunk 1's full-resolution "
+                       "calls (2; 1 = off)")
+    knobs.add_argument("--first-chunk-steps", help=f"chunk 1's base timesteps, e.g. {STEPS_EXAMPLE}")
+    knobs.add_argument("--later-chunk-steps", help="the later chunks' base timesteps (histream+: '1000|500')")
     gen.add_argument("--no-window", action="store_true", help="keep every past frame in the cache (no AGSW)")
     gen.add_argument("--kv-cache-fp8", action="store_true",
                      help="store the K/V caches in fp8 (half their memory, slightly off; see README)")
-    gen.add_argument("--chunk-frames", type=int, help="latent frames per chunk (default 3)")
+    gen.add_argument("--chunk-frames", type=int, help="latent frames per chunk, M (default 3)")
+    gen.add_argument("--anchor-frames", type=int, help="first frames the window keeps for good (default 1)")
+    gen.add_argument("--local-frames", type=int, help="latest frames the window keeps (default 2: the paper's M-1 "
+                     "for M=3; set it with --chunk-frames)")
     gen.add_argument("--rope-positions", choices=["absolute", "window"],
                      help="window: renumber cached frames before each chunk (videos past 81 frames)")
     gen.add_argument("--attention", choices=list(BACKENDS))
@@ -419,8 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rate", type=_positive, default=H100_BF16_TFLOPS,
                        help="matmul TFLOP/s for the floor column")
     bench.add_argument("--json", action="store_true")
-    bench.set_defaults(run=cmd_bench, shift=None, low_res_scale=None, rope_positions=None, no_window=False,
-                       chunk_frames=None)
+    bench.set_defaults(run=cmd_bench, rope_positions=None, no_window=False)
 
     flops = sub.add_parser("flops", help="exact transformer FLOPs of every mode (no weights, no memory)")
     flops.add_argument("--model", default="wan2.1-1.3b", choices=list(MODEL_PRESETS))
@@ -445,8 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--fp8-weights", action="store_true", help="the blocks' weights stored in fp8")
     memory.add_argument("--fp8-matmul", action="store_true", help="the fp8 matmul option (fp8 block weights too)")
     memory.add_argument("--json", action="store_true")
-    memory.set_defaults(run=cmd_memory, shift=None, low_res_scale=None, rope_positions=None, attention=None,
-                        no_window=False, chunk_frames=None)
+    memory.set_defaults(run=cmd_memory, rope_positions=None, attention=None, no_window=False)
 
     inspect = sub.add_parser("inspect", help="what a checkpoint is (layout, config, dtype, parameters)")
     inspect.add_argument("file")

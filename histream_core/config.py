@@ -149,7 +149,8 @@ class HDConfig:
       softmax logits by log(N0 * coef) / log(N0) on top of 1/sqrt(d), N0 being the tokens per frame at the tuning
       resolution (960x544 -> 34*60 = 2040). We use coef = ``first_chunk_attn_coef`` (2) for every high-resolution
       model call of chunk 1 and coef 1 (no scaling) everywhere else.
-    ``enabled=False`` gives plain RoPE and attention everywhere (the "w/o HD tech" ablation).
+    ``enabled=False`` gives plain RoPE and attention everywhere (the Self-Forcing baseline; the "w/o HD tech" ablation
+    keeps the tuning's factor 2 instead, see ``modes``).
     """
 
     enabled: bool = True

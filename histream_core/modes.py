@@ -8,18 +8,22 @@
 | no-drc       | off | on   | 0 + 4                    | 0 + 4        | on      |
 | no-agsw      | on  | off  | 2 + 2                    | 2 + 2        | on      |
 | two-step     | on  | on   | 1 + 1                    | 1 + 1        | on      |
-| no-hd        | on  | on   | 2 + 2                    | 2 + 2        | off     |
+| no-hd        | on  | on   | 2 + 2                    | 2 + 2        | tuning's|
 
 HiStream+'s later chunks run base steps 1000 (low) and 500 (high): warped at shift 7 that is t = 1000 then 875, the
 same noise level at which chunk 1 hands its upsampled x0 to the high-resolution steps. So the low step still starts
 from pure noise as the model was trained to, the high step refines from the level the high phase always starts
 at, and the pair equals the generator's own 2-step list [1000, 500], a point on its trained trajectory.
 "self-forcing" is the Self-Forcing sampler unchanged (shift 5, plain RoPE and attention) at the target resolution.
-"no-hd" is the paper's "w/o HD Tech" ablation as we read it: HiStream with every inference-time HD adjustment undone
-(shift back to 5, plain RoPE, no first-chunk attention scaling).
+"no-hd" is the paper's "w/o HD Tech" ablation as we read it: HiStream with every inference-time HD adjustment undone,
+which Appendix A.2 lists as increments over the tuning settings (shift 5 -> 7, NTK factor 2 -> 5, attention scaling
+2 on chunk 1): so shift 5, NTK factor 2 at both resolutions (the tuned weights' own), no attention scaling.
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import replace
 
 from .config import ChunkSteps, HDConfig, SamplerConfig, StreamConfig
 
@@ -36,7 +40,7 @@ MODES: dict[str, SamplerConfig] = {
     "no-drc": SamplerConfig(drc=False, first_chunk=FOUR_STEPS_FULL_RES, later_chunks=FOUR_STEPS_FULL_RES),
     "no-agsw": SamplerConfig(stream=StreamConfig(window=False)),
     "two-step": SamplerConfig(first_chunk=TWO_STEPS_DRC, later_chunks=TWO_STEPS_DRC),
-    "no-hd": SamplerConfig(shift=5.0, hd=HDConfig(enabled=False)),
+    "no-hd": SamplerConfig(shift=5.0, hd=HDConfig(rope_factors_high=(1.0, 2.0, 2.0), first_chunk_attn_coef=1.0)),
 }
 
 
@@ -45,3 +49,95 @@ def mode_config(name: str) -> SamplerConfig:
         return MODES[name]
     except KeyError:
         raise ValueError(f"unknown mode {name!r}; choose one of {', '.join(MODES)}") from None
+
+
+# -- knobs: the readings of the paper a user may change on top of a mode (the node's inputs, the CLI's flags) --------
+FLOAT_KNOBS = ("low_res_scale", "shift", "ntk_factor_high", "ntk_factor_low", "first_chunk_attn_coef")
+STEP_KNOBS = ("first_chunk_steps", "later_chunk_steps")
+KNOBS = FLOAT_KNOBS + STEP_KNOBS
+UNUSED_BECAUSE = {
+    "low_res_scale": "it denoises every step at full resolution (no dual-resolution caching)",
+    "ntk_factor_low": "it runs without low-resolution passes or without HD tech",
+    "ntk_factor_high": "it runs without HD tech (plain RoPE and attention)",
+    "first_chunk_attn_coef": "it runs without HD tech (plain RoPE and attention)",
+}
+STEPS_EXAMPLE = "'1000,750|500,250' (low-res steps | high-res steps) or '1000,750,500,250' (full resolution only)"
+
+
+class KnobError(ValueError):
+    """A knob value a mode cannot take; ``knob`` names it (the node input or CLI flag to fix)."""
+
+    def __init__(self, knob: str, message: str) -> None:
+        super().__init__(message)
+        self.knob = knob
+
+
+def format_steps(steps: ChunkSteps) -> str:
+    """ChunkSteps as a knob string: "low|high", or just "high" when the chunk has no low-res steps."""
+    def numbers(ts):
+        return ",".join(f"{t:g}" for t in ts)
+
+    return f"{numbers(steps.low)}|{numbers(steps.high)}" if steps.low else numbers(steps.high)
+
+
+def parse_steps(knob: str, text: str) -> ChunkSteps:
+    """A knob string ("1000,750|500,250", or "1000,750,500,250" at full resolution only) as ChunkSteps."""
+    low_text, _, high_text = text.strip().rpartition("|")
+    try:
+        low, high = (tuple(float(t) for t in part.split(",") if t.strip()) for part in (low_text, high_text))
+        return ChunkSteps(low=low, high=high)
+    except ValueError as exc:
+        raise KnobError(knob, f"cannot use {text!r} ({exc}); write base timesteps (0, 1000] from noise to clean, "
+                        f"e.g. {STEPS_EXAMPLE}") from None
+
+
+def knob_values(cfg: SamplerConfig) -> dict[str, float | str | None]:
+    """Each knob's value under ``cfg``, or None where the configuration does not use it."""
+    hd, drc = cfg.hd.enabled, cfg.drc
+    return {
+        "low_res_scale": cfg.low_res_scale if drc else None,
+        "shift": cfg.shift,
+        "ntk_factor_high": cfg.hd.rope_factors_high[1] if hd else None,
+        "ntk_factor_low": cfg.hd.rope_factors_low[1] if hd and drc else None,
+        "first_chunk_attn_coef": cfg.hd.first_chunk_attn_coef if hd else None,
+        "first_chunk_steps": format_steps(cfg.first_chunk),
+        "later_chunk_steps": format_steps(cfg.later_chunks),
+    }
+
+
+def with_knobs(mode: str, cfg: SamplerConfig | None = None, **knobs: float | str) -> SamplerConfig:
+    """Mode ``mode``'s configuration (or ``cfg``, built from it) with the given knobs changed (see KNOBS).
+
+    NTK factors apply to both spatial axes (time is never scaled). Raises KnobError naming the knob: unknown, not used
+    by the mode, out of range, or steps the mode cannot run."""
+    cfg = cfg or mode_config(mode)
+    current = knob_values(cfg)
+    for knob, value in knobs.items():
+        if knob not in KNOBS:
+            raise KnobError(knob, f"unknown knob {knob!r}; the knobs are {', '.join(KNOBS)}")
+        if current[knob] is None:
+            raise KnobError(knob, f"mode '{mode}' does not use it ({UNUSED_BECAUSE[knob]}); leave it at the mode's "
+                            "value or pick a mode that uses it")
+    for knob in FLOAT_KNOBS:
+        if knob in knobs:
+            value, upper = knobs[knob], 1.0 if knob == "low_res_scale" else math.inf
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= upper:
+                shown = f"{value:g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else repr(value)
+                raise KnobError(knob, f"{shown} is out of range: use a number in (0, {upper:g}] (the mode's value "
+                                f"is {current[knob]:g})")
+    steps = {knob: parse_steps(knob, knobs[knob]) for knob in STEP_KNOBS if knob in knobs}
+    for knob, parsed in steps.items():
+        if parsed.low and not cfg.drc:
+            raise KnobError(knob, f"mode '{mode}' has no low-resolution steps (dual-resolution caching is off): give "
+                            f"high-res steps only, e.g. '{current[knob]}'")
+    hd = cfg.hd
+    if "ntk_factor_high" in knobs:
+        hd = replace(hd, rope_factors_high=(1.0, float(knobs["ntk_factor_high"]), float(knobs["ntk_factor_high"])))
+    if "ntk_factor_low" in knobs:
+        hd = replace(hd, rope_factors_low=(1.0, float(knobs["ntk_factor_low"]), float(knobs["ntk_factor_low"])))
+    if "first_chunk_attn_coef" in knobs:
+        hd = replace(hd, first_chunk_attn_coef=float(knobs["first_chunk_attn_coef"]))
+    return cfg.with_(hd=hd, low_res_scale=float(knobs.get("low_res_scale", cfg.low_res_scale)),
+                     shift=float(knobs.get("shift", cfg.shift)),
+                     first_chunk=steps.get("first_chunk_steps", cfg.first_chunk),
+                     later_chunks=steps.get("later_chunk_steps", cfg.later_chunks))

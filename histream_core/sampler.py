@@ -374,7 +374,8 @@ def stream_video(
         return x0
 
     def recache(plan, text_kv):
-        """KV recache at a prompt switch: re-encode the cached frames' K/V under the new prompt, run by run."""
+        """KV recache at a prompt switch: re-encode the cached frames' K/V under the new prompt, run by run (at logit
+        scale 1: the anchor does not get chunk 1's attention scaling again)."""
         for cache in (caches.high, caches.low):
             cache.keep(list(range(plan.recache_runs[0][0])))
         for first, count in plan.recache_runs:

@@ -8,14 +8,14 @@ HD tech) must stay -1: setting it is an error rather than a silent no-op.
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from typing import Iterator
 
 import torch
 from PIL import Image
 
-from ..histream_core.config import ChunkSteps, SamplerConfig
-from ..histream_core.modes import MODES, mode_config
+from ..histream_core.config import SamplerConfig
+from ..histream_core.modes import (FLOAT_KNOBS, KNOBS, MODES, STEP_KNOBS, STEPS_EXAMPLE, KnobError, knob_values,
+                                   with_knobs)
 from ..histream_core.sampler import (LatentChunk, NonFiniteLatents, RequestError, VideoGeometry, chunk_start_frame,
                                      stream_video, video_geometry)
 from ..histream_core.vae import denormalize, frames_to_images, latent_preview
@@ -29,95 +29,25 @@ from .window import HiStreamWindow
 log = logging.getLogger(__name__)
 
 NODE = "HiStream Dual-Res Sampler"
-MODE_VALUE = -1.0  # an override left at this value takes the mode's
-FLOAT_KNOBS = ("low_res_scale", "shift", "ntk_factor_high", "ntk_factor_low", "first_chunk_attn_coef")
-STEP_KNOBS = ("first_chunk_steps", "later_chunk_steps")
-UNUSED_BECAUSE = {
-    "low_res_scale": "it denoises every step at full resolution (no dual-resolution caching)",
-    "ntk_factor_low": "it runs without low-resolution passes or without HD tech",
-    "ntk_factor_high": "it runs without HD tech (plain RoPE and attention)",
-    "first_chunk_attn_coef": "it runs without HD tech (plain RoPE and attention)",
-}
-STEPS_EXAMPLE = "'1000,750|500,250' (low-res steps | high-res steps) or '1000,750,500,250' (full resolution only)"
+MODE_VALUE = -1.0  # an override left at this value (or an empty step string) takes the mode's
 
 
 # -- modes and overrides -----------------------------------------------------------------------------------------------
-def format_steps(steps: ChunkSteps) -> str:
-    """ChunkSteps as the override string: "low|high", or just "high" when the chunk has no low-res steps."""
-    def numbers(ts):
-        return ",".join(f"{t:g}" for t in ts)
-
-    return f"{numbers(steps.low)}|{numbers(steps.high)}" if steps.low else numbers(steps.high)
-
-
-def parse_steps(name: str, text: str) -> ChunkSteps | None:
-    """The override string of input ``name`` as ChunkSteps; None when empty (the mode's steps)."""
-    text = text.strip()
-    if not text:
-        return None
-    low_text, _, high_text = text.rpartition("|")
-    try:
-        low, high = (tuple(float(t) for t in part.split(",") if t.strip()) for part in (low_text, high_text))
-        return ChunkSteps(low=low, high=high)
-    except ValueError as exc:
-        raise input_error(NODE, name, f"cannot use {text!r} ({exc}); write base timesteps (0, 1000] from noise to "
-                          f"clean, e.g. {STEPS_EXAMPLE}, or leave it empty for the mode's") from None
-
-
-def mode_knobs(cfg: SamplerConfig) -> dict[str, float | str | None]:
-    """What each override input means under a mode: its value there, or None where the mode does not use it.
-
-    Shown by web/histream.js (greyed-out knobs, "knob (mode: value)" labels)."""
-    hd, drc = cfg.hd.enabled, cfg.drc
-    return {
-        "low_res_scale": cfg.low_res_scale if drc else None,
-        "shift": cfg.shift,
-        "ntk_factor_high": cfg.hd.rope_factors_high[1] if hd else None,
-        "ntk_factor_low": cfg.hd.rope_factors_low[1] if hd and drc else None,
-        "first_chunk_attn_coef": cfg.hd.first_chunk_attn_coef if hd else None,
-        "first_chunk_steps": format_steps(cfg.first_chunk),
-        "later_chunk_steps": format_steps(cfg.later_chunks),
-    }
-
-
 def build_config(mode: str, window: HiStreamWindow | None = None, attention_backend: str = "sdpa",
                  **overrides) -> SamplerConfig:
-    """The mode's SamplerConfig with the window and the overrides (FLOAT_KNOBS, STEP_KNOBS) applied."""
+    """The mode's SamplerConfig with the window and the overrides (the core's KNOBS) applied."""
+    knobs = {name: value for name in FLOAT_KNOBS if (value := overrides.get(name, MODE_VALUE)) != MODE_VALUE}
+    knobs.update({name: text for name in STEP_KNOBS if (text := overrides.get(name, "").strip())})
     try:
-        cfg = mode_config(mode)
-    except ValueError as exc:
+        cfg = with_knobs(mode, **knobs)
+    except KnobError as exc:
+        if exc.knob not in KNOBS:
+            raise
+        raise input_error(NODE, exc.knob, f"{exc}; {'-1' if exc.knob in FLOAT_KNOBS else 'empty'} takes the "
+                          "mode's value") from None
+    except ValueError as exc:  # an unknown mode
         raise input_error(NODE, "mode", str(exc)) from None
-    knobs = mode_knobs(cfg)
-    values = {}
-    for name in FLOAT_KNOBS:
-        value = overrides.get(name, MODE_VALUE)
-        if value == MODE_VALUE:
-            continue
-        if knobs[name] is None:
-            raise input_error(NODE, name, f"mode '{mode}' does not use it ({UNUSED_BECAUSE[name]}); set it to -1 "
-                              "or pick a mode that uses it")
-        upper = 1.0 if name == "low_res_scale" else float("inf")
-        if not 0 < value <= upper:
-            raise input_error(NODE, name, f"{value:g} is out of range; use -1 for the mode's value "
-                              f"({knobs[name]:g}) or a number in (0, {upper:g}]")
-        values[name] = float(value)
-    steps = {name: parse_steps(name, overrides.get(name, "")) for name in STEP_KNOBS}
-    for name, parsed in steps.items():
-        if parsed is not None and parsed.low and not cfg.drc:
-            raise input_error(NODE, name, f"mode '{mode}' has no low-resolution steps (dual-resolution caching is "
-                              f"off): give high-res steps only, e.g. '{knobs[name]}'")
-
-    hd = cfg.hd
-    if "ntk_factor_high" in values:
-        hd = replace(hd, rope_factors_high=(1.0, values["ntk_factor_high"], values["ntk_factor_high"]))
-    if "ntk_factor_low" in values:
-        hd = replace(hd, rope_factors_low=(1.0, values["ntk_factor_low"], values["ntk_factor_low"]))
-    if "first_chunk_attn_coef" in values:
-        hd = replace(hd, first_chunk_attn_coef=values["first_chunk_attn_coef"])
-    changes = {"hd": hd, "attention_backend": attention_backend,
-               "low_res_scale": values.get("low_res_scale", cfg.low_res_scale), "shift": values.get("shift", cfg.shift),
-               "first_chunk": steps["first_chunk_steps"] or cfg.first_chunk,
-               "later_chunks": steps["later_chunk_steps"] or cfg.later_chunks}
+    changes = {"attention_backend": attention_backend}
     if window is not None:
         changes.update(stream=window.stream, rope_positions=window.rope_positions, kv_cache_fp8=window.kv_cache_fp8)
     return cfg.with_(**changes)
@@ -228,7 +158,7 @@ def _override(kind: str, default, tooltip: str, **limits):
 class HiStreamDualResSampler:
     @classmethod
     def INPUT_TYPES(cls):
-        modes = {name: mode_knobs(cfg) for name, cfg in MODES.items()}
+        modes = {name: knob_values(cfg) for name, cfg in MODES.items()}  # web/histream.js greys unused knobs
         return {
             "required": {
                 "model": ("HISTREAM_MODEL", {"tooltip": "From HiStream Loader."}),

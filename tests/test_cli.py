@@ -10,7 +10,9 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import needs_fp8_matmul, randomize_, tiny_model
-from histream_core.cli import main
+from histream_core.cli import _sampler_config, build_parser, main
+from histream_core.config import ChunkSteps
+from histream_core.modes import MODES
 from histream_core.pipeline import HiStreamPipeline
 from histream_core.text import UMT5_PRESETS, UMT5Encoder
 from histream_core.vae import WanVAE, WanVAEConfig
@@ -254,7 +256,12 @@ def test_requests_are_checked_before_the_model_files_are_loaded(tmp_path, capsys
         (["--out", str(tmp_path / "new" / "x.avi")], "unknown container '.avi'"),
         (["--fps", "inf"], "fps must be between"),
         (["--tile", "1"], "--tile must be at least 4"),
-        (["--shift", "nan"], "shift must be a positive number"),
+        (["--shift", "nan"], "--shift: nan is out of range: use a number in (0, inf]"),
+        (["--mode", "no-drc", "--ntk-factor-low", "5"], "--ntk-factor-low: mode 'no-drc' does not use it"),
+        (["--first-chunk-steps", "500|1000"], "--first-chunk-steps: cannot use '500|1000' (steps must strictly"),
+        (["--mode", "self-forcing", "--later-chunk-steps", "1000|500"], "--later-chunk-steps: mode 'self-forcing' "
+                                                                        "has no low-resolution steps"),
+        (["--local-frames", "-1"], "--local-frames: StreamConfig.anchor_frames and local_frames must be >= 0"),
     ]
     (tmp_path / "taken.mp4").mkdir()
     for extra, expected in cases:
@@ -262,6 +269,19 @@ def test_requests_are_checked_before_the_model_files_are_loaded(tmp_path, capsys
         err = capsys.readouterr().err
         assert expected in err and "absent" not in err, (extra, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.mp4"]  # not even the folder of the refused .avi
+
+
+def test_the_papers_readings_are_flags_on_top_of_the_mode():
+    args = build_parser().parse_args(["generate", "--mode", "histream+", "--ntk-factor-low", "5", "--ntk-factor-high",
+                                      "4", "--first-chunk-attn-coef", "1", "--later-chunk-steps", "1000|250",
+                                      "--chunk-frames", "4", "--local-frames", "3", "--shift", "6"])
+    cfg = _sampler_config(args)
+    assert cfg.hd.rope_factors_low == (1.0, 5.0, 5.0) and cfg.hd.rope_factors_high == (1.0, 4.0, 4.0)
+    assert cfg.hd.first_chunk_attn_coef == 1.0 and cfg.shift == 6.0
+    assert cfg.later_chunks == ChunkSteps(low=(1000.0,), high=(250.0,))
+    assert cfg.first_chunk == MODES["histream+"].first_chunk
+    assert (cfg.stream.chunk_frames, cfg.stream.anchor_frames, cfg.stream.local_frames) == (4, 1, 3)
+    assert _sampler_config(build_parser().parse_args(["generate", "--mode", "no-hd"])) == MODES["no-hd"]
 
 
 def test_options_that_would_be_ignored_or_cannot_run_are_refused(tmp_path, capsys):

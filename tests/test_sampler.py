@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -52,7 +54,8 @@ def test_equal_resolutions_make_drc_a_no_op(model, context):
 
 @pytest.mark.parametrize("mode,first,later,cache_passes", [
     ("histream", 4 + 2, 4 + 2, 2), ("histream+", 4 + 2, 2 + 2, 2), ("self-forcing", 4 + 1, 4 + 1, 1),
-    ("no-drc", 4 + 1, 4 + 1, 1), ("no-agsw", 4 + 2, 4 + 2, 2), ("two-step", 2 + 2, 2 + 2, 2)])
+    ("no-drc", 4 + 1, 4 + 1, 1), ("no-agsw", 4 + 2, 4 + 2, 2), ("two-step", 2 + 2, 2 + 2, 2),
+    ("no-hd", 4 + 2, 4 + 2, 2)])
 def test_model_calls_per_chunk(model, context, mode, first, later, cache_passes):
     kinds_per_chunk: dict[int, list[str]] = {}
     with torch.no_grad():
@@ -63,6 +66,39 @@ def test_model_calls_per_chunk(model, context, mode, first, later, cache_passes)
     assert not any(kind.startswith("cache") for kind in kinds_per_chunk[len(chunks) - 1])
     assert [len(kinds_per_chunk[i]) for i in range(len(chunks))] == [c.model_calls for c in chunks]
     assert kinds_per_chunk[1].count("cache_high") == 1
+
+
+def hd_calls(context, cfg) -> list[tuple[int, str, tuple, float]]:
+    """(chunk, kind, RoPE factors, logit scale) of every model call of a 37-frame video, in order."""
+    settings, kinds = [], []
+
+    def spy(method):
+        def call(*args, **kwargs):
+            settings.append(kwargs["settings"])
+            return method(*args, **kwargs)
+        return call
+
+    spied = tiny_model(seed=11)
+    spied.forward, spied.write_cache = spy(spied.forward), spy(spied.write_cache)
+    with torch.no_grad():
+        list(stream_video(spied, context, W, H, 37, cfg, 0, on_progress=lambda p: kinds.append((p.chunk, p.kind))))
+    return [(chunk, kind, s.rope_factors, s.logit_scale) for (chunk, kind), s in zip(kinds, settings, strict=True)]
+
+
+def test_hd_tech_reaches_the_calls_the_paper_names(context):
+    """Appendix A.2: NTK factor 2 where the tuned model works (low res), 5 at full res; attention scaling 2 on chunk
+    1's full-resolution calls only (its cache pass too: later chunks read that K/V), never on later chunks."""
+    scaled = math.log(2040 * 2) / math.log(2040)
+    for chunk, kind, factors, scale in hd_calls(context, mode_config("histream")):
+        high = kind in ("high", "cache_high")
+        assert factors == ((1.0, 5.0, 5.0) if high else (1.0, 2.0, 2.0)), (chunk, kind)
+        assert scale == (scaled if high and chunk == 0 else 1.0), (chunk, kind)
+    no_drc = hd_calls(context, mode_config("no-drc"))
+    assert [scale for chunk, _, _, scale in no_drc if chunk == 0] == [scaled] * 5  # 4 steps + the cache pass
+    # w/o HD tech undoes the inference-time changes: the tuning's factor 2 everywhere, no scaling
+    assert {(factors, scale) for _, _, factors, scale in hd_calls(context, mode_config("no-hd"))} == {
+        ((1.0, 2.0, 2.0), 1.0)}
+    assert {(f, s) for _, _, f, s in hd_calls(context, mode_config("self-forcing"))} == {((1.0, 1.0, 1.0), 1.0)}
 
 
 def test_caches_hold_anchor_plus_local_frames_at_their_positions(model, context):
