@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import signal
 import sys
 import threading
@@ -23,6 +24,7 @@ from .config import MODEL_PRESETS, SamplerConfig
 from .flops import flops_table, format_table
 from .model import BACKENDS, AttentionBackendError, CausalWanModel
 from .model.attention import check_backend_runs
+from .model.layers import check_fp8_matmul
 from .modes import KNOBS, MODES, STEPS_EXAMPLE, KnobError, with_knobs
 from .pipeline import (DECODE_ORDERS, EMBEDDED_VAE, HiStreamPipeline, checked_device, embedded_default,
                        generate_to_file, random_text_embedding)
@@ -64,6 +66,11 @@ def _sampler_config(args, mode: str | None = None):
             changes["stream"] = replace(cfg.stream, **window)
         except ValueError as exc:
             raise ValueError(f"{', '.join(_flag(name) for name in window if name != 'window')}: {exc}") from None
+        sizes = [_flag(name) for name in ("anchor_frames", "local_frames") if name in window]
+        if sizes and not changes["stream"].window:
+            why = "--no-window is given" if args.no_window else f"mode '{mode}' keeps every past frame (no AGSW)"
+            raise ValueError(f"{', '.join(sizes)}: the sliding window is off ({why}), so the cache keeps every frame; "
+                             "drop the flag or use a mode with the window")
     return cfg.with_(**changes)
 
 
@@ -98,6 +105,17 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _check_fp8_matmul_flag(args, device: torch.device | None) -> None:
+    """--fp8-matmul needs bf16 activations, and (when ``device`` is given) a device that multiplies fp8 per row."""
+    if not args.fp8_matmul:
+        return
+    if args.dtype != "bf16":
+        raise ValueError(f"--fp8-matmul quantizes bf16 activations, and this run computes in {args.dtype}: add "
+                         "--dtype bf16 (the default on CUDA)")
+    if device is not None:
+        check_fp8_matmul(device)
+
+
 def _checked_request(args) -> _Request:
     """Everything that can be checked without the model files, checked first: loading them takes minutes."""
     device = checked_device(args.device)
@@ -112,6 +130,7 @@ def _checked_request(args) -> _Request:
     if args.tile and args.tile < MIN_TILE:
         raise ValueError(f"--tile must be at least {MIN_TILE} latent pixels, got {args.tile}; 64 (512 px) decodes "
                          "1080p in about 4 GiB")
+    _check_fp8_matmul_flag(args, device)
     starts = _schedule_starts(args, geometry, cfg.stream.chunk_frames)
     out = check_video_path(args.out, args.fps, folder_may_be_missing=True)
     _check_files(args)
@@ -270,6 +289,7 @@ def cmd_bench(args) -> int:
         video_geometry(args.width, args.height, args.frames, _sampler_config(args, mode))
     if args.attention:
         check_backend_runs(args.attention, device, dtype)
+    _check_fp8_matmul_flag(args, device)
     if args.checkpoint:
         model = load_wan_model(args.checkpoint, weight_dtype=torch.float8_e4m3fn if args.fp8_weights else None,
                                compute_dtype=dtype, device=device)
@@ -320,6 +340,7 @@ def cmd_flops(args) -> int:
 def cmd_memory(args) -> int:
     from .memory import predict_memory
     from .vae import WanVAEConfig
+    _check_fp8_matmul_flag(args, None)  # a prediction needs no fp8 hardware
     vae = EMBEDDED_VAE if args.model == "tiny" else WanVAEConfig()
     prediction = predict_memory(MODEL_PRESETS[args.model], vae, args.width, args.height, args.frames,
                                 _sampler_config(args), DTYPES[args.dtype], tile=args.tile,
@@ -344,8 +365,11 @@ def cmd_inspect(args) -> int:
 
 
 def _positive(text: str) -> float:
-    value = float(text)
-    if not 0 < value < float("inf"):
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
 
@@ -370,14 +394,16 @@ def _generate_parser(sub) -> argparse.ArgumentParser:
     gen.add_argument("--width", type=int, help="pixels (default 1920; 256 for the embedded default)")
     gen.add_argument("--height", type=int, help="pixels (default 1088; 160 for the embedded default)")
     gen.add_argument("--frames", type=int, help="4k+1 frames (default 81; 33 for the embedded default)")
-    gen.add_argument("--mode", default="histream", choices=list(MODES))
+    gen.add_argument("--mode", default="histream", choices=list(MODES),
+                     help="default: histream (4 steps per chunk); histream+ is the faster one")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--out", default="outputs/histream.mp4", help=".mp4 (H.264) or .webm (VP9)")
     gen.add_argument("--fps", type=float, default=16.0)
     gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     gen.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", choices=list(DTYPES))
     gen.add_argument("--tile", type=int, help="decode in spatial tiles of this many latent pixels (saves memory; "
-                     "0: whole frames)")
+                     "0: whole frames); tiles decode 81-frame segments, so the table shows a segment's decode time "
+                     "on its first chunk")
     gen.add_argument("--decode-order", choices=list(DECODE_ORDERS), default="after",
                      help="after: decode once denoising is done (least memory, the default); interleaved: decode "
                      "each chunk as soon as it exists (first frames sooner, DiT caches and VAE share memory); "
@@ -400,7 +426,7 @@ def _generate_parser(sub) -> argparse.ArgumentParser:
     gen.add_argument("--chunk-frames", type=int, help="latent frames per chunk, M (default 3)")
     gen.add_argument("--anchor-frames", type=int, help="first frames the window keeps for good (default 1)")
     gen.add_argument("--local-frames", type=int, help="latest frames the window keeps (default 2: the paper's M-1 "
-                     "for M=3; set it with --chunk-frames)")
+                     "for M=3; set it together with --chunk-frames)")
     gen.add_argument("--rope-positions", choices=["absolute", "window"],
                      help="window: renumber cached frames before each chunk (videos past 81 frames)")
     gen.add_argument("--attention", choices=list(BACKENDS))
@@ -460,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--width", type=int, default=1920)
     memory.add_argument("--height", type=int, default=1088)
     memory.add_argument("--frames", type=int, default=81)
-    memory.add_argument("--mode", default="histream", choices=list(MODES))
+    memory.add_argument("--mode", default="histream", choices=list(MODES), help="default: histream")
     memory.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     memory.add_argument("--tile", type=int, help="decode in spatial tiles of this many latent pixels")
     memory.add_argument("--kv-cache-fp8", action="store_true", help="K/V caches in fp8")

@@ -99,8 +99,11 @@ def video_geometry(width: int, height: int, frames: int, cfg: SamplerConfig, pat
             raise RequestError(name, f"{name} {value} is above the limit of {limit:,}; ask for less")
     step = size_step(cfg, patch)
     for name, value in (("width", width), ("height", height)):
-        if value <= 0 or value % step:
-            lower, upper = value // step * step, (max(value, 0) // step + 1) * step
+        if value <= 0:
+            raise RequestError(name, f"{name} must be a positive number of pixels, got {value}; use a multiple of "
+                               f"{step}, e.g. {step * (60 if name == 'width' else 34)}")
+        if value % step:
+            lower, upper = value // step * step, (value // step + 1) * step
             why = (f"dual-resolution caching runs the low-res passes at {cfg.low_res_scale:g}x, so the size must be "
                    f"a multiple of {step}" if cfg.drc else f"the model works on {step}-pixel tokens")
             suggestion = f"{lower} or {upper}" if lower > 0 else str(upper)

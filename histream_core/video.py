@@ -54,6 +54,8 @@ def check_video_path(path: str | os.PathLike[str], fps: float = WAN_FPS, crf: in
         raise ValueError(f"the output must be a file path (str or Path), got {path!r}")
     path = Path(path)
     suffix = path.suffix.lower()
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; give a file name such as {path / ('video' + (suffix or '.mp4'))}")
     if suffix not in _CONTAINERS:
         raise ValueError(f"unknown container {suffix or '(no suffix)'!r} for {path}; "
                          f"use one of {sorted(_CONTAINERS)} (.mp4: H.264, .webm: VP9)")
@@ -63,8 +65,6 @@ def check_video_path(path: str | os.PathLike[str], fps: float = WAN_FPS, crf: in
     _, default_crf, max_crf, _ = _CONTAINERS[suffix]
     if crf is not None and not 0 <= crf <= max_crf:
         raise ValueError(f"crf for {suffix} must be in [0, {max_crf}] (lower is better quality), got {crf}")
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a folder; give a file name such as {path / ('video' + suffix)}")
     existing = next(folder for folder in (path.parent, *path.parent.parents) if folder.exists())
     if not existing.is_dir():
         raise NotADirectoryError(f"{existing} is a file, so it cannot hold {path}; choose another place")

@@ -89,7 +89,7 @@ def test_user_files_with_fp8_matmul(user_files, tmp_path, capsys):
     assert main([*args, "--out", str(tmp_path / "fast.mp4")]) == 0
     assert sum(1 for _ in iio.imiter(tmp_path / "fast.mp4")) == 9
     assert main([*args[:-1], "--dtype", "fp32", "--fp8-matmul", "--out", str(tmp_path / "no.mp4")]) == 2
-    assert "needs the bf16 compute dtype" in capsys.readouterr().err and not (tmp_path / "no.mp4").exists()
+    assert "add --dtype bf16" in capsys.readouterr().err and not (tmp_path / "no.mp4").exists()
     # fp8 storage alone runs in any compute dtype (weights upcast per call)
     stored = [*args[:-1], "--dtype", "fp32", "--fp8-weights", "--out", str(tmp_path / "stored.mp4")]
     assert main(stored) == 0 and sum(1 for _ in iio.imiter(tmp_path / "stored.mp4")) == 9
@@ -249,7 +249,8 @@ def test_requests_are_checked_before_the_model_files_are_loaded(tmp_path, capsys
              "--device", "cpu"]
     cases = [
         (["--width", "80"], "width 80 does not fit"),
-        (["--width", "0"], "width 0 does not fit"),                   # 0 is not "the default"
+        (["--width", "0"], "width must be a positive number of pixels, got 0; use a multiple of 32, e.g. 1920"),
+        (["--out", str(tmp_path)], "is a folder"),
         (["--frames", "8"], "4k+1"),
         (["--frames", "33", "--schedule", "30:later"], "would never be used: start it at frame 21 or before"),
         (["--out", str(tmp_path / "taken.mp4")], "is a folder"),
@@ -262,6 +263,11 @@ def test_requests_are_checked_before_the_model_files_are_loaded(tmp_path, capsys
         (["--mode", "self-forcing", "--later-chunk-steps", "1000|500"], "--later-chunk-steps: mode 'self-forcing' "
                                                                         "has no low-resolution steps"),
         (["--local-frames", "-1"], "--local-frames: StreamConfig.anchor_frames and local_frames must be >= 0"),
+        (["--mode", "self-forcing", "--local-frames", "1"], "--local-frames: the sliding window is off (mode "
+                                                            "'self-forcing' keeps every past frame"),
+        (["--no-window", "--anchor-frames", "2"], "--anchor-frames: the sliding window is off (--no-window is given)"),
+        (["--dtype", "fp32", "--fp8-matmul"], "--fp8-matmul quantizes bf16 activations, and this run computes in "
+                                              "fp32: add --dtype bf16"),
     ]
     (tmp_path / "taken.mp4").mkdir()
     for extra, expected in cases:

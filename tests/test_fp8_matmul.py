@@ -133,12 +133,15 @@ def test_an_old_pytorch_on_the_cpu_is_named(monkeypatch):
 def test_cli_fp8_matmul(tmp_path, capsys):
     small = ["--width", "64", "--height", "64", "--frames", "9", "--device", "cpu"]
     assert main(["generate", *small, "--dtype", "fp32", "--fp8-matmul", "--out", str(tmp_path / "a.mp4")]) == 2
-    assert "needs the bf16 compute dtype" in capsys.readouterr().err
+    assert "add --dtype bf16" in capsys.readouterr().err
     assert main(["generate", *small, "--dtype", "bf16", "--fp8-matmul", "--out", str(tmp_path / "b.mp4")]) == 0
     assert (tmp_path / "b.mp4").stat().st_size > 0
     capsys.readouterr()
     assert main(["memory", "--model", "tiny", "--width", "64", "--height", "64", "--frames", "9", "--fp8-matmul"]) == 0
     assert "DiT weights" in capsys.readouterr().out
+    assert main(["memory", "--model", "tiny", "--width", "64", "--height", "64", "--frames", "9", "--fp8-matmul",
+                 "--dtype", "fp32"]) == 2
+    assert "add --dtype bf16" in capsys.readouterr().err
 
 
 def test_memory_prediction_counts_fp8_block_weights():

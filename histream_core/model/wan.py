@@ -196,7 +196,7 @@ class CausalWanModel(nn.Module):
         """
         if self.compute_dtype != torch.bfloat16:
             raise ValueError(f"fp8 matmul needs the bf16 compute dtype, this model computes in {self.compute_dtype}: "
-                             "load it with compute dtype bf16 (a CUDA GPU with fp8 tensor cores: Ada, Hopper or newer)")
+                             "load it with compute dtype bf16 (CLI --dtype bf16, HiStream Loader compute_dtype bf16)")
         if self.is_compiled:
             raise ValueError("call use_fp8_matmul before compile_blocks (the compiled blocks hold the old layers)")
         check_fp8_matmul(self.patch_embedding.weight.device)
