@@ -284,6 +284,8 @@ def cmd_bench(args) -> int:
     unknown = [m for m in modes if m not in MODES]
     if unknown or not modes:
         raise ValueError(f"--modes: unknown {unknown or 'empty list'}; choose from {', '.join(MODES)}")
+    if args.repeats < 1 or args.warmup < 0:
+        raise ValueError(f"--repeats must be at least 1 and --warmup at least 0, got {args.repeats} and {args.warmup}")
     device, dtype = checked_device(args.device), DTYPES[args.dtype]
     for mode in modes:  # the request first: building the model takes a while
         video_geometry(args.width, args.height, args.frames, _sampler_config(args, mode))

@@ -27,6 +27,7 @@ from .model.wan import AttentionSettings, CausalWanModel, TextKV
 from .schedule import renoise, warp_timesteps, x0_from_flow
 
 log = logging.getLogger(__name__)
+TRAINED_LATENT_FRAMES = 21  # Self-Forcing and HiStream train on 81-frame clips: 21 latent frames
 
 VAE_SPATIAL_STRIDE = 8
 VAE_TEMPORAL_STRIDE = 4
@@ -110,8 +111,8 @@ def video_geometry(width: int, height: int, frames: int, cfg: SamplerConfig, pat
             raise RequestError(name, f"{name} {value} does not fit the latent grid ({why}); use {suggestion}")
     if frames < 1 or (frames - 1) % VAE_TEMPORAL_STRIDE:
         lower = max(1, frames - (frames - 1) % VAE_TEMPORAL_STRIDE)
-        raise RequestError("frames", f"frames must be 4k+1 (1, 5, 9, ..., 81) because the VAE packs 4 frames per "
-                                     f"latent after the first; got {frames}: use {lower} or {lower + 4}")
+        raise RequestError("frames", f"frames must be 4k+1 (1, 5, 9, ..., 81, 85, ...) because the VAE packs 4 "
+                                     f"frames per latent after the first; got {frames}: use {lower} or {lower + 4}")
     high = (height // VAE_SPATIAL_STRIDE, width // VAE_SPATIAL_STRIDE)
     low = (round(high[0] * cfg.low_res_scale), round(high[1] * cfg.low_res_scale)) if cfg.drc else high
     return VideoGeometry(width, height, frames, (frames - 1) // VAE_TEMPORAL_STRIDE + 1, high, low)
@@ -337,6 +338,11 @@ def stream_video(
     every model call; True raises ``GenerationInterrupted``.
     """
     geometry = video_geometry(width, height, frames, cfg, model.cfg.patch_size[1])
+    if cfg.rope_positions == "absolute" and geometry.latent_frames > TRAINED_LATENT_FRAMES:
+        log.warning("%d latent frames at absolute RoPE positions: frames past %d (video frame 81) sit at temporal "
+                    "positions the model was never trained on; rope_positions 'window' (--rope-positions window, the "
+                    "Anchor Window Cache node) keeps every position inside the window", geometry.latent_frames,
+                    TRAINED_LATENT_FRAMES)
     prompts = prompt_schedule(model, text)
     check_prompt_starts([start for start, _ in prompts], geometry, cfg.stream.chunk_frames)
     plans = plan_video(geometry, cfg, frozenset(start for start, _ in prompts[1:]))

@@ -231,7 +231,7 @@ def test_bench_on_a_checkpoint_and_its_errors(user_files, capsys):
     assert main([*args, "--height", "72"]) == 2  # not on the dual-resolution grid: the sampler's message
     assert "multiple of 32" in capsys.readouterr().err
     assert main([*args, "--repeats", "0"]) == 2
-    assert "repeats >= 1" in capsys.readouterr().err
+    assert "--repeats must be at least 1" in capsys.readouterr().err
 
 
 def test_chunk_drift_compares_the_last_chunk_but_one_with_chunk_3():

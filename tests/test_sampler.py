@@ -85,6 +85,16 @@ def hd_calls(context, cfg) -> list[tuple[int, str, tuple, float]]:
     return [(chunk, kind, s.rope_factors, s.logit_scale) for (chunk, kind), s in zip(kinds, settings, strict=True)]
 
 
+def test_absolute_positions_past_training_are_warned_about(model, context, caplog):
+    with torch.no_grad():
+        list(stream_video(model, context, W, H, 85, mode_config("histream+"), 0))  # 22 latent frames
+    assert "22 latent frames at absolute RoPE positions" in caplog.text and "rope_positions 'window'" in caplog.text
+    caplog.clear()
+    with torch.no_grad():
+        list(stream_video(model, context, W, H, 85, mode_config("histream+").with_(rope_positions="window"), 0))
+    assert "RoPE" not in caplog.text
+
+
 def test_hd_tech_reaches_the_calls_the_paper_names(context):
     """Appendix A.2: NTK factor 2 where the tuned model works (low res), 5 at full res; attention scaling 2 on chunk
     1's full-resolution calls only (its cache pass too: later chunks read that K/V), never on later chunks."""
