@@ -51,7 +51,7 @@ LAYOUTS_TRIED = (
     "Self-Forcing .pt dict holding 'generator_ema' or 'generator'",
 )
 WHAT_TO_DO = ("pick a Wan2.1 text-to-video diffusion model (DiT) such as self_forcing_dmd.pt or "
-              "wan2.1_t2v_1.3B_fp16.safetensors, placed in models/diffusion_models")
+              "wan2.1_t2v_1.3B_fp16.safetensors (ComfyUI: in models/diffusion_models; CLI: --checkpoint)")
 
 # Keys whose presence identifies a layout (after the prefix); any one of them is enough.
 _SIGNATURES = {
@@ -224,9 +224,10 @@ def _guess_what_it_is(keys: set[str]) -> str:
     """A hint for files of the wrong kind, which users often pick in the wrong loader."""
     roots = {key.split(".", 1)[0] for key in keys}
     if {"encoder", "decoder"} <= roots or {"first_stage_model"} & roots:
-        return f"this looks like a VAE: load it with a VAE loader (e.g. wan_2.1_vae) and {WHAT_TO_DO}"
+        return f"this looks like a VAE: give it as the VAE (ComfyUI: Load VAE; CLI: --vae) and {WHAT_TO_DO}"
     if {"shared", "token_embedding", "text_model", "encoder"} & roots:
-        return f"this looks like a text encoder: load it with a CLIP/text-encoder loader (umt5_xxl) and {WHAT_TO_DO}"
+        return (f"this looks like a text encoder: give it as the text encoder (ComfyUI: CLIPLoader type wan; CLI: "
+                f"--text-encoder) and {WHAT_TO_DO}")
     return WHAT_TO_DO
 
 

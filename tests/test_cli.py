@@ -117,8 +117,9 @@ def test_unknown_config_option_is_named(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("swap,expect", [
-    ("checkpoint", "looks like a VAE"),
-    ("vae", "diffusion model (DiT)"),
+    ("checkpoint", "looks like a VAE: give it as the VAE (ComfyUI: Load VAE; CLI: --vae)"),
+    ("vae", "diffusion model (DiT) checkpoint: give it as the model (ComfyUI: HiStream Loader, "
+            "models/diffusion_models; CLI: --checkpoint)"),
 ])
 def test_wrong_files_name_the_file_and_what_was_expected(user_files, tmp_path, capsys, swap, expect):
     files = {"checkpoint": user_files / "dit.safetensors", "vae": user_files / "vae.safetensors"}

@@ -98,9 +98,10 @@ def _detect(state_dict: Mapping[str, torch.Tensor]) -> tuple[str, dict[str, torc
 
 def _hint(keys: list[str]) -> str:
     if any(k.startswith(("blocks.", "model.diffusion_model.", "patch_embedding")) for k in keys):
-        return " It looks like a Wan diffusion model (DiT) checkpoint, which belongs in models/diffusion_models."
+        return (" It looks like a Wan diffusion model (DiT) checkpoint: give it as the model (ComfyUI: HiStream "
+                "Loader, models/diffusion_models; CLI: --checkpoint).")
     if any("text_model" in k or k.startswith(("encoder.block.", "shared.")) for k in keys):
-        return " It looks like a text encoder checkpoint."
+        return " It looks like a text encoder checkpoint (ComfyUI: CLIPLoader type wan; CLI: --text-encoder)."
     return ""
 
 
