@@ -29,7 +29,7 @@ from .modes import KNOBS, MODES, STEPS_EXAMPLE, KnobError, with_knobs
 from .pipeline import (DECODE_ORDERS, EMBEDDED_VAE, HiStreamPipeline, checked_device, embedded_default,
                        generate_to_file, random_text_embedding)
 from .sampler import RequestError, VideoGeometry, check_prompt_starts, chunk_at_frame, video_geometry
-from .vae.tiling import MIN_TILE
+from .vae.tiling import SMALLEST_USEFUL_TILE
 from .video import check_video_path, made_folders
 
 log = logging.getLogger(__name__)
@@ -105,6 +105,12 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _check_tile(tile: int | None) -> None:
+    if tile and tile < SMALLEST_USEFUL_TILE:
+        raise ValueError(f"--tile must be at least {SMALLEST_USEFUL_TILE} latent pixels (smaller tiles lose too much "
+                         f"context at their edges), got {tile}; 64 (512 px) decodes 1080p in about 4 GiB")
+
+
 def _check_fp8_matmul_flag(args, device: torch.device | None) -> None:
     """--fp8-matmul needs bf16 activations, and (when ``device`` is given) a device that multiplies fp8 per row."""
     if not args.fp8_matmul:
@@ -127,9 +133,7 @@ def _checked_request(args) -> _Request:
     if args.tile and args.tiny_decoder:
         raise ValueError("decode tiles apply to the Wan VAE; the tiny decoder is small enough to decode whole frames "
                          "(drop --tile)")
-    if args.tile and args.tile < MIN_TILE:
-        raise ValueError(f"--tile must be at least {MIN_TILE} latent pixels, got {args.tile}; 64 (512 px) decodes "
-                         "1080p in about 4 GiB")
+    _check_tile(args.tile)
     _check_fp8_matmul_flag(args, device)
     starts = _schedule_starts(args, geometry, cfg.stream.chunk_frames)
     out = check_video_path(args.out, args.fps, folder_may_be_missing=True)
@@ -343,6 +347,7 @@ def cmd_memory(args) -> int:
     from .memory import predict_memory
     from .vae import WanVAEConfig
     _check_fp8_matmul_flag(args, None)  # a prediction needs no fp8 hardware
+    _check_tile(args.tile)
     vae = EMBEDDED_VAE if args.model == "tiny" else WanVAEConfig()
     prediction = predict_memory(MODEL_PRESETS[args.model], vae, args.width, args.height, args.frames,
                                 _sampler_config(args), DTYPES[args.dtype], tile=args.tile,

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from ..histream_core.vae import (NonFiniteFrames, TiledDecoder, TinyWanDecoder, VAECheckpointError, WanVAE,
                                  check_finite_frames, frames_to_images, load_tiny_decoder)
 from ..histream_core.vae import checkpoints as vae_checkpoints
+from ..histream_core.vae.tiling import SMALLEST_USEFUL_TILE
 from ..histream_core.video import VideoWriter, check_video_path, made_folders
 from . import host
 from .errors import input_error, out_of_memory_advice
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 
 NODE = "VAE Chunk Decode"
 CHUNK_LATENT_FRAMES = 3  # latent frames per decode call (12 video frames): the sampler's chunk
-MIN_TILE_PX = 64
+MIN_TILE_PX = 8 * SMALLEST_USEFUL_TILE  # 64 px
 _streaming_vaes: WeakKeyDictionary = WeakKeyDictionary()  # ComfyUI VAE object -> its WanVAE
 _tiny_decoders: dict[tuple, TinyWanDecoder] = {}  # (path, mtime, dtype, preview, device) -> decoder; last two
 NO_TINY_DECODER = "none"

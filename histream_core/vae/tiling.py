@@ -82,6 +82,8 @@ def _unpark(caches: tuple[_Parked | None, ...] | None) -> tuple[torch.Tensor | N
 
 
 MIN_TILE = 4  # latent pixels; a quarter of it is the overlap
+SMALLEST_USEFUL_TILE = 8  # latent pixels (64 px): the CLI's and the node's floor; smaller tiles lose too much
+                          # context at their edges (MIN_TILE stays the library's, for tests on tiny latents)
 
 
 class TiledDecoder:
