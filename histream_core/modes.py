@@ -105,12 +105,12 @@ def knob_values(cfg: SamplerConfig) -> dict[str, float | str | None]:
     }
 
 
-def with_knobs(mode: str, cfg: SamplerConfig | None = None, **knobs: float | str) -> SamplerConfig:
-    """Mode ``mode``'s configuration (or ``cfg``, built from it) with the given knobs changed (see KNOBS).
+def with_knobs(mode: str, **knobs: float | str) -> SamplerConfig:
+    """Mode ``mode``'s configuration with the given knobs changed (see KNOBS).
 
     NTK factors apply to both spatial axes (time is never scaled). Raises KnobError naming the knob: unknown, not used
     by the mode, out of range, or steps the mode cannot run."""
-    cfg = cfg or mode_config(mode)
+    cfg = mode_config(mode)
     current = knob_values(cfg)
     for knob, value in knobs.items():
         if knob not in KNOBS:

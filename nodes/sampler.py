@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from ..histream_core.config import SamplerConfig
-from ..histream_core.modes import (FLOAT_KNOBS, KNOBS, MODES, STEP_KNOBS, STEPS_EXAMPLE, KnobError, knob_values,
+from ..histream_core.modes import (FLOAT_KNOBS, MODES, STEP_KNOBS, STEPS_EXAMPLE, KnobError, knob_values,
                                    with_knobs)
 from ..histream_core.sampler import (LatentChunk, NonFiniteLatents, RequestError, VideoGeometry, chunk_start_frame,
                                      stream_video, video_geometry)
@@ -41,8 +41,6 @@ def build_config(mode: str, window: HiStreamWindow | None = None, attention_back
     try:
         cfg = with_knobs(mode, **knobs)
     except KnobError as exc:
-        if exc.knob not in KNOBS:
-            raise
         raise input_error(NODE, exc.knob, f"{exc}; {'-1' if exc.knob in FLOAT_KNOBS else 'empty'} takes the "
                           "mode's value") from None
     except ValueError as exc:  # an unknown mode
