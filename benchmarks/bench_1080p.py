@@ -147,7 +147,7 @@ def print_table(args, rows: list[ModeTiming], vae: dict | None, e2e: list[dict],
         print(f"memory prediction failed: {predicted['error']}")
     elif predicted:
         print("predicted peaks (meta device, live tensors, GiB): "
-              + ", ".join(f"{k} {v:.2f}" for k, v in predicted.items() if k != "frames run"))
+              + ", ".join(f"{k.removesuffix('_gib')} {v:.2f}" for k, v in predicted.items() if k.endswith("_gib")))
 
 
 def _attempt(measure, **labels) -> dict:

@@ -278,8 +278,9 @@ def _config_from_shapes(entries: Mapping[str, TensorEntry], head_dim: int, text_
                        "support", WHAT_TO_DO)
     if dim % head_dim:
         raise Unusable(f"its width {dim} is not a multiple of head_dim {head_dim}",
-                       "load it from Python with load_wan_model(path, head_dim=...) set to the head size it was "
-                       "trained with (the command line and the loader node assume Wan2.1's 128)")
+                       "give the head size it was trained with: 'inspect --head-dim N' on the command line, "
+                       "load_wan_model(path, head_dim=N) from Python (generate, bench and the loader node assume "
+                       "Wan2.1's 128)")
     layers = {int(m[1]) for key in entries if (m := re.match(r"blocks\.(\d+)\.", key))}
     try:
         return ModelConfig(

@@ -207,6 +207,10 @@ def _schedule_starts(args, geometry, chunk_frames: int) -> list[tuple[int, str]]
         if not sep or not frame.strip().isdigit() or not prompt.strip():
             raise ValueError(f"--schedule {item!r}: write FRAME:PROMPT, e.g. --schedule '48:the fox jumps'")
         start = chunk_at_frame(int(frame), chunk_frames)
+        if start == 0:
+            raise ValueError(f"--schedule {item!r}: frame 0 belongs to --prompt (the video starts with it); give that "
+                             f"prompt with --prompt, and later ones at later frames (the next chunk starts at frame "
+                             f"{4 * chunk_frames - 3})")
         previous = starts[-1][0] if starts else 0
         if start <= previous:
             raise ValueError(f"--schedule {item!r}: starts in chunk {start + 1}, not after the previous prompt's "
@@ -260,11 +264,14 @@ def cmd_bench(args) -> int:
     source = args.checkpoint or f"{args.model} (random weights)"
     if args.json:
         print(json.dumps({"model": source, "device": str(device), "dtype": args.dtype, "width": args.width,
-                          "height": args.height, "frames": args.frames, "modes": [r.as_dict() for r in rows]},
-                         indent=2))
+                          "height": args.height, "frames": args.frames, "attention": args.attention or "sdpa",
+                          "compile": args.compile, "kv_cache_fp8": args.kv_cache_fp8,
+                          "fp8_weights": args.fp8_weights, "fp8_matmul": args.fp8_matmul, "repeats": args.repeats,
+                          "warmup": args.warmup, "modes": [r.as_dict() for r in rows]}, indent=2))
     else:
         print(f"{source}, {args.width}x{args.height}, {args.frames} frames, {args.dtype} on {device}"
               f"{', compiled' if args.compile else ''}{', fp8 weights' if args.fp8_weights else ''}"
+              f"{', fp8 K/V cache' if args.kv_cache_fp8 else ''}"
               f"{', fp8 matmul' if args.fp8_matmul else ''}: denoising "
               f"(with cache passes, no decode), median of {args.repeats} after {args.warmup} warm-up; floor = the "
               f"mode's FLOPs at {args.rate:g} TFLOP/s")
@@ -293,7 +300,10 @@ def cmd_memory(args) -> int:
                                 _sampler_config(args), DTYPES[args.dtype], tile=args.tile,
                                 fp8_weights=args.fp8_weights, fp8_matmul=args.fp8_matmul)
     if args.json:
-        print(json.dumps(prediction.as_dict(), indent=2))
+        print(json.dumps({"model": args.model, "mode": args.mode, "dtype": args.dtype, "width": args.width,
+                          "height": args.height, "frames": args.frames, "tile": args.tile,
+                          "kv_cache_fp8": args.kv_cache_fp8, "fp8_weights": args.fp8_weights,
+                          "fp8_matmul": args.fp8_matmul, **prediction.as_dict()}, indent=2))
     else:
         print(f"{args.model} + Wan VAE, {args.dtype}, {args.mode}, {args.width}x{args.height}, {args.frames} frames"
               f"{f', decode tiles {args.tile}' if args.tile else ''}: predicted peak of live tensors (add the CUDA "
@@ -306,7 +316,7 @@ def cmd_memory(args) -> int:
 
 def cmd_inspect(args) -> int:
     from .checkpoints import inspect_checkpoint
-    info = inspect_checkpoint(args.file)
+    info = inspect_checkpoint(args.file, head_dim=args.head_dim)
     print(json.dumps(info, indent=2, default=str))
     return 0
 
@@ -444,6 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     inspect = sub.add_parser("inspect", help="what a checkpoint is (layout, config, dtype, parameters)")
     inspect.add_argument("file")
+    inspect.add_argument("--head-dim", type=int, default=128,
+                         help="attention head size, which the shapes cannot tell (128 in every Wan2.1 model)")
     inspect.set_defaults(run=cmd_inspect)
     return parser
 

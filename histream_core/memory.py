@@ -112,17 +112,22 @@ class MemoryPrediction:
     end_to_end: dict[str, int]  # decode order -> peak of generate_to_file's work (both models resident)
     frames_run: int        # the length that was run: capped at FLAT_AFTER_FRAMES with the sliding window
 
-    def rows(self) -> list[tuple[str, int]]:
-        return [("DiT weights", self.dit_weights), ("DiT caches between chunks", self.dit_caches),
-                ("denoising peak (DiT only)", self.denoise_peak), ("VAE weights", self.vae_weights),
-                ("VAE decode peak (VAE only)", self.decode_peak),
-                *((f"end to end, decode order {order!r}", peak) for order, peak in self.end_to_end.items())]
+    def rows(self) -> list[tuple[str, str, int]]:
+        """(JSON key, table label, bytes) of each figure."""
+        return [("dit_weights", "DiT weights", self.dit_weights),
+                ("dit_caches", "DiT caches between chunks", self.dit_caches),
+                ("denoise_peak", "denoising peak (DiT only)", self.denoise_peak),
+                ("vae_weights", "VAE weights", self.vae_weights),
+                ("decode_peak", "VAE decode peak (VAE only)", self.decode_peak),
+                *((f"end_to_end_{order}", f"end to end, decode order {order!r}", peak)
+                  for order, peak in self.end_to_end.items())]
 
     def table(self) -> str:
-        return "\n".join(f"  {name:<40} {_size(size)}" for name, size in self.rows())
+        return "\n".join(f"  {label:<40} {_size(size)}" for _, label, size in self.rows())
 
     def as_dict(self) -> dict:
-        return {**{name: round(size / GIB, 3) for name, size in self.rows()}, "frames run": self.frames_run}
+        """The figures in GiB (keys ending in _gib), and the length run."""
+        return {**{f"{key}_gib": round(size / GIB, 3) for key, _, size in self.rows()}, "frames_run": self.frames_run}
 
 
 def predict_memory(model_cfg: ModelConfig, vae_cfg: WanVAEConfig, width: int, height: int, frames: int,

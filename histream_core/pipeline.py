@@ -22,7 +22,7 @@ from .model import CausalWanModel
 from .overlap import DecodeBeside
 from .sampler import LatentChunk, PromptSchedule, seeded_generator, stream_video
 from .vae import TiledDecoder, TinyWanDecoder, WanVAE, WanVAEConfig, check_finite_frames, denormalize
-from .video import WAN_FPS, VideoWriter, check_video_path, uint8_frames
+from .video import WAN_FPS, VideoWriter, check_video_path, made_folders, uint8_frames
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class RunReport:
     def as_dict(self) -> dict:
         return {"path": str(self.path), "width": self.width, "height": self.height, "frames": self.frames,
                 "denoise_s_per_frame": self.denoise_s / self.frames, "decode_s": self.decode_s,
-                "chunks": [asdict(c) for c in self.chunks]}
+                "chunks": [{**asdict(c), "chunk": c.chunk + 1} for c in self.chunks]}  # numbered from 1, as in table()
 
     def table(self) -> str:
         head = (f"{'chunk':>5} {'latent':>6} {'frames':>6} {'cached':>6} {'calls':>5} {'denoise s':>10} "
@@ -321,6 +321,8 @@ class HiStreamPipeline:
                  order: str = "after", on_chunk: Callable[[LatentChunk, ChunkTiming], None] | None = None) -> RunReport:
         """Generate ``frames`` frames into ``out``; ``config`` (a SamplerConfig) overrides the named ``mode``.
 
+        Missing folders of ``out`` are made (and removed again if the run fails), as the command line does.
+
         ``prompt``: a prompt, precomputed umT5 states, or a story [(first video frame, prompt), ...] starting at
         frame 0 (each later prompt takes over with the first chunk at or after its frame, with a KV recache).
         """
@@ -329,7 +331,7 @@ class HiStreamPipeline:
         config = config or mode_config(mode)
         # the request is checked before the prompts are encoded (the encoder takes a while to load)
         geometry = video_geometry(width, height, frames, config, self.model.cfg.patch_size[1])
-        check_video_path(out, fps)
+        out = check_video_path(out, fps, folder_may_be_missing=True)
         if isinstance(prompt, str):
             context = self.encode(prompt)
         elif isinstance(prompt, torch.Tensor):
@@ -342,5 +344,6 @@ class HiStreamPipeline:
         else:
             raise ValueError(f"prompt must be a string, umT5 states [1, tokens, 4096] or a story "
                              f"[(first video frame, prompt), ...]; got {type(prompt).__name__}")
-        return generate_to_file(self.model, self.vae, context, out, width, height, frames, config, seed, fps=fps,
-                                tile=tile, order=order, on_chunk=on_chunk)
+        with made_folders(out.parent):
+            return generate_to_file(self.model, self.vae, context, out, width, height, frames, config, seed, fps=fps,
+                                    tile=tile, order=order, on_chunk=on_chunk)

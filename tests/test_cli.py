@@ -62,7 +62,8 @@ def test_memory_prints_a_prediction(capsys):
     assert main(["memory", "--model", "tiny", "--width", "64", "--height", "64", "--frames", "9",
                  "--mode", "histream+", "--json"]) == 0
     prediction = json.loads(capsys.readouterr().out)
-    assert prediction["end to end, decode order 'after'"] <= prediction["end to end, decode order 'interleaved'"]
+    assert prediction["end_to_end_after_gib"] <= prediction["end_to_end_interleaved_gib"]
+    assert prediction["width"] == 64 and prediction["mode"] == "histream+" and prediction["frames_run"] == 9
     assert main(["memory", "--model", "tiny", "--width", "100", "--frames", "9"]) == 2
     assert "multiple of 32" in capsys.readouterr().err
 
@@ -149,6 +150,15 @@ def test_inspect_prints_layout_and_config(user_files, capsys):
     assert "model.diffusion_model." in json.dumps(info) and info["parameters"] > 0
 
 
+def test_inspect_takes_the_head_size_the_shapes_cannot_tell(tmp_path, capsys):
+    path = tmp_path / "tiny.safetensors"
+    save_file(tiny_model(seed=1).state_dict(), str(path))  # width 48: 2 heads of 24
+    assert main(["inspect", str(path)]) == 2
+    assert "not a multiple of head_dim 128" in (err := capsys.readouterr().err) and "inspect --head-dim N" in err
+    assert main(["inspect", str(path), "--head-dim", "24"]) == 0
+    assert "num_heads=2" in capsys.readouterr().out
+
+
 def test_schedule_switches_prompt_at_a_frame(tmp_path, capsys):
     out = tmp_path / "story.mp4"
     assert main(["generate", *SMALL[:4], "--frames", "37", "--device", "cpu", "--dtype", "fp32", "--out", str(out),
@@ -157,6 +167,7 @@ def test_schedule_switches_prompt_at_a_frame(tmp_path, capsys):
     # frame 13 is latent 4, inside chunk 2 (latents 3-5): the prompt takes over with chunk 3, which recaches
     # runs [0] and [4, 5] at both resolutions before its own 6 calls; the last chunk writes no cache
     assert [c["model_calls"] for c in report["chunks"]] == [6, 6, 10, 4]
+    assert [c["chunk"] for c in report["chunks"]] == [1, 2, 3, 4]  # numbered as in the table and the nodes
     assert main(["generate", *SMALL, "--schedule", "nonsense", "--out", str(tmp_path / "bad.mp4")]) == 2
     assert "FRAME:PROMPT" in capsys.readouterr().err
 
@@ -167,7 +178,8 @@ def test_pipeline_story_prompts(user_files, tmp_path):
                                        user_files / "umt5.pth", user_files / "tokenizer.json", device="cpu",
                                        text_cache_dir=tmp_path / "cache")
     report = pipe.generate([(0, "a fox runs"), (13, "a fox in snow")], width=64, height=64, frames=25,
-                           mode="histream+", out=tmp_path / "story.mp4")
+                           mode="histream+", out=tmp_path / "new" / "story.mp4")  # folders made, as the CLI does
+    assert report.path.is_file()
     assert [c.model_calls for c in report.chunks] == [6, 4, 6]  # chunk 3: 4 recache + 2 steps, no cache write
     assert not pipe.text_encoder.loaded
 
@@ -209,6 +221,7 @@ def test_bench_times_each_mode_with_its_exact_flops(capsys):
     assert main([*args, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert [row["mode"] for row in report["modes"]] == ["histream", "histream+", "self-forcing"]
+    assert report["kv_cache_fp8"] is False and report["repeats"] == 2 and report["attention"] == "sdpa"
     for row in report["modes"]:
         flops = run_flops(MODEL_PRESETS["tiny"], MODES[row["mode"]], 64, 64, 17)
         assert row["tflop_total"] == flops.tflop_total and row["model_calls"] == flops.model_calls
@@ -225,8 +238,8 @@ def test_bench_on_a_checkpoint_and_its_errors(user_files, capsys):
             "--frames", "9", "--device", "cpu", "--repeats", "1", "--warmup", "0"]
     assert main([*args, "--modes", "histream+"]) == 0
     assert "dit.safetensors" in capsys.readouterr().out
-    assert main([*args, "--modes", "histream+", "--fp8-weights"]) == 0
-    assert "fp8 weights" in capsys.readouterr().out
+    assert main([*args, "--modes", "histream+", "--fp8-weights", "--kv-cache-fp8"]) == 0
+    assert "fp8 weights, fp8 K/V cache" in capsys.readouterr().out  # the header names every option timed
     assert main([*args, "--modes", "histream,fastest"]) == 2
     assert "unknown ['fastest']" in capsys.readouterr().err
     assert main([*args, "--height", "72"]) == 2  # not on the dual-resolution grid: the sampler's message
@@ -254,6 +267,7 @@ def test_requests_are_checked_before_the_model_files_are_loaded(tmp_path, capsys
         (["--out", str(tmp_path)], "is a folder"),
         (["--frames", "8"], "4k+1"),
         (["--frames", "33", "--schedule", "30:later"], "would never be used: start it at frame 21 or before"),
+        (["--schedule", "0:first"], "frame 0 belongs to --prompt"),
         (["--out", str(tmp_path / "taken.mp4")], "is a folder"),
         (["--out", str(tmp_path / "new" / "x.avi")], "unknown container '.avi'"),
         (["--fps", "inf"], "fps must be between"),

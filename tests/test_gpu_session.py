@@ -38,7 +38,7 @@ def test_every_step_runs_at_toy_sizes(tmp_path: Path) -> None:
     assert "| stream |" in (tmp_path / "targets_vae.txt").read_text()
     assert "convs conv2d" in (tmp_path / "targets_vae_conv2d.txt").read_text()
     assert "profile of one histream video" in (tmp_path / "targets.txt").read_text()
-    assert "DiT weights" in json.loads((tmp_path / "targets_predicted.json").read_text())
+    assert "end_to_end_after_gib" in json.loads((tmp_path / "targets_predicted.json").read_text())
     tables = ("profile_vae", "profile_denoise", "vae_cl_norms", "vae_conv2d_norms", "quality", "taehv", "tiles",
               "autotune")
     for table in tables:

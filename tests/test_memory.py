@@ -82,7 +82,7 @@ def test_prediction_is_consistent(tiny_prediction) -> None:
     assert after <= max(p.denoise_peak + p.vae_weights, p.decode_peak + p.dit_weights) * 1.05
     # interleaved decodes while the DiT holds its caches
     assert interleaved >= p.decode_peak + p.dit_weights + p.dit_caches
-    assert "end to end, decode order 'after'" in p.table() and p.as_dict()["DiT weights"] >= 0
+    assert "end to end, decode order 'after'" in p.table() and p.as_dict()["dit_weights_gib"] >= 0
 
 
 @pytest.mark.parametrize("tiled", [False, True])
