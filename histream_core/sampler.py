@@ -90,6 +90,15 @@ def size_step(cfg: SamplerConfig, patch: int = 2) -> int:
     return math.lcm(token, token * scale.denominator // math.gcd(scale.numerator, token * scale.denominator))
 
 
+def untrained_positions(geometry: VideoGeometry, cfg: SamplerConfig) -> str | None:
+    """A warning when frames would sit at temporal RoPE positions the model never saw in training, else None."""
+    if cfg.rope_positions != "absolute" or geometry.latent_frames <= TRAINED_LATENT_FRAMES:
+        return None
+    return (f"{geometry.latent_frames} latent frames at absolute RoPE positions: frames past {TRAINED_LATENT_FRAMES} "
+            "(video frame 81) sit at temporal positions the model was never trained on; rope_positions 'window' "
+            "(--rope-positions window, the Anchor Window Cache node) keeps every position inside the window")
+
+
 def video_geometry(width: int, height: int, frames: int, cfg: SamplerConfig, patch: int = 2) -> VideoGeometry:
     """Validate a request and derive its latent grids; errors say what to change."""
     limits = (("width", width, MAX_SIDE), ("height", height, MAX_SIDE), ("frames", frames, MAX_FRAMES))
@@ -108,6 +117,8 @@ def video_geometry(width: int, height: int, frames: int, cfg: SamplerConfig, pat
             why = (f"dual-resolution caching runs the low-res passes at {cfg.low_res_scale:g}x, so the size must be "
                    f"a multiple of {step}" if cfg.drc else f"the model works on {step}-pixel tokens")
             suggestion = f"{lower} or {upper}" if lower > 0 else str(upper)
+            if step > 64:  # an awkward scale (0.33 needs multiples of 1600): a rounder one is the better fix
+                suggestion += " or a low-res scale that divides evenly (0.5: multiples of 32, 0.25 or 0.75: of 64)"
             raise RequestError(name, f"{name} {value} does not fit the latent grid ({why}); use {suggestion}")
     if frames < 1 or (frames - 1) % VAE_TEMPORAL_STRIDE:
         lower = max(1, frames - (frames - 1) % VAE_TEMPORAL_STRIDE)
@@ -338,11 +349,8 @@ def stream_video(
     every model call; True raises ``GenerationInterrupted``.
     """
     geometry = video_geometry(width, height, frames, cfg, model.cfg.patch_size[1])
-    if cfg.rope_positions == "absolute" and geometry.latent_frames > TRAINED_LATENT_FRAMES:
-        log.warning("%d latent frames at absolute RoPE positions: frames past %d (video frame 81) sit at temporal "
-                    "positions the model was never trained on; rope_positions 'window' (--rope-positions window, the "
-                    "Anchor Window Cache node) keeps every position inside the window", geometry.latent_frames,
-                    TRAINED_LATENT_FRAMES)
+    if (warning := untrained_positions(geometry, cfg)) is not None:
+        log.warning("%s", warning)
     prompts = prompt_schedule(model, text)
     check_prompt_starts([start for start, _ in prompts], geometry, cfg.stream.chunk_frames)
     plans = plan_video(geometry, cfg, frozenset(start for start, _ in prompts[1:]))
@@ -466,6 +474,6 @@ def generate_video(model: CausalWanModel, text, width: int, height: int, frames:
 
 
 __all__ = ["RequestError", "GenerationInterrupted", "VideoGeometry", "video_geometry", "size_step",
-           "check_prompt_starts", "ModelCall", "ChunkPlan", "plan_video", "Progress", "LatentChunk",
-           "NonFiniteLatents", "PromptSchedule", "prompt_schedule", "chunk_at_frame", "chunk_start_frame",
-           "stream_video", "generate_video", "chunk_noise", "seeded_generator", "resize_latents"]
+           "untrained_positions", "check_prompt_starts", "ModelCall", "ChunkPlan", "plan_video", "Progress",
+           "LatentChunk", "NonFiniteLatents", "PromptSchedule", "prompt_schedule", "chunk_at_frame",
+           "chunk_start_frame", "stream_video", "generate_video", "chunk_noise", "seeded_generator", "resize_latents"]

@@ -21,7 +21,7 @@ from contextlib import contextmanager, suppress
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -80,8 +80,11 @@ def check_video_path(path: str | os.PathLike[str], fps: float = WAN_FPS, crf: in
 
 
 @contextmanager
-def made_folders(folder: Path) -> Iterator[None]:
-    """Make ``folder`` and its missing parents for the block; if the block fails they go again (those still empty)."""
+def made_folders(folder: Path, made: Sequence[Path] = ()) -> Iterator[None]:
+    """Make ``folder`` and its missing parents for the block; if the block fails they go again (those still empty).
+
+    ``made``: folders another helper has just made for the same file (innermost first; ComfyUI's path helper
+    makes the output subfolders it names), removed with them."""
     missing = [f for f in (folder, *folder.parents) if not f.exists()]  # innermost first
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -90,12 +93,17 @@ def made_folders(folder: Path) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        for made in missing:
-            try:
-                made.rmdir()
-            except OSError:  # something was written there after all
-                break
+        remove_empty_folders([*missing, *made])
         raise
+
+
+def remove_empty_folders(folders: Sequence[Path]) -> None:
+    """Remove ``folders`` (innermost first) until one is not empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # something was written there after all
+            break
 
 
 def _ffmpeg_exe() -> str:
@@ -262,5 +270,5 @@ def write_video(path: str | os.PathLike[str], frames: FrameArray, fps: float = W
     return writer.path
 
 
-__all__ = ["VideoWriter", "VideoWriteError", "check_video_path", "made_folders", "write_video", "to_uint8_frames",
-           "WAN_FPS"]
+__all__ = ["VideoWriter", "VideoWriteError", "check_video_path", "made_folders", "remove_empty_folders", "write_video",
+           "to_uint8_frames", "WAN_FPS"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+from pathlib import Path
 from typing import Iterator
 from weakref import WeakKeyDictionary
 
@@ -21,7 +22,7 @@ from ..histream_core.vae import (NonFiniteFrames, TiledDecoder, TinyWanDecoder, 
                                  check_finite_frames, frames_to_images, load_tiny_decoder)
 from ..histream_core.vae import checkpoints as vae_checkpoints
 from ..histream_core.vae.tiling import SMALLEST_USEFUL_TILE
-from ..histream_core.video import VideoWriter, check_video_path, made_folders
+from ..histream_core.video import VideoWriter, check_video_path, made_folders, remove_empty_folders
 from . import host
 from .errors import input_error, out_of_memory_advice
 
@@ -71,17 +72,29 @@ def cached_tiny_decoder(name: str, dtype: torch.dtype, node: str = NODE, input_n
 
 
 def decoded_chunks(decoder, latents: torch.Tensor, bar) -> Iterator[torch.Tensor]:
-    """Frames [B, 3, t, H, W] in [-1, 1], chunk by chunk; checks for an interrupt before each chunk. The decoder's
-    stream owns its causal caches, so the previous chunk's are freed as the next one uses them."""
+    """Frames [B, 3, t, H, W] in [-1, 1], chunk by chunk. The decoder's stream owns its causal caches, so the
+    previous chunk's are freed as the next one uses them.
+
+    An interrupt is checked before each chunk and, with tiles, before each tile: a tiled decode works through a
+    segment of up to 7 chunks tile by tile before any of its frames come out, so the progress bar counts tiles."""
     starts = range(0, latents.shape[2], CHUNK_LATENT_FRAMES)
+    tiles = decoder.tile_count(*latents.shape[3:]) if isinstance(decoder, TiledDecoder) else 1
+    done = 0  # chunks whose frames are out
+
+    def before_tile(tile: int, _tiles: int, chunks: int) -> None:
+        host.raise_if_interrupted()
+        bar.update_absolute(done * tiles + chunks * tile, len(starts) * tiles)
 
     def pieces():
         for start in starts:
             host.raise_if_interrupted()
             yield latents[:, :, start:start + CHUNK_LATENT_FRAMES]
 
-    for done, frames in enumerate(decoder.decode_stream(pieces()), 1):
-        bar.update_absolute(done, len(starts))
+    if isinstance(decoder, TiledDecoder):
+        decoder.before_tile = before_tile  # the node makes a fresh TiledDecoder for every decode
+    for frames in decoder.decode_stream(pieces()):
+        done += 1
+        bar.update_absolute(done * tiles, len(starts) * tiles)
         try:
             check_finite_frames(frames, done)
         except NonFiniteFrames as exc:  # ComfyUI would show the exception's class path; this names the node
@@ -96,18 +109,21 @@ def check_tile_size(node: str, name: str, tile_size: int) -> None:
                           f"least {MIN_TILE_PX} px; 512 fits a 1080p decode in about 4 GiB")
 
 
-def mp4_path(prefix: str, width: int, height: int, fps: float, crf: int):
-    """The numbered mp4 path under the output folder for ``prefix`` (checked), and its subfolder."""
+def mp4_path(prefix: str, width: int, height: int, fps: float, crf: int) -> tuple[Path, str, list[Path]]:
+    """The numbered mp4 path under the output folder for ``prefix`` (checked), its subfolder, and the folders ComfyUI
+    made for it (to go again if the mp4 is not written)."""
     if not prefix.strip():
         raise input_error(NODE, "filename_prefix", "empty: give a name such as HiStream/video")
+    made = []
     try:
-        path, subfolder = host.new_output_file(prefix, width, height, ".mp4")
+        path, subfolder, made = host.new_output_file(prefix, width, height, ".mp4")
         check_video_path(path, fps, crf, folder_may_be_missing=True)
     except Exception as exc:  # ComfyUI refuses paths outside the output folder with a bare "**** ERROR: ..."
+        remove_empty_folders(made)
         reason = str(exc).strip().splitlines()[0].strip("* ").removeprefix("ERROR: ")
         raise input_error(NODE, "filename_prefix", f"{prefix!r} cannot name a file in the output folder "
                           f"({reason}); use a short relative name such as HiStream/video") from None
-    return path, subfolder
+    return path, subfolder, made
 
 
 def small(images: torch.Tensor) -> torch.Tensor:
@@ -169,6 +185,9 @@ class HiStreamVAEChunkDecode:
         if latents.ndim != 5 or latents.shape[1] != 16:
             raise input_error(NODE, "samples", f"expected Wan video latents [batch, 16, frames, H/8, W/8], got shape "
                               f"{tuple(latents.shape)}: connect a Wan video LATENT (e.g. HiStream Dual-Res Sampler)")
+        if not torch.isfinite(latents).all():
+            raise input_error(NODE, "samples", "the latents hold NaN or inf values, so every frame would be black: "
+                              "regenerate them (the node that made them says why, e.g. a NaN conditioning)")
         check_tile_size(NODE, "tile_size", tile_size)
         if tile_overlap % 8:
             raise input_error(NODE, "tile_overlap", f"{tile_overlap} is not a multiple of 8 (one latent pixel); use "
@@ -191,7 +210,7 @@ class HiStreamVAEChunkDecode:
             model = streaming_vae(vae)
             decoder = TiledDecoder(model, tile=tile_size // 8, overlap=tile_overlap // 8) if tile_size else model
         height, width = (8 * s for s in latents.shape[3:])
-        bar = host.progress_bar(-(-latents.shape[2] // CHUNK_LATENT_FRAMES), unique_id)
+        bar = host.progress_bar(-(-latents.shape[2] // CHUNK_LATENT_FRAMES), unique_id)  # decoded_chunks sets the total
         with torch.no_grad(), out_of_memory_advice(width, height, (
                 "set tile_size (e.g. 512) in VAE Chunk Decode, use fp8 weights in HiStream Loader, or lower the "
                 "resolution")):
@@ -199,9 +218,9 @@ class HiStreamVAEChunkDecode:
                 videos = [frames_to_images(f).unflatten(0, (latents.shape[0], -1)).to(host.output_device())
                           for f in decoded_chunks(decoder, latents, bar)]
                 return {"result": (torch.cat(videos, dim=1).flatten(0, 1), "")}
-            path, subfolder = mp4_path(filename_prefix, width, height, fps, crf)
+            path, subfolder, made = mp4_path(filename_prefix, width, height, fps, crf)
             previews, written = [], 0
-            with made_folders(path.parent), VideoWriter(path, fps=fps, crf=crf) as writer:
+            with made_folders(path.parent, made), VideoWriter(path, fps=fps, crf=crf) as writer:
                 for frames in decoded_chunks(decoder, latents, bar):
                     writer.write(frames)
                     images = frames_to_images(frames)

@@ -7,6 +7,7 @@ without ComfyUI (unit tests, ``python -c``), and they exist only once the host h
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -78,11 +79,16 @@ def model_path(folder: str, name: str) -> str:
     return folder_paths.get_full_path_or_raise(folder, name)
 
 
-def new_output_file(prefix: str, width: int, height: int, suffix: str) -> tuple[Path, str]:
-    """A fresh path under ComfyUI's output folder, numbered as ComfyUI's save nodes do, and its subfolder. Its
-    folder may not exist yet (``histream_core.video.made_folders`` makes it for as long as the file is written)."""
+def new_output_file(prefix: str, width: int, height: int, suffix: str) -> tuple[Path, str, list[Path]]:
+    """A fresh path under ComfyUI's output folder, numbered as ComfyUI's save nodes do, its subfolder, and the
+    folders ComfyUI made for it (innermost first), which the caller removes if the file is never written.
+
+    ComfyUI's path helper makes missing folders without saying which; they are known when the prefix names its
+    folder literally (with %date%-style variables in the folder part they are left, as ComfyUI's own nodes do)."""
     import folder_paths
 
-    folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(
-        prefix, folder_paths.get_output_directory(), width, height)
-    return Path(folder) / f"{name}_{counter:05}_{suffix}", subfolder
+    output = Path(folder_paths.get_output_directory())
+    named = output / os.path.dirname(os.path.normpath(prefix))
+    missing = [f for f in (named, *named.parents) if output in f.parents and not f.exists()]
+    folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(prefix, str(output), width, height)
+    return Path(folder) / f"{name}_{counter:05}_{suffix}", subfolder, missing if Path(folder) == named else []

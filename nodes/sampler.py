@@ -17,12 +17,13 @@ from ..histream_core.config import SamplerConfig
 from ..histream_core.modes import (FLOAT_KNOBS, MODES, STEP_KNOBS, STEPS_EXAMPLE, KnobError, knob_values,
                                    with_knobs)
 from ..histream_core.sampler import (LatentChunk, NonFiniteLatents, RequestError, VideoGeometry, chunk_start_frame,
-                                     stream_video, video_geometry)
+                                     stream_video, untrained_positions, video_geometry)
 from ..histream_core.vae import denormalize, frames_to_images, latent_preview
 from . import host
 from .errors import input_error, out_of_memory_advice
 from .decode import cached_tiny_decoder
 from .loader import HiStreamModel
+from .schedule import NODE as SCHEDULE_NODE
 from .schedule import HiStreamPrompts
 from .window import HiStreamWindow
 
@@ -61,25 +62,30 @@ def request_geometry(node: str, width: int, height: int, length: int, cfg: Sampl
 
 
 # -- conditioning ------------------------------------------------------------------------------------------------------
-def text_context(positive, text_dim: int, text_len: int) -> tuple[torch.Tensor, list[str]]:
+def text_context(positive, text_dim: int, text_len: int, node: str = NODE,
+                 input_name: str = "positive") -> tuple[torch.Tensor, list[str]]:
     """ComfyUI Wan CONDITIONING -> the text states the model reads [1, tokens <= text_len, text_dim], and notes.
 
     ComfyUI's umT5 gives [1, max(512, tokens), 4096] with the padding zeroed, so the prompt's length is the number of
     rows up to the last non-zero one; anything past the model's text length is cut (and the notes say so).
+    Errors name ``node`` and its input ``input_name`` (the sampler's positive, or a Prompt Schedule input).
     """
     if not positive or not isinstance(positive[0][0], torch.Tensor):
-        raise input_error(NODE, "positive", "no conditioning: connect a CLIPTextEncode on a CLIPLoader of type 'wan'")
+        raise input_error(node, input_name, "no conditioning: connect a CLIPTextEncode on a CLIPLoader of type 'wan'")
     cond = positive[0][0]
     if cond.ndim != 3 or cond.shape[-1] != text_dim:
         fix = ("encode the prompt with CLIPLoader type 'wan' and umt5_xxl_fp8_e4m3fn_scaled.safetensors"
                + (" (768 wide is CLIP-L, which Wan cannot read)" if cond.shape[-1] == 768 else "")
                if text_dim == WAN_TEXT_DIM else f"this checkpoint reads {text_dim}-wide text states, not umT5-XXL's "
                f"{WAN_TEXT_DIM}: load a Wan2.1 text-to-video checkpoint in HiStream Loader")
-        raise input_error(NODE, "positive", f"the conditioning has shape {tuple(cond.shape)} but the model reads "
+        raise input_error(node, input_name, f"the conditioning has shape {tuple(cond.shape)} but the model reads "
                           f"[1, tokens, {text_dim}]; {fix}")
+    if not torch.isfinite(cond).all():
+        raise input_error(node, input_name, "the conditioning holds NaN or inf values: encode the prompt again; if it "
+                          "stays so, the text encoder file is damaged (download it again)")
     used = torch.nonzero(cond[0].abs().amax(dim=-1) > 0)
     if used.numel() == 0:
-        raise input_error(NODE, "positive", "the conditioning is all zeros: encode a prompt with CLIPTextEncode")
+        raise input_error(node, input_name, "the conditioning is all zeros: encode a prompt with CLIPTextEncode")
     tokens = int(used.max()) + 1
     notes = []
     if len(positive) > 1:
@@ -89,7 +95,7 @@ def text_context(positive, text_dim: int, text_len: int) -> tuple[torch.Tensor, 
     if tokens > text_len:
         notes.append(f"prompt cut: {tokens} tokens, the model reads the first {text_len}")
     for note in notes:
-        log.warning("%s: %s", NODE, note)
+        log.warning("%s: %s", node, note)
     return cond[:1, :min(tokens, text_len)].float(), notes
 
 
@@ -97,8 +103,8 @@ def scheduled_text(schedule: HiStreamPrompts, first: torch.Tensor, cfg: SamplerC
                    model_cfg) -> tuple[list[tuple[int, torch.Tensor]], list[str]]:
     """The engine's prompt schedule [(first chunk, states)] from the first prompt and the schedule node's prompts."""
     num_chunks = geometry.num_chunks(cfg.stream.chunk_frames)
-    entries, notes = [(0, first)], []
-    for start, conditioning in schedule.chunk_starts(cfg.stream.chunk_frames):
+    entries, notes, numbers = [(0, first)], [], []
+    for start, conditioning, number in schedule.chunk_starts(cfg.stream.chunk_frames):
         if start >= num_chunks:  # a note, not an error: a short test render keeps the schedule attached
             last = chunk_start_frame(num_chunks - 1, cfg.stream.chunk_frames)
             note = (f"a scheduled prompt (chunk {start + 1}) starts after this {geometry.frames}-frame video's last "
@@ -107,10 +113,14 @@ def scheduled_text(schedule: HiStreamPrompts, first: torch.Tensor, cfg: SamplerC
             notes.append(note)
             continue
         if start <= entries[-1][0]:
-            raise input_error(NODE, "prompt_schedule", f"two prompts start in chunk {start + 1} (chunks are "
-                              f"{4 * cfg.stream.chunk_frames} frames): space their start frames further apart")
-        states, more = text_context(conditioning, model_cfg.text_dim, model_cfg.text_len)
+            earlier = f"start_frame_{numbers[-1]}" if numbers else "the first prompt (positive)"
+            raise input_error(NODE, "prompt_schedule", f"{earlier} and start_frame_{number} of {SCHEDULE_NODE} both "
+                              f"fall in chunk {start + 1} (chunks are {4 * cfg.stream.chunk_frames} frames): space "
+                              "them further apart")
+        states, more = text_context(conditioning, model_cfg.text_dim, model_cfg.text_len, SCHEDULE_NODE,
+                                    f"positive_{number}")
         entries.append((start, states))
+        numbers.append(number)
         notes += more
     return entries, notes
 
@@ -230,6 +240,8 @@ class HiStreamDualResSampler:
             cfg = cfg.with_(kv_recache=prompt_schedule.kv_recache, recache_anchor=prompt_schedule.recache_anchor)
             text, more_notes = scheduled_text(prompt_schedule, context, cfg, geometry, dit.cfg)
             notes += more_notes
+        if (warning := untrained_positions(geometry, cfg)) is not None:  # the engine logs it; artists read the node
+            notes.append(warning)
         device = model.device
         previews = ChunkPreviews(None if preview_decoder == LATENT_COLORS else cached_tiny_decoder(
             preview_decoder, dit.compute_dtype, NODE, "preview_decoder", preview=True, device=device), width, height)

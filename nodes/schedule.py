@@ -17,15 +17,18 @@ LATER_PROMPTS = 3
 
 @dataclass(frozen=True)
 class HiStreamPrompts:
-    """The HISTREAM_PROMPTS value: (first video frame, CONDITIONING) of each later prompt, and the recache switches."""
+    """The HISTREAM_PROMPTS value: (first video frame, CONDITIONING, prompt number) of each later prompt, and the
+    recache switches. The number i (2, 3, ...) names the node's inputs positive_i and start_frame_i in messages."""
 
-    entries: tuple[tuple[int, list], ...]
+    entries: tuple[tuple[int, list, int], ...]
     kv_recache: bool
     recache_anchor: bool
 
-    def chunk_starts(self, chunk_frames: int) -> list[tuple[int, list]]:
-        """(first chunk, conditioning): a prompt starts with the first chunk that begins at or after its frame."""
-        return [(chunk_at_frame(frame, chunk_frames), conditioning) for frame, conditioning in self.entries]
+    def chunk_starts(self, chunk_frames: int) -> list[tuple[int, list, int]]:
+        """(first chunk, conditioning, prompt number): a prompt starts with the first chunk that begins at or after
+        its frame."""
+        return [(chunk_at_frame(frame, chunk_frames), conditioning, number)
+                for frame, conditioning, number in self.entries]
 
 
 class HiStreamPromptSchedule:
@@ -61,11 +64,11 @@ class HiStreamPromptSchedule:
         for i in range(2, LATER_PROMPTS + 2):
             conditioning = inputs.get(f"positive_{i}")
             if conditioning is not None:
-                entries.append((int(inputs.get(f"start_frame_{i}", 48 * (i - 1))), conditioning))
+                entries.append((int(inputs.get(f"start_frame_{i}", 48 * (i - 1))), conditioning, i))
                 names.append(f"start_frame_{i}")
         if not entries:
             raise input_error(NODE, "positive_2", "connect at least one later prompt (CLIPTextEncode)")
-        frames = [frame for frame, _ in entries]
+        frames = [frame for frame, _, _ in entries]
         late = next((j for j in range(1, len(frames)) if frames[j] <= frames[j - 1]), None)
         if late is not None:
             raise input_error(NODE, names[late], f"{frames[late]} is not after {names[late - 1]} ({frames[late - 1]}): "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -189,10 +190,13 @@ def test_tiled_decode_gives_the_same_frames_count(comfy_host, stock_vae):
 
 
 def test_non_finite_frames_are_an_error_and_save_nothing(comfy_host, stock_vae):
-    latents = torch.full((1, 16, 2, 8, 8), float("nan"))
+    latents = torch.randn(1, 16, 2, 8, 8)
+    vae = pack_module("nodes.decode").streaming_vae(stock_vae)
+    with torch.no_grad():
+        vae.decoder.head[2].weight.fill_(float("nan"))  # a damaged VAE file: finite latents, NaN frames
     with pytest.raises(ValueError, match="decoded frames of chunk 1 are NaN/inf"):
-        decode(latents, stock_vae, save_mp4=True, filename_prefix="HiStream/nan")
-    assert not [name for name in files_under(comfy_host.output) if "nan" in name]
+        decode(latents, stock_vae, save_mp4=True, filename_prefix="HiStream/nan/video")
+    assert not list(comfy_host.output.rglob("*"))  # no file, and no folder ComfyUI made for it
 
 
 def test_tiny_decoder_from_vae_approx(comfy_host, stock_vae):
@@ -246,6 +250,24 @@ def test_interrupt_mid_decode_leaves_no_file(comfy_host, stock_vae):
     assert files_under(comfy_host.output) == []
 
 
+def test_interrupt_mid_tiled_decode_stops_between_tiles(comfy_host, stock_vae):
+    """A tiled decode works through a segment of up to 7 chunks tile by tile before any frames come out: the
+    progress bar counts tiles, and each tile is an interrupt point."""
+    latents = torch.randn(1, 16, 9, 16, 16, generator=torch.Generator().manual_seed(3))  # 3 chunks, one segment
+    out = decode(latents, stock_vae, tile_size=64, tile_overlap=16)  # 3 x 3 tiles of 8 latent px
+    values = [value for value, _, _ in comfy_host.progress]
+    assert values == [0, 3, 6, 9, 12, 15, 18, 21, 24, 9, 18, 27] and comfy_host.progress[-1][1] == 27
+    comfy_host.progress.clear()
+    comfy_host.interrupt_after = 3  # during the segment: before its third tile
+    (comfy_host.output / "Cut").mkdir()
+    os.utime(comfy_host.output / "Cut", (1e9, 1e9))  # the artist's folder, made long ago
+    with pytest.raises(InterruptProcessingException):
+        decode(latents, stock_vae, tile_size=64, tile_overlap=16, save_mp4=True, filename_prefix="Cut/deep/video")
+    assert len(comfy_host.progress) == 3
+    assert list(comfy_host.output.rglob("*")) == [comfy_host.output / "Cut"]  # no file; "deep" (made for it) gone
+    assert out["result"][0].shape[0] == 33
+
+
 def test_interrupt_mid_chunk_stops_the_sampler(comfy_host, loaded):
     comfy_host.interrupt_after = 2  # after the second model call of chunk 1
     with pytest.raises(InterruptProcessingException):
@@ -271,6 +293,8 @@ def test_sampler_checks_for_an_interrupt_before_each_model_call(comfy_host, load
     (dict(later_chunk_steps="500|1000"), "input 'later_chunk_steps': .*strictly decrease"),
     (dict(mode="no-drc", first_chunk_steps="1000|500"), "input 'first_chunk_steps': mode 'no-drc' has no low-res"),
     (dict(positive=wan_conditioning(20, width=768)), "input 'positive': .*umt5_xxl_fp8_e4m3fn_scaled.safetensors"),
+    (dict(positive=[[torch.full((1, 512, 4096), float("nan")), {}]]), "input 'positive': the conditioning holds NaN"),
+    (dict(width=192, low_res_scale=0.33), "input 'width': .* use 1600 or a low-res scale that divides evenly"),
 ])
 def test_sampler_bad_inputs_name_the_input_and_the_fix(comfy_host, loaded, kwargs, message):
     with pytest.raises(ValueError, match=f"HiStream Dual-Res Sampler, {message}"):
@@ -281,6 +305,12 @@ def test_sampler_bad_inputs_name_the_input_and_the_fix(comfy_host, loaded, kwarg
 def test_sixteen_pixel_sizes_are_fine_without_drc(comfy_host, loaded):
     out = sample(loaded, mode="no-drc", width=48, length=5)
     assert out["result"][0]["samples"].shape == (1, 16, 2, 8, 6)
+
+
+def test_past_the_trained_positions_is_said_in_the_node_text(comfy_host, loaded):
+    notes = sample(loaded, mode="histream+", length=89)["ui"]["text"]  # 23 latent frames, absolute RoPE positions
+    assert any(note.startswith("23 latent frames at absolute RoPE positions") for note in notes)
+    assert len(sample(loaded, mode="histream+", length=81)["ui"]["text"]) == 1  # 21: the summary alone
 
 
 def test_long_prompt_is_cut_and_said(comfy_host, loaded):
@@ -329,6 +359,7 @@ def importlib_available(name: str) -> bool:
     (dict(save_mp4=True, fps=0.0), "input 'filename_prefix': .*fps"),
     (dict(vae="not a vae"), "input 'vae': expected a ComfyUI VAE"),
     (dict(samples=torch.zeros(1, 16, 8, 8)), "input 'samples': expected Wan video latents"),
+    (dict(samples=torch.full((1, 16, 1, 8, 8), float("inf"))), "input 'samples': the latents hold NaN or inf"),
 ])
 def test_decode_bad_inputs(comfy_host, stock_vae, kwargs, message):
     samples = kwargs.pop("samples", torch.zeros(1, 16, 1, 8, 8))
@@ -393,6 +424,15 @@ def test_prompt_schedule_bad_inputs(comfy_host, loaded):
     with pytest.raises(ValueError, match="input 'start_frame_4': 40 is not after start_frame_2 \\(40\\)"):
         node.build(True, True, positive_2=wan_conditioning(4), start_frame_2=40,
                    positive_4=wan_conditioning(4), start_frame_4=40)
+    clash = node.build(True, True, positive_2=wan_conditioning(4), start_frame_2=46,
+                       positive_3=wan_conditioning(4), start_frame_3=47)[0]
+    with pytest.raises(ValueError, match="Sampler, input 'prompt_schedule': start_frame_2 and start_frame_3 of "
+                                         "HiStream Prompt Schedule both fall in chunk 6"):
+        sample(loaded, length=81, prompt_schedule=clash)
+    clip_l = node.build(True, True, positive_2=wan_conditioning(4), start_frame_2=13,
+                        positive_3=wan_conditioning(4, width=768), start_frame_3=25)[0]
+    with pytest.raises(ValueError, match="HiStream Prompt Schedule, input 'positive_3': .* CLIP-L"):
+        sample(loaded, length=37, prompt_schedule=clip_l)  # the schedule's input is named, not the sampler's
     late = node.build(True, True, positive_2=wan_conditioning(4), start_frame_2=500)[0]
     notes = sample(loaded, length=13, prompt_schedule=late)["ui"]["text"]
     assert any("starts after this 13-frame video's last chunk (frame 9) and is unused" in note for note in notes)

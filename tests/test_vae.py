@@ -259,6 +259,26 @@ def test_tiled_streaming_equals_tiled_whole(vae: WanVAE) -> None:
     assert torch.equal(_stream_decode(tiled, lat, [0, 1, 3]), tiled.decode(lat))
 
 
+def test_tiled_stream_calls_before_tile_for_each_tile_of_each_segment(vae: WanVAE) -> None:
+    """The hook where a caller reports progress or stops: a segment's frames come out only after all its tiles."""
+    lat = rand(1, 16, 3, 8, 10, seed=4)
+    calls = []
+    tiled = TiledDecoder(vae, tile=6, overlap=2, segment_frames=2,
+                         before_tile=lambda tile, tiles, chunks: calls.append((tile, tiles, chunks)))
+    assert tiled.tile_count(8, 10) == 4
+    list(tiled.decode_stream(lat.split(1, dim=2)))  # segments: chunks 1-2, then chunk 3
+    assert calls == [(k, 4, 2) for k in range(4)] + [(k, 4, 1) for k in range(4)]
+
+    def stop(tile, tiles, chunks):
+        if tile == 1:
+            raise KeyboardInterrupt
+
+    tiled.before_tile, decoded = stop, []
+    with pytest.raises(KeyboardInterrupt):
+        decoded.extend(tiled.decode_stream(lat.split(1, dim=2)))
+    assert decoded == []  # stopped inside the first segment, before any of its frames
+
+
 def test_tiled_decoder_validates() -> None:
     with pytest.raises(ValueError, match="overlap"):
         TiledDecoder(WanVAE(TINY), tile=8, overlap=8)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -93,10 +93,13 @@ class TiledDecoder:
     tiles sharing at least 128 px. ``frames_per_pass`` is passed to :meth:`WanVAE.decode_chunk`.
     ``segment_frames``: :meth:`decode_stream` gathers chunks until it holds this many latent frames (21 = 81 video
     frames; at 1080p the segment's frames take ~2 GB in fp32 while they are blended) and decodes them tile by tile.
+    ``before_tile(tile, tiles, chunks)`` is called before each tile is decoded (``tile`` from 0 of ``tiles``, over
+    ``chunks`` chunks): a segment's frames come out only after all its tiles, so this is where a caller reports
+    progress or stops a long decode (by raising).
     """
 
     def __init__(self, vae: WanVAE, tile: int = 64, overlap: int = 16, frames_per_pass: int | None = 1,
-                 segment_frames: int = 21) -> None:
+                 segment_frames: int = 21, before_tile: Callable[[int, int, int], None] | None = None) -> None:
         if tile < 1:
             raise ValueError(f"tile must be >= 1 latent pixel, got {tile}")
         if not 0 <= overlap < tile:
@@ -108,6 +111,7 @@ class TiledDecoder:
         self.overlap = overlap
         self.frames_per_pass = frames_per_pass
         self.segment_frames = segment_frames
+        self.before_tile = before_tile
 
     @classmethod
     def overlapping_by_a_quarter(cls, vae: WanVAE, tile: int) -> "TiledDecoder":
@@ -134,7 +138,7 @@ class TiledDecoder:
             new_tiles.append(tile_state)
             return frames
 
-        frames = self._blend(latents, rows, cols, decode_tile)
+        frames = self._blend(latents, rows, cols, decode_tile, chunks=1)
         return frames, TiledState(tuple(new_tiles))
 
     @torch.no_grad()
@@ -161,7 +165,7 @@ class TiledDecoder:
                 parked[k] = None if last else _park(box[0])
                 return frames
 
-            frames = self._blend(latents, rows, cols, decode_tile)
+            frames = self._blend(latents, rows, cols, decode_tile, chunks=len(segment))
             sizes = [self._video_frames(c.shape[2], first=not started and i == 0) for i, c in enumerate(segment)]
             yield from frames.split(sizes, dim=2)
             meta = meta.advanced(None, latents)
@@ -189,7 +193,7 @@ class TiledDecoder:
         rows, cols = self._spans(latents)
         return self._blend(latents, rows, cols,
                            lambda k, tile: self.vae.decode_chunk(tile, self.vae.initial_state(),
-                                                                 self.frames_per_pass)[0])
+                                                                 self.frames_per_pass)[0], chunks=1)
 
     def _spans(self, latents: torch.Tensor) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
         if latents.ndim != 5:
@@ -197,11 +201,17 @@ class TiledDecoder:
         return (tile_spans(latents.shape[3], self.tile, self.overlap),
                 tile_spans(latents.shape[4], self.tile, self.overlap))
 
-    def _blend(self, latents: torch.Tensor, rows, cols, decode_tile) -> torch.Tensor:
+    def tile_count(self, height: int, width: int) -> int:
+        """How many tiles cover a latent frame of ``height`` x ``width``."""
+        return len(tile_spans(height, self.tile, self.overlap)) * len(tile_spans(width, self.tile, self.overlap))
+
+    def _blend(self, latents: torch.Tensor, rows, cols, decode_tile, chunks: int) -> torch.Tensor:
         """Decode every tile (row-major, tile k by ``decode_tile(k, tile_latents)``) and blend them into frames."""
         scale = self.vae.config.spatial_factor
         out = weights = frames = None
         for k, (i, j) in enumerate((i, j) for i in range(len(rows)) for j in range(len(cols))):
+            if self.before_tile is not None:
+                self.before_tile(k, len(rows) * len(cols), chunks)
             (r0, r1), (c0, c1) = rows[i], cols[j]
             frames = decode_tile(k, latents[:, :, :, r0:r1, c0:c1])
             if out is None:
