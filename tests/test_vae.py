@@ -417,11 +417,13 @@ def test_no_decode_path_records_autograd(vae: WanVAE, latents: torch.Tensor) -> 
     assert not any(frames.requires_grad for frames in outputs)
 
 
-def test_tiled_stream_in_segments_parks_caches_and_stays_exact(vae: WanVAE, latents: torch.Tensor) -> None:
-    """Segments of 2 latent frames over chunks of 1, 2, 2: tiles continue their streams from host-parked caches
-    and give the per-chunk tiled decode's frames bit for bit, one output per input chunk."""
+def test_tiled_stream_in_segments_parks_caches_and_stays_exact(vae: WanVAE) -> None:
+    """Segments of 2 latent frames over chunks of 1, 2, 2: the 2 x 2 tiles continue their streams from host-parked
+    caches and give the per-chunk tiled decode's frames bit for bit, one output per input chunk."""
+    latents = rand(1, 16, 5, 8, 10, seed=6)
     pieces = [latents[:, :, :1], latents[:, :, 1:3], latents[:, :, 3:]]
     tiled = TiledDecoder(vae, tile=6, overlap=2, segment_frames=2)
+    assert tiled.tile_count(8, 10) == 4
     state, by_chunk = tiled.initial_state(), []
     for piece in pieces:
         frames, state = tiled.decode_chunk(piece, state)
