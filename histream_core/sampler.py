@@ -265,7 +265,8 @@ class LatentChunk:
 
 # -- sampling helpers ----------------------------------------------------------------------------------------------
 def chunk_noise(seed: int, chunk: int, draw: int, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """Gaussian noise fixed by (seed, chunk, draw): chunk i's noise is the same whatever the mode or earlier chunks.
+    """Gaussian noise fixed by (seed, chunk, draw, shape): chunk i's noise does not depend on earlier chunks, and is
+    the same across modes that draw it at the same shape (dual resolution draws the first one at the low resolution).
 
     Drawn on the CPU so a seed gives the same video on every device.
     """

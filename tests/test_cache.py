@@ -131,3 +131,71 @@ def test_a_windowed_cache_drops_frames_as_it_writes():
         assert windowed.positions == plain.positions == [0, start + 1, start + 2]
         for got, want in zip(windowed.keys + windowed.values, plain.keys + plain.values):
             assert torch.equal(got, want)
+
+
+def test_ntk_factors_turn_each_axis_by_the_formula():
+    """NTK RoPE: axis a's base is rope_theta * factor_a, so the keys written with factors F are the plain keys turned
+    by pos_a * ((theta * F_a) ** (-2j / d_a) - theta ** (-2j / d_a)) on pair j of axis a. Distinct factors per axis
+    catch a factor given to the wrong axis (and factors that never reach the RoPE)."""
+    from histream_core.model import AttentionSettings
+    model = tiny_model(seed=1)
+    frames, rows, cols, start = 2, 2, 3, 4  # latent 2 x 4 x 6 -> tokens (2, 2, 3), at temporal positions 4, 5
+    x = torch.randn(1, 16, frames, 2 * rows, 2 * cols, generator=torch.Generator().manual_seed(0))
+    text = model.encode_text(torch.randn(1, 5, model.cfg.text_dim))
+    factors = (2.0, 3.0, 5.0)
+    plain, scaled = KVCache(2), KVCache(2)
+    with torch.no_grad():
+        model(x, torch.zeros(1), text, cache=plain, frame_start=start, update_cache=True)
+        model(x, torch.zeros(1), text, cache=scaled, frame_start=start, update_cache=True,
+              settings=AttentionSettings(rope_factors=factors))
+    f, y, c = torch.meshgrid(torch.arange(frames) + start, torch.arange(rows), torch.arange(cols), indexing="ij")
+    turn = []
+    for pos, d, factor in zip((f, y, c), model.cfg.rope_split, factors):  # Wan: 8 / 8 / 8 channels here
+        j = torch.arange(d // 2, dtype=torch.float64)
+        omega = lambda theta: theta ** (-2 * j / d)  # noqa: E731
+        turn.append(pos.flatten()[:, None].double() * (omega(10000.0 * factor) - omega(10000.0)))
+    rotation = torch.polar(torch.ones(1), torch.cat(turn, dim=1).float())[None, :, None, :]  # [1, L, 1, head_dim/2]
+    # the first block's keys come from the same input (later blocks' inputs depend on the RoPE through attention)
+    k_plain = torch.view_as_complex(plain.keys[0].unflatten(-1, (-1, 2)).contiguous())
+    expected = torch.view_as_real(k_plain * rotation).flatten(-2)
+    torch.testing.assert_close(scaled.keys[0], expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(plain.keys[0], scaled.keys[0], atol=1e-3)
+    assert torch.equal(plain.values[0], scaled.values[0])
+
+
+def test_logit_scale_multiplies_the_self_attention_logits():
+    """HD inference's attention scaling multiplies the softmax logits of self-attention, the cached keys included:
+    the same as scaling every query (here through norm_q's gain) and leaving the scale at 1, for a cache pass and for
+    a call over that cache. Cross-attention is not scaled."""
+    import math
+    from histream_core.model import AttentionSettings
+    scale = math.log(2040 * 2) / math.log(2040)  # chunk 1's coefficient at the paper's settings
+    model, reference = tiny_model(seed=4), tiny_model(seed=4)
+    with torch.no_grad():
+        for block in reference.blocks:
+            block.self_attn.norm_q.weight.mul_(scale)
+    gen = torch.Generator().manual_seed(0)
+    prefix, x = torch.randn(1, 16, 3, 4, 4, generator=gen), torch.randn(1, 16, 3, 4, 4, generator=gen)
+    text = torch.randn(1, 5, model.cfg.text_dim, generator=gen)
+    outputs = []
+    with torch.no_grad():
+        for m, settings in ((model, AttentionSettings(logit_scale=scale)), (reference, AttentionSettings()),
+                            (model, AttentionSettings())):
+            cache = KVCache(2)
+            m(prefix, torch.zeros(1), text, cache=cache, update_cache=True, settings=settings)
+            outputs.append(m(x, torch.tensor([700.0]), text, cache=cache, frame_start=3, settings=settings))
+    scaled, queries_scaled, unscaled = outputs
+    torch.testing.assert_close(scaled, queries_scaled, atol=1e-5, rtol=1e-5)
+    assert (scaled - unscaled).abs().max() > 1e-2
+
+
+def test_an_anchor_longer_than_the_frames_held_keeps_what_there_is():
+    """anchor_frames may exceed the frames written so far (the node allows up to 21): the window keeps the first
+    anchor_frames and the last local_frames of what the cache holds, never indices past its end."""
+    cache = KVCache(num_layers=1, window=(4, 2))
+    held = []
+    for start in (0, 3, 6):
+        cache.write([kv(3, value=float(start))], [start, start + 1, start + 2], tokens_per_frame=4)
+        held.append(list(cache.positions))
+    assert held == [[0, 1, 2], [0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 7, 8]]
+    assert cache.keys[0].shape[1] == 6 * 4

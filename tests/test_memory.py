@@ -140,3 +140,13 @@ def test_long_requests_run_capped_only_with_the_sliding_window() -> None:
     windowed = predict_memory(tiny, vae, 64, 64, 85, mode_config("histream+"), torch.float32, orders=())
     full_cache = predict_memory(tiny, vae, 64, 64, 85, mode_config("self-forcing"), torch.float32, orders=())
     assert windowed.frames_run == 81 and full_cache.frames_run == 85
+
+
+def test_caches_between_chunks_are_the_largest_cache_held() -> None:
+    """Without the sliding window the caches grow chunk by chunk: dit_caches is what they hold before the last chunk,
+    so 3 more latent frames add exactly their K/V (2 blocks x K and V x (16 + 4 tokens) x 48 x fp32 per frame)."""
+    tiny, vae = MODEL_PRESETS["tiny"], WanVAEConfig(base_dim=8)
+    short, longer = (predict_memory(tiny, vae, 64, 64, frames, mode_config("no-agsw"), torch.float32, orders=())
+                     for frames in (13, 25))  # 4 and 7 latent frames: 3 and 6 frames cached before the last chunk
+    per_frame = 2 * 2 * (4 * 4 + 2 * 2) * tiny.dim * 4
+    assert longer.dit_caches - short.dit_caches == 3 * per_frame

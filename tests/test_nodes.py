@@ -189,6 +189,16 @@ def test_tiled_decode_gives_the_same_frames_count(comfy_host, stock_vae):
     assert images.shape == (5, 128, 64, 3)
 
 
+def test_tiled_decode_uses_the_tile_and_overlap_asked_for(comfy_host, stock_vae):
+    """tile_size and tile_overlap are pixels: the node's frames are the core's tiled decode at size // 8 latent px."""
+    latents = torch.randn(1, 16, 2, 16, 8, generator=torch.Generator().manual_seed(2))
+    images = decode(latents, stock_vae, tile_size=64, tile_overlap=48)["result"][0]  # 16 rows: 5 tiles (3 at overlap 3)
+    vae = pack_module("histream_core.vae")
+    model = pack_module("nodes.decode").streaming_vae(stock_vae)
+    expected = vae.frames_to_images(vae.TiledDecoder(model, tile=8, overlap=6).decode(latents))
+    torch.testing.assert_close(images, expected)
+
+
 def test_non_finite_frames_are_an_error_and_save_nothing(comfy_host, stock_vae):
     latents = torch.randn(1, 16, 2, 8, 8)
     vae = pack_module("nodes.decode").streaming_vae(stock_vae)
@@ -376,6 +386,14 @@ def test_window_node(comfy_host):
     assert not window.kv_cache_fp8
     fp8 = nodes()["HiStreamAnchorWindow"]().build(True, 3, 1, 2, "absolute", kv_cache_dtype="fp8_e4m3fn")[0]
     assert pack_module("nodes.sampler").build_config("histream+", fp8).kv_cache_fp8
+
+
+def test_window_node_settings_reach_the_sampler_config(comfy_host):
+    """Every choice of Anchor Window Cache is the sampler's: the window, the RoPE position policy and the cache dtype."""
+    window = nodes()["HiStreamAnchorWindow"]().build(True, 4, 2, 3, "window", kv_cache_dtype="fp8_e4m3fn")[0]
+    cfg = pack_module("nodes.sampler").build_config("histream", window)
+    assert (cfg.stream.chunk_frames, cfg.stream.anchor_frames, cfg.stream.local_frames) == (4, 2, 3)
+    assert cfg.rope_positions == "window" and cfg.kv_cache_fp8
 
 
 def test_overrides_change_only_their_knob(comfy_host):

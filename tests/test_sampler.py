@@ -335,3 +335,99 @@ def test_fp8_kv_cache_stays_close_and_stores_float8(model, context):
         for _ in stream_video(model, context, W, H, 21, mode_config("histream"), 0, caches=caches):
             pass
     assert caches.high.keys[0].dtype == caches.low.values[0].dtype == torch.float8_e4m3fn
+
+
+# -- what the loop feeds the model: noise, resampling, the low-resolution cache ----------------------------------------
+def denoising_inputs(model, context, cfg, frames, seed=0):
+    """[(chunk, kind, timestep, x given to the model, x0 it gave)] of every denoising call (cache passes left out)."""
+    inputs, events = [], []
+    forward = model.forward
+
+    def spy(x, timestep, *args, **kwargs):
+        inputs.append(x.clone())
+        return forward(x, timestep, *args, **kwargs)
+
+    model.forward = spy
+    try:
+        with torch.no_grad():
+            list(stream_video(model, context, W, H, frames, cfg, seed, on_progress=events.append))
+    finally:
+        del model.forward
+    calls = [e for e in events if e.x0 is not None]
+    return [(e.chunk, e.kind, e.timestep, x, e.x0) for e, x in zip(calls, inputs, strict=True)]
+
+
+def implied_noise(x, previous_x0, t):
+    """The noise eps of x = (1 - sigma) * x0 + sigma * eps (flow matching's forward process, sigma = t / 1000)."""
+    sigma = t / 1000
+    return (x - (1 - sigma) * previous_x0) / sigma
+
+
+def test_every_noise_draw_is_fresh(model, context):
+    """Re-noising between steps draws new noise (reusing the initial noise would correlate the steps), and every chunk
+    starts from its own noise (one noise for all chunks would repeat the same pattern along the video)."""
+    calls = denoising_inputs(model, context, mode_config("histream"), 37)
+    (_, _, t0, x_first, x0_first), (_, kind, t1, x_second, _) = calls[:2]
+    assert kind == "low" and t0 == 1000.0
+    eps = implied_noise(x_second, x0_first, t1)
+    assert abs(eps.std().item() - 1) < 0.1 and abs(eps.mean().item()) < 0.1  # it is unit Gaussian noise
+    assert not torch.allclose(eps, x_first, atol=1e-3)  # x_first is the initial noise (sigma = 1)
+    starts = {}  # the first call of each chunk: its initial noise
+    for chunk, _, _, x, _ in calls:
+        starts.setdefault(chunk, x)
+    for a, b in ((0, 1), (0, 2), (1, 2)):  # chunks 0-2 are full-size, chunk 3 has one frame
+        assert not torch.allclose(starts[a], starts[b], atol=1e-3), (a, b)
+
+
+def test_low_res_x0_is_upsampled_bicubically_then_renoised(model, context):
+    """Algorithm 1, lines 7-11: the last low-resolution x0 is upsampled (SamplerConfig.upsample, bicubic) and re-noised
+    to the first high-resolution timestep: what the first high call gets is that, plus one of the chunk's noises."""
+    from histream_core.sampler import chunk_noise
+    calls = denoising_inputs(model, context, mode_config("histream"), 5)  # one chunk: low, low, high, high
+    (_, _, _, _, x0_low), (_, kind, t, x_high, _) = calls[1:3]
+    assert kind == "high"
+    up = torch.nn.functional.interpolate(x0_low[0].transpose(0, 1), size=(12, 8), mode="bicubic",
+                                         align_corners=False).transpose(0, 1)[None]
+    eps = implied_noise(x_high, up, t)
+    assert any(torch.allclose(eps, chunk_noise(0, 0, draw, tuple(x_high.shape), x_high.device), atol=1e-4)
+               for draw in range(8))
+
+
+def test_low_res_cache_holds_the_area_downsampled_chunk(model, context):
+    """Dual-resolution caching (lines 17-18): KV_low gets a timestep-0 pass of the clean chunk downsampled with
+    SamplerConfig.downsample (area: the mean of each 2x2 block) at the low passes' RoPE factors."""
+    cfg = mode_config("histream")
+    caches = DualResCache.empty(model.cfg.num_layers)
+    with torch.no_grad():
+        chunks = stream_video(model, context, W, H, 13, cfg, 0, caches=caches)
+        first = next(chunks).latents  # [1, 16, 3, 12, 8]
+        fresh = KVCache(model.cfg.num_layers)
+        low = torch.nn.functional.avg_pool3d(first, kernel_size=(1, 2, 2))
+        model(low, torch.zeros(1), model.encode_text(context), cache=fresh, update_cache=True,
+              settings=AttentionSettings(rope_factors=cfg.hd.rope_factors_low))
+    assert caches.low.positions == fresh.positions == [0, 1, 2]
+    for cached, direct in zip(caches.low.keys + caches.low.values, fresh.keys + fresh.values):
+        torch.testing.assert_close(cached, direct)
+
+
+def test_without_hd_tech_every_call_has_plain_rope_and_attention(context):
+    """HDConfig(enabled=False) means plain RoPE and attention everywhere, the low-resolution passes included."""
+    cfg = mode_config("histream").with_(hd=HDConfig(enabled=False))
+    assert {(factors, scale) for _, _, factors, scale in hd_calls(context, cfg)} == {((1.0, 1.0, 1.0), 1.0)}
+
+
+def test_low_res_grid_is_exact_where_floats_are_not():
+    """1440 px at 0.7x is 1008 px, 126 latent px, though 180 * 0.7 is 125.99999999999999 in floats."""
+    cfg = mode_config("histream").with_(low_res_scale=0.7)
+    assert video_geometry(1440, 160, 1, cfg).low == (14, 126)
+
+
+def test_modes_use_the_papers_shifts_and_steps():
+    """modes.py's table: shift 7 at 1080p, Self-Forcing's 5 for self-forcing and the w/o-HD-tech ablation; HiStream+'s
+    later chunks run base steps 1000 | 500, i.e. t = 1000 then 875 at shift 7."""
+    assert {name: cfg.shift for name, cfg in MODES.items()} == {
+        "histream": 7.0, "histream+": 7.0, "self-forcing": 5.0, "no-drc": 7.0, "no-agsw": 7.0, "two-step": 7.0,
+        "no-hd": 5.0}
+    cfg = mode_config("histream+")
+    later = plan_video(video_geometry(W, H, 13, cfg), cfg)[1]
+    assert later.low_steps == pytest.approx((1000.0,)) and later.high_steps == pytest.approx((875.0,))

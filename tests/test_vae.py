@@ -240,6 +240,22 @@ def test_tile_spans_cover_with_overlap() -> None:
         assert all(prev[1] - nxt[0] >= overlap for prev, nxt in zip(spans, spans[1:]))
 
 
+def test_blend_weights_cross_fade_to_one_across_each_overlap() -> None:
+    """Linear ramps across an overlap: the neighbours' weights sum to one at every pixel (a cross-fade), and both
+    tiles contribute to every overlapped pixel (no pixel of the overlap taken from one tile alone)."""
+    from histream_core.vae.tiling import _blend_ramp
+    for length, tile, overlap in [(136, 64, 16), (240, 64, 16), (12, 8, 4), (30, 8, 2)]:  # overlaps up to half a tile
+        spans = tile_spans(length, tile, overlap)
+        total, covering = torch.zeros(8 * length), torch.zeros(8 * length)
+        for index, (start, stop) in enumerate(spans):
+            ramp = _blend_ramp(spans, index, 8)
+            total[8 * start:8 * stop] += ramp
+            covering[8 * start:8 * stop] += ramp > 0
+        torch.testing.assert_close(total, torch.ones_like(total))
+        shared = sum(8 * (prev[1] - nxt[0]) for prev, nxt in zip(spans, spans[1:]))
+        assert int((covering == 2).sum()) == shared, (length, tile, overlap)
+
+
 def test_one_tile_is_exact(vae: WanVAE, latents: torch.Tensor) -> None:
     assert torch.equal(TiledDecoder(vae, tile=6, overlap=2).decode(latents), vae.decode(latents))
 
