@@ -75,15 +75,20 @@ def decoded_chunks(decoder, latents: torch.Tensor, bar) -> Iterator[torch.Tensor
     """Frames [B, 3, t, H, W] in [-1, 1], chunk by chunk. The decoder's stream owns its causal caches, so the
     previous chunk's are freed as the next one uses them.
 
-    An interrupt is checked before each chunk and, with tiles, before each tile: a tiled decode works through a
-    segment of up to 7 chunks tile by tile before any of its frames come out, so the progress bar counts tiles."""
+    An interrupt is checked before each chunk and, with tiles, before each pass of each tile: a tiled decode works
+    through a segment of up to 7 chunks tile by tile before any of its frames come out, so the bar also moves
+    between chunks (in percent of a chunk)."""
     starts = range(0, latents.shape[2], CHUNK_LATENT_FRAMES)
-    tiles = decoder.tile_count(*latents.shape[3:]) if isinstance(decoder, TiledDecoder) else 1
-    done = 0  # chunks whose frames are out
+    done, shown = 0, 0  # chunks whose frames are out; the bar's value (in percent of a chunk), never going back
 
-    def before_tile(tile: int, _tiles: int, chunks: int) -> None:
+    def show(value: int) -> None:
+        nonlocal shown
+        shown = max(shown, value)
+        bar.update_absolute(shown, 100 * len(starts))
+
+    def before_pass(fraction: float, chunks: int) -> None:
         host.raise_if_interrupted()
-        bar.update_absolute(done * tiles + chunks * tile, len(starts) * tiles)
+        show(round(100 * (done + chunks * fraction)))
 
     def pieces():
         for start in starts:
@@ -91,10 +96,10 @@ def decoded_chunks(decoder, latents: torch.Tensor, bar) -> Iterator[torch.Tensor
             yield latents[:, :, start:start + CHUNK_LATENT_FRAMES]
 
     if isinstance(decoder, TiledDecoder):
-        decoder.before_tile = before_tile  # the node makes a fresh TiledDecoder for every decode
+        decoder.before_pass = before_pass  # the node makes a fresh TiledDecoder for every decode
     for frames in decoder.decode_stream(pieces()):
         done += 1
-        bar.update_absolute(done * tiles, len(starts) * tiles)
+        show(100 * done)
         try:
             check_finite_frames(frames, done)
         except NonFiniteFrames as exc:  # ComfyUI would show the exception's class path; this names the node

@@ -262,18 +262,19 @@ def test_interrupt_mid_decode_leaves_no_file(comfy_host, stock_vae):
 
 def test_interrupt_mid_tiled_decode_stops_between_tiles(comfy_host, stock_vae):
     """A tiled decode works through a segment of up to 7 chunks tile by tile before any frames come out: the
-    progress bar counts tiles, and each tile is an interrupt point."""
+    progress bar moves (in percent of a chunk) and stops can land before each pass of each tile."""
     latents = torch.randn(1, 16, 9, 16, 16, generator=torch.Generator().manual_seed(3))  # 3 chunks, one segment
-    out = decode(latents, stock_vae, tile_size=64, tile_overlap=16)  # 3 x 3 tiles of 8 latent px
+    out = decode(latents, stock_vae, tile_size=64, tile_overlap=16)  # 3 x 3 tiles of 8 latent px, 9 passes each
     values = [value for value, _, _ in comfy_host.progress]
-    assert values == [0, 3, 6, 9, 12, 15, 18, 21, 24, 9, 18, 27] and comfy_host.progress[-1][1] == 27
+    assert len(values) == 9 * 9 + 3 and values == sorted(values) and values[-1] == 300
+    assert values[:3] == [0, round(100 * 3 / 81), round(100 * 6 / 81)] and comfy_host.progress[-1][1] == 300
     comfy_host.progress.clear()
-    comfy_host.interrupt_after = 3  # during the segment: before its third tile
+    comfy_host.interrupt_after = 3  # during the segment: before the third pass of its first tile
     (comfy_host.output / "Cut").mkdir()
     os.utime(comfy_host.output / "Cut", (1e9, 1e9))  # the artist's folder, made long ago
     with pytest.raises(InterruptProcessingException):
         decode(latents, stock_vae, tile_size=64, tile_overlap=16, save_mp4=True, filename_prefix="Cut/deep/video")
-    assert len(comfy_host.progress) == 3
+    assert len(comfy_host.progress) == 3  # stopped in the first tile
     assert list(comfy_host.output.rglob("*")) == [comfy_host.output / "Cut"]  # no file; "deep" (made for it) gone
     assert out["result"][0].shape[0] == 33
 

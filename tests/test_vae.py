@@ -275,21 +275,20 @@ def test_tiled_streaming_equals_tiled_whole(vae: WanVAE) -> None:
     assert torch.equal(_stream_decode(tiled, lat, [0, 1, 3]), tiled.decode(lat))
 
 
-def test_tiled_stream_calls_before_tile_for_each_tile_of_each_segment(vae: WanVAE) -> None:
+def test_tiled_stream_calls_before_pass_for_each_pass_of_each_tile(vae: WanVAE) -> None:
     """The hook where a caller reports progress or stops: a segment's frames come out only after all its tiles."""
-    lat = rand(1, 16, 3, 8, 10, seed=4)
+    lat = rand(1, 16, 3, 8, 10, seed=4)  # 2 x 2 tiles
     calls = []
     tiled = TiledDecoder(vae, tile=6, overlap=2, segment_frames=2,
-                         before_tile=lambda tile, tiles, chunks: calls.append((tile, tiles, chunks)))
-    assert tiled.tile_count(8, 10) == 4
-    list(tiled.decode_stream(lat.split(1, dim=2)))  # segments: chunks 1-2, then chunk 3
-    assert calls == [(k, 4, 2) for k in range(4)] + [(k, 4, 1) for k in range(4)]
+                         before_pass=lambda done, chunks: calls.append((done, chunks)))
+    list(tiled.decode_stream(lat.split(1, dim=2)))  # segments: chunks 1-2 (2 passes a tile), then chunk 3 (1 pass)
+    assert calls == [((k + i / 2) / 4, 2) for k in range(4) for i in range(2)] + [(k / 4, 1) for k in range(4)]
 
-    def stop(tile, tiles, chunks):
-        if tile == 1:
+    def stop(done, chunks):
+        if done > 0.3:
             raise KeyboardInterrupt
 
-    tiled.before_tile, decoded = stop, []
+    tiled.before_pass, decoded = stop, []
     with pytest.raises(KeyboardInterrupt):
         decoded.extend(tiled.decode_stream(lat.split(1, dim=2)))
     assert decoded == []  # stopped inside the first segment, before any of its frames
@@ -439,7 +438,7 @@ def test_tiled_stream_in_segments_parks_caches_and_stays_exact(vae: WanVAE) -> N
     latents = rand(1, 16, 5, 8, 10, seed=6)
     pieces = [latents[:, :, :1], latents[:, :, 1:3], latents[:, :, 3:]]
     tiled = TiledDecoder(vae, tile=6, overlap=2, segment_frames=2)
-    assert tiled.tile_count(8, 10) == 4
+    assert len(tile_spans(8, 6, 2)) == len(tile_spans(10, 6, 2)) == 2
     state, by_chunk = tiled.initial_state(), []
     for piece in pieces:
         frames, state = tiled.decode_chunk(piece, state)

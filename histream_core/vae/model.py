@@ -15,7 +15,7 @@ as its latents arrive and the result is the same as decoding it whole.
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn as nn
@@ -165,8 +165,8 @@ class WanVAE(nn.Module):
         return StreamState()
 
     @torch.no_grad()
-    def decode_chunk(self, latents: torch.Tensor, state: StreamState,
-                     frames_per_pass: int | None = 1) -> tuple[torch.Tensor, StreamState]:
+    def decode_chunk(self, latents: torch.Tensor, state: StreamState, frames_per_pass: int | None = 1,
+                     before_pass: Callable[[int, int], None] | None = None) -> tuple[torch.Tensor, StreamState]:
         """Decode the next latent frames of a video.
 
         ``latents``: raw [B, z, T, h, w]. Returns frames [B, 3, T', 8h, 8w] in [-1, 1] (the model's dtype and
@@ -175,10 +175,11 @@ class WanVAE(nn.Module):
         1, the least memory (a 1080p pass is ~4 full-resolution frames); more can be faster at low resolution.
         The output is the same up to float rounding. The given state is left as it was (so it keeps its caches
         alive during the call); :meth:`decode_stream` owns its state and needs one set of caches less.
+        ``before_pass(index, passes)`` is called before each pass (to report progress, or to stop by raising).
         """
         self._check_latents(latents, state, frames_per_pass)
         box = [state.caches]
-        out = self._decode_passes(latents, box, state.started, frames_per_pass)
+        out = self._decode_passes(latents, box, state.started, frames_per_pass, before_pass)
         return out, state.advanced(box[0], latents)
 
     @torch.no_grad()
@@ -201,15 +202,17 @@ class WanVAE(nn.Module):
         if frames_per_pass is not None and frames_per_pass < 1:
             raise ValueError(f"frames_per_pass must be >= 1 or None, got {frames_per_pass}")
 
-    def _decode_passes(self, latents: torch.Tensor, box: list, started: bool,
-                       frames_per_pass: int | None) -> torch.Tensor:
+    def _decode_passes(self, latents: torch.Tensor, box: list, started: bool, frames_per_pass: int | None,
+                       before_pass: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """Run the decoder pass by pass. ``box`` holds the caches: its content is handed to each pass and replaced
         by the pass's result, so whatever the caller does not hold elsewhere is freed as it is consumed."""
         weight = self.conv2.weight
         x = latents.to(device=weight.device, dtype=weight.dtype)
         x = self.conv2(x.contiguous(memory_format=self._decode_layout_for(x)))
-        frames = []
-        for start, stop in _passes(x.shape[2], first_alone=not started, size=frames_per_pass):
+        frames, passes = [], _passes(x.shape[2], first_alone=not started, size=frames_per_pass)
+        for index, (start, stop) in enumerate(passes):
+            if before_pass is not None:
+                before_pass(index, len(passes))
             stream = CausalPass(box.pop(), first_frame=not started and start == 0)
             frames.append(self.decoder(x[:, :, start:stop], stream))
             box.append(stream.result())

@@ -93,13 +93,13 @@ class TiledDecoder:
     tiles sharing at least 128 px. ``frames_per_pass`` is passed to :meth:`WanVAE.decode_chunk`.
     ``segment_frames``: :meth:`decode_stream` gathers chunks until it holds this many latent frames (21 = 81 video
     frames; at 1080p the segment's frames take ~2 GB in fp32 while they are blended) and decodes them tile by tile.
-    ``before_tile(tile, tiles, chunks)`` is called before each tile is decoded (``tile`` from 0 of ``tiles``, over
-    ``chunks`` chunks): a segment's frames come out only after all its tiles, so this is where a caller reports
-    progress or stops a long decode (by raising).
+    ``before_pass(done, chunks)`` is called before each decoder pass of each tile, with the fraction ``done`` of the
+    work on the current ``chunks`` chunks (a segment, in a stream) already done: a segment's frames come out only
+    after all its tiles, so this is where a caller reports progress or stops a long decode (by raising).
     """
 
     def __init__(self, vae: WanVAE, tile: int = 64, overlap: int = 16, frames_per_pass: int | None = 1,
-                 segment_frames: int = 21, before_tile: Callable[[int, int, int], None] | None = None) -> None:
+                 segment_frames: int = 21, before_pass: Callable[[float, int], None] | None = None) -> None:
         if tile < 1:
             raise ValueError(f"tile must be >= 1 latent pixel, got {tile}")
         if not 0 <= overlap < tile:
@@ -111,7 +111,7 @@ class TiledDecoder:
         self.overlap = overlap
         self.frames_per_pass = frames_per_pass
         self.segment_frames = segment_frames
-        self.before_tile = before_tile
+        self.before_pass = before_pass
 
     @classmethod
     def overlapping_by_a_quarter(cls, vae: WanVAE, tile: int) -> "TiledDecoder":
@@ -133,8 +133,8 @@ class TiledDecoder:
                              f"{len(tiles)} tiles; start each video from initial_state()")
         new_tiles: list[StreamState] = []
 
-        def decode_tile(k: int, tile: torch.Tensor) -> torch.Tensor:
-            frames, tile_state = self.vae.decode_chunk(tile, tiles[k], self.frames_per_pass)
+        def decode_tile(k: int, tile: torch.Tensor, report) -> torch.Tensor:
+            frames, tile_state = self.vae.decode_chunk(tile, tiles[k], self.frames_per_pass, report)
             new_tiles.append(tile_state)
             return frames
 
@@ -159,9 +159,9 @@ class TiledDecoder:
             parked = parked or [None] * (len(rows) * len(cols))
             started = meta.started
 
-            def decode_tile(k: int, tile: torch.Tensor) -> torch.Tensor:
+            def decode_tile(k: int, tile: torch.Tensor, report) -> torch.Tensor:
                 box = [_unpark(parked[k])]
-                frames = self.vae._decode_passes(tile, box, started, self.frames_per_pass)
+                frames = self.vae._decode_passes(tile, box, started, self.frames_per_pass, report)
                 parked[k] = None if last else _park(box[0])
                 return frames
 
@@ -192,8 +192,8 @@ class TiledDecoder:
         done, so only one tile's caches are alive at a time."""
         rows, cols = self._spans(latents)
         return self._blend(latents, rows, cols,
-                           lambda k, tile: self.vae.decode_chunk(tile, self.vae.initial_state(),
-                                                                 self.frames_per_pass)[0], chunks=1)
+                           lambda k, tile, report: self.vae.decode_chunk(tile, self.vae.initial_state(),
+                                                                         self.frames_per_pass, report)[0], chunks=1)
 
     def _spans(self, latents: torch.Tensor) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
         if latents.ndim != 5:
@@ -201,19 +201,17 @@ class TiledDecoder:
         return (tile_spans(latents.shape[3], self.tile, self.overlap),
                 tile_spans(latents.shape[4], self.tile, self.overlap))
 
-    def tile_count(self, height: int, width: int) -> int:
-        """How many tiles cover a latent frame of ``height`` x ``width``."""
-        return len(tile_spans(height, self.tile, self.overlap)) * len(tile_spans(width, self.tile, self.overlap))
-
     def _blend(self, latents: torch.Tensor, rows, cols, decode_tile, chunks: int) -> torch.Tensor:
-        """Decode every tile (row-major, tile k by ``decode_tile(k, tile_latents)``) and blend them into frames."""
+        """Decode every tile (row-major, tile k by ``decode_tile(k, tile_latents, report)``, which hands ``report``
+        to the VAE's passes) and blend them into frames."""
         scale = self.vae.config.spatial_factor
         out = weights = frames = None
+        tiles = len(rows) * len(cols)
         for k, (i, j) in enumerate((i, j) for i in range(len(rows)) for j in range(len(cols))):
-            if self.before_tile is not None:
-                self.before_tile(k, len(rows) * len(cols), chunks)
+            report = None if self.before_pass is None else (
+                lambda index, passes, k=k: self.before_pass((k + index / passes) / tiles, chunks))
             (r0, r1), (c0, c1) = rows[i], cols[j]
-            frames = decode_tile(k, latents[:, :, :, r0:r1, c0:c1])
+            frames = decode_tile(k, latents[:, :, :, r0:r1, c0:c1], report)
             if out is None:
                 b, c, t = frames.shape[:3]
                 out = frames.new_zeros(b, c, t, latents.shape[3] * scale, latents.shape[4] * scale,
