@@ -37,12 +37,20 @@ def config_file_args(argv: list[str], generate: argparse.ArgumentParser) -> list
             items = [value] if isinstance(value, str) else value
             if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
                 raise ValueError(f"config file {path}: {key} takes a list of \"FRAME:PROMPT\" strings, got {value!r}")
-            if flag not in argv:  # the command line's schedule replaces the file's
+            if not _given(argv[1:], action):  # the command line's schedule replaces the file's
                 tokens += [f"{flag}={item}" for item in items]
         elif value is not None:
             _check_config_value(path, key, value, action)
             tokens.append(f"{flag}={value}")  # "=": a value may start with "-"
     return [argv[0], *tokens, *argv[1:]]
+
+
+def _given(args: list[str], action: argparse.Action) -> bool:
+    """Whether ``args`` give ``action``'s option in any form argparse takes (``--schedule X``, ``--schedule=X``, or
+    abbreviated, ``--sched X``)."""
+    alone = argparse.ArgumentParser(add_help=False)
+    alone.add_argument(*action.option_strings, dest="given", action="append")
+    return alone.parse_known_args(args)[0].given is not None
 
 
 def _read_config(path: Path) -> dict:

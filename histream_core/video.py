@@ -106,6 +106,15 @@ def remove_empty_folders(folders: Sequence[Path]) -> None:
             break
 
 
+def frame_rate(fps: float) -> Fraction:
+    """The exact rate to write: the NTSC rates typed as 23.976, 29.97 or 59.94 are n * 1000/1001 (24000/1001 for
+    23.976, as players expect); other rates as the nearest fraction with a denominator up to 1001."""
+    for ntsc in (Fraction(24000, 1001), Fraction(30000, 1001), Fraction(60000, 1001)):
+        if abs(fps - ntsc) < 0.005:
+            return ntsc
+    return Fraction(fps).limit_denominator(1001)
+
+
 def _ffmpeg_exe() -> str:
     try:
         import imageio_ffmpeg
@@ -191,7 +200,7 @@ class VideoWriter:
 
     def _start(self, width: int, height: int) -> None:
         self._size = (width, height)
-        fps = Fraction(self.fps).limit_denominator(1001)  # 23.976 -> 24000/1001, as players expect
+        fps = frame_rate(self.fps)
         command = [_ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24",
                    "-s", f"{width}x{height}", "-r", str(fps), "-i", "-", "-an", "-c:v", self._codec,
                    "-pix_fmt", "yuv420p", "-crf", str(self.crf), *self._extra, str(self._tmp)]
@@ -270,5 +279,5 @@ def write_video(path: str | os.PathLike[str], frames: FrameArray, fps: float = W
     return writer.path
 
 
-__all__ = ["VideoWriter", "VideoWriteError", "check_video_path", "made_folders", "remove_empty_folders", "write_video",
-           "to_uint8_frames", "WAN_FPS"]
+__all__ = ["VideoWriter", "VideoWriteError", "check_video_path", "frame_rate", "made_folders", "remove_empty_folders",
+           "write_video", "to_uint8_frames", "WAN_FPS"]

@@ -336,3 +336,15 @@ def test_pickle_with_an_arbitrary_object_is_refused(model, tmp_path):
 def test_dict_of_non_tensors(tmp_path):
     message = refused(write({"config": {"dim": 48}, "steps": 3}, tmp_path / "odd.pt"))
     assert "not all tensors" in message and "config" in message
+
+
+def test_fp8_file_asked_for_fp8_is_used_as_stored(model, inputs, tmp_path):
+    """Asking for fp8 storage of a file already in e4m3fn keeps its bits: quantizing them again (a scale per row,
+    a second rounding) would move the weights for nothing."""
+    fp8_state = fp8_linear_weights(wan_state(model))
+    path = write(fp8_state, tmp_path / "fp8.safetensors")
+    asked = load_wan_model(path, weight_dtype=FP8, **TINY)
+    q = asked.blocks[0].self_attn.q
+    assert torch.equal(q.weight.view(torch.uint8), fp8_state["blocks.0.self_attn.q.weight"].view(torch.uint8))
+    assert q.weight_scale is None
+    assert torch.equal(forward(asked, inputs), forward(load_wan_model(path, **TINY), inputs))

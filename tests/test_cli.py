@@ -422,5 +422,94 @@ def test_config_file_schedule_is_used_unless_the_command_line_gives_one(tmp_path
     base = ["generate", "--config", str(config), *SMALL[:4], "--device", "cpu", "--dtype", "fp32", "--json"]
     assert main([*base, "--out", str(tmp_path / "a.mp4")]) == 0
     assert [c["model_calls"] for c in json.loads(capsys.readouterr().out)["chunks"]] == [6, 6, 10, 4]  # recache
-    assert main([*base, "--schedule", "25:later", "--out", str(tmp_path / "b.mp4")]) == 0  # chunk 4 takes over
-    assert [c["model_calls"] for c in json.loads(capsys.readouterr().out)["chunks"]] == [6, 6, 6, 8]
+    for given in (["--schedule", "25:later"], ["--schedule=25:later"], ["--sched", "25:later"]):  # as argparse reads
+        assert main([*base, *given, "--out", str(tmp_path / "b.mp4")]) == 0  # chunk 4 takes over, alone
+        assert [c["model_calls"] for c in json.loads(capsys.readouterr().out)["chunks"]] == [6, 6, 6, 8], given
+
+
+def test_seed_and_fps_reach_the_video(tmp_path, capsys):
+    """--seed picks the noise (the same seed gives the same frames, another seed others) and --fps is the file's."""
+    outs = [tmp_path / f"{name}.mp4" for name in ("five", "again", "six")]
+    for out, seed in zip(outs, ("5", "5", "6")):
+        assert main(["generate", *SMALL, "--seed", seed, "--fps", "24", "--out", str(out)]) == 0
+    capsys.readouterr()
+    five, again, six = (iio.imread(out) for out in outs)
+    assert (five == again).all() and not (five == six).all()
+    assert iio.immeta(outs[0])["fps"] == 24
+
+
+def test_decode_tiles_are_used(tmp_path, monkeypatch):
+    """tile: the frames written are the tiled decode of the run's latents (which differs from the whole-frame one)."""
+    import histream_core.pipeline as pipeline
+    from histream_core.modes import mode_config
+    from histream_core.sampler import generate_video
+    from histream_core.vae import TiledDecoder, denormalize
+    written = []
+    monkeypatch.setattr(pipeline, "uint8_frames", lambda video: written.append(video) or video.new_zeros(
+        video.shape[2], video.shape[3], video.shape[4], 3, dtype=torch.uint8))
+    model, vae = pipeline.embedded_default()
+    text = pipeline.random_text_embedding("a fox", model.cfg.text_dim)
+    cfg = mode_config("histream+")
+    pipeline.generate_to_file(model, vae, text, tmp_path / "tiled.mp4", 128, 64, 5, cfg, 3, tile=8)
+    with torch.no_grad():
+        latents = denormalize(generate_video(model, text, 128, 64, 5, cfg, 3))  # 16 x 8 latent px: 3 tiles of 8
+        tiled = TiledDecoder.overlapping_by_a_quarter(vae, 8).decode(latents)
+    assert len(written) == 1 and torch.equal(written[0], tiled)
+    assert not torch.equal(tiled, vae.decode(latents))
+
+
+def test_run_report_numbers():
+    """The timing table and the JSON report: chunks numbered from 1, per-frame denoising over the video's frames."""
+    from pathlib import Path
+
+    from histream_core.pipeline import ChunkTiming, RunReport
+    report = RunReport(Path("v.mp4"), 64, 64, 17, (ChunkTiming(0, 3, 9, 0, 6, 0.9, 0.25, 0.01),
+                                                    ChunkTiming(1, 2, 8, 3, 4, 0.8, 0.5, 0.0)))
+    data = report.as_dict()
+    assert data["denoise_s_per_frame"] == pytest.approx(1.7 / 17) and data["decode_s"] == pytest.approx(0.75)
+    assert [c["chunk"] for c in data["chunks"]] == [1, 2] and data["chunks"][1]["cached_frames"] == 3
+    rows = report.table().splitlines()
+    assert rows[2].split() == ["1", "3", "9", "0", "6", "0.900", "0.250", "0.010"]
+    assert rows[-1] == "total: 17 frames 64x64, denoise 1.700 s (0.1000 s/frame), decode 0.750 s -> v.mp4"
+
+
+def test_generate_options_reach_the_run(tmp_path, capsys, monkeypatch):
+    """Options that change memory, timing or numerics but no frame count: the run must get each of them, a config
+    file's value giving way to the command line's."""
+    import inspect
+
+    import histream_core.cli as cli
+    from histream_core.pipeline import generate_to_file
+    runs = []
+
+    def capture(*args, **kwargs):
+        bound = inspect.signature(generate_to_file).bind(*args, **kwargs)
+        bound.apply_defaults()
+        runs.append(bound.arguments)
+        raise KeyboardInterrupt  # nothing to generate: the arguments are what this test is about
+    monkeypatch.setattr(cli, "generate_to_file", capture)
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"decode_order": "interleaved", "seed": 3, "kv_cache_fp8": True, "no_window": False}))
+    assert main(["generate", "--config", str(config), *SMALL, "--width", "128", "--decode-order", "overlapped",
+                 "--tile", "8", "--seed", "5", "--fps", "24", "--rope-positions", "window",
+                 "--fp8-weights", "--out", str(tmp_path / "x.mp4")]) == 130
+    (run,) = runs
+    assert (run["order"], run["tile"], run["seed"], run["fps"]) == ("overlapped", 8, 5, 24.0)
+    assert run["config"].kv_cache_fp8 and run["config"].rope_positions == "window" and run["config"].stream.window
+    assert (run["width"], run["height"], run["frames"]) == (128, 64, 9) and run["model"].stores_block_weights_in_fp8
+
+
+def test_step_strings_read_and_write_as_the_help_shows():
+    """Step knobs as STEPS_EXAMPLE writes them: 'low|high', or the high steps alone at full resolution; every mode's
+    steps read back from their string; a repeated timestep is refused (the steps must strictly decrease)."""
+    from histream_core.modes import KnobError, format_steps, parse_steps
+    assert parse_steps("k", "1000,750|500,250") == ChunkSteps(low=(1000.0, 750.0), high=(500.0, 250.0))
+    assert parse_steps("k", " 1000,750,500,250 ") == ChunkSteps(low=(), high=(1000.0, 750.0, 500.0, 250.0))
+    assert format_steps(MODES["no-drc"].first_chunk) == "1000,750,500,250"
+    assert format_steps(MODES["histream"].first_chunk) == "1000,750|500,250"
+    for cfg in MODES.values():
+        for steps in (cfg.first_chunk, cfg.later_chunks):
+            assert parse_steps("k", format_steps(steps)) == steps
+    for bad in ("1000|750|500", "1000|1000,500", "1000,750,750"):
+        with pytest.raises(KnobError):
+            parse_steps("k", bad)

@@ -103,6 +103,40 @@ def test_decode_orders_give_the_same_frames(tiled: bool) -> None:
         next(decoded_chunks(model, decoder, text, 64, 64, 17, mode_config("histream+"), 3, order="sideways"))
 
 
+def test_after_decodes_once_every_chunk_is_denoised(monkeypatch) -> None:
+    """"after": the sampler (and its caches) is done before the VAE gets the first chunk; "interleaved": each chunk
+    is decoded as soon as it is denoised. The frames are the same, so the order of events is what tells them apart."""
+    import histream_core.pipeline as pipeline
+    events, stream_video = [], pipeline.stream_video
+
+    def logged_stream(*args, **kwargs):
+        for chunk in stream_video(*args, **kwargs):
+            events.append(f"denoised {chunk.index}")
+            yield chunk
+
+    class LoggedDecoder:
+        def __init__(self, vae) -> None:
+            self.vae = vae
+
+        def decode_stream(self, chunks):
+            def logged():
+                for index, latents in enumerate(chunks):
+                    events.append(f"decode {index}")
+                    yield latents
+            return self.vae.decode_stream(logged())
+
+    monkeypatch.setattr(pipeline, "stream_video", logged_stream)
+    model, vae = embedded_default()
+    text = random_text_embedding("a fox", model.cfg.text_dim)
+    expected = {"after": ["denoised 0", "denoised 1", "denoised 2", "decode 0", "decode 1", "decode 2"],
+                "interleaved": ["denoised 0", "decode 0", "denoised 1", "decode 1", "denoised 2", "decode 2"]}
+    for order, events_in_order in expected.items():
+        events.clear()
+        with torch.no_grad():
+            list(decoded_chunks(model, LoggedDecoder(vae), text, 64, 64, 25, mode_config("histream+"), 3, order=order))
+        assert events == events_in_order, order
+
+
 def test_host_memory_is_not_counted() -> None:
     meter = LiveTensorBytes()
     with meter:

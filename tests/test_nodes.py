@@ -496,3 +496,45 @@ def test_loader_fp8_fast_multiplies_in_fp8_and_the_sampler_runs(comfy_host, chec
 def test_loader_fp8_fast_needs_bf16(comfy_host, checkpoint):
     with pytest.raises(ValueError, match="HiStream Loader, input 'weight_dtype': fp8_e4m3fn_fast: .*bf16"):
         nodes()["HiStreamLoader"]().load(checkpoint, "fp8_e4m3fn_fast", "fp32", "sdpa", "cpu")
+
+
+def test_loader_dtypes_reach_the_model(comfy_host, checkpoint):
+    """weight_dtype is the blocks' storage (fp8: a scale per output channel, the embeddings and head kept as stored)
+    and compute_dtype the model's compute dtype."""
+    load = nodes()["HiStreamLoader"]().load
+    for weight_dtype, stored in (("fp16", torch.float16), ("bf16", torch.bfloat16), ("default", torch.float32)):
+        model = load(checkpoint, weight_dtype, "fp32", "sdpa", "cpu")[0].model
+        assert model.blocks[0].self_attn.q.weight.dtype == stored and model.head.head.weight.dtype == stored
+    fp8 = load(checkpoint, "fp8_e4m3fn", "bf16", "sdpa", "cpu")[0].model
+    assert fp8.compute_dtype == torch.bfloat16 and fp8.stores_block_weights_in_fp8 and not fp8.uses_fp8_matmul
+    assert fp8.blocks[0].ffn[0].weight_scale.shape == (fp8.blocks[0].ffn[0].weight.shape[0], 1)
+    assert fp8.patch_embedding.weight.dtype == fp8.head.head.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("kv_recache, recache_anchor, recache_calls", [(True, True, 2), (True, False, 1),
+                                                                        (False, True, 0)])
+def test_prompt_schedule_recache_switches_reach_the_sampler(comfy_host, loaded, kv_recache, recache_anchor,
+                                                           recache_calls):
+    """At the switch (chunk 3) the cached frames are latent 0 (the anchor) and 4-5: the recache re-encodes both
+    runs, the local run alone without the anchor, nothing without kv_recache."""
+    schedule = nodes()["HiStreamPromptSchedule"]().build(kv_recache, recache_anchor, start_frame_2=13,
+                                                          positive_2=wan_conditioning(12, seed=5))[0]
+    sample(loaded, length=25, prompt_schedule=schedule)
+    kinds = [e["kind"] for name, e in comfy_host.events if name == "histream.progress"]
+    assert kinds.count("recache_high") == kinds.count("recache_low") == recache_calls
+
+
+def test_cost_readout_predicts_memory_in_the_models_compute_dtype(comfy_host, loaded):
+    """A connected model computing in fp32 is predicted in fp32 (twice bf16's activations), not in bf16."""
+    text = nodes()["HiStreamCostReadout"]().report("histream+", 64, 64, 9, "wan2.1-1.3b", 798.0, histream_model=loaded,
+                                                   predict_memory=True)["result"][0]
+    assert text.splitlines()[-1].startswith("predicted peak GPU memory (float32")
+
+
+def test_decode_to_mp4_takes_its_fps_and_crf(comfy_host, stock_vae):
+    """fps is the mp4's frame rate; crf its quality: crf 0 keeps far more bytes than crf 51."""
+    latents = torch.randn(1, 16, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    paths = [decode(latents, stock_vae, save_mp4=True, fps=24.0, crf=crf)["result"][1] for crf in (0, 51)]
+    assert next(imageio_ffmpeg.read_frames(paths[0]))["fps"] == 24
+    sizes = [os.path.getsize(path) for path in paths]
+    assert sizes[0] > 4 * sizes[1], sizes  # measured: 29.7 vs 1.8 kB

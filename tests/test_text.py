@@ -371,3 +371,49 @@ def test_fp16_activations_are_clamped_not_inf(hf_file):
             block.ffn.gate[0].weight.mul_(300)  # gated products far beyond the fp16 range (65504)
             block.ffn.fc1.weight.mul_(300)
     assert torch.isfinite(model(random_ids(1, 8))).all()
+
+
+def test_fp16_attention_outputs_are_clamped_not_inf(hf_file):
+    """The attention branch's fp16 output is clamped before it joins the residual, as transformers and Wan clamp it;
+    an inf there would turn every later state into NaN."""
+    model = load_umt5_encoder(hf_file, dtype=torch.float16)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.v.weight.mul_(300)  # attention outputs far beyond the fp16 range (65504)
+            block.attn.o.weight.mul_(300)
+    assert torch.isfinite(model(random_ids(1, 8))).all()
+
+
+def test_truncation_keeps_the_first_tokens(tmp_path):
+    """A long prompt keeps its beginning (transformers truncates on the right), then </s>."""
+    tokenizer = UMT5Tokenizer.from_file(word_tokenizer(tmp_path))
+    long_prompt = " ".join(WORDS[i % len(WORDS)] for i in range(30))
+    whole = tokenizer(long_prompt, 100).ids
+    assert len(whole) == 31 and whole[-1] == 1
+    assert tokenizer(long_prompt, CFG.text_len).ids == whole[:CFG.text_len - 1] + [1]
+
+
+def test_text_encoder_runs_in_the_dtype_asked_for(hf_file, tmp_path):
+    """TextEncoder(dtype=bf16) loads the encoder in bf16 (the dtype its cache key names), not the device default."""
+    folder = word_tokenizer(tmp_path)
+    with TextEncoder(hf_file, folder, cache_dir=None, dtype=torch.bfloat16) as text:
+        states = text.encode("a cat runs")
+    ids = torch.tensor([UMT5Tokenizer.from_file(folder)("a cat runs", CFG.text_len).ids])
+    with torch.no_grad():
+        bf16 = load_umt5_encoder(hf_file, dtype=torch.bfloat16)(ids)
+        fp32 = load_umt5_encoder(hf_file, dtype=torch.float32)(ids)
+    assert torch.equal(states, bf16) and not torch.equal(states, fp32)
+
+
+def test_cache_is_keyed_by_the_token_limit_and_remembers_the_cut(hf_file, tmp_path, caplog):
+    """A prompt cut to 8 tokens and cached must not be served to a run that reads 16; and a cut prompt read back
+    from the cache is reported as cut again."""
+    folder, cache = word_tokenizer(tmp_path / "tok"), tmp_path / "cache"
+    long_prompt = " ".join(WORDS[i % len(WORDS)] for i in range(30))
+    with TextEncoder(hf_file, folder, cache_dir=cache, text_len=8) as text:
+        assert text.encode(long_prompt).shape[1] == 8
+    with caplog.at_level(logging.WARNING):
+        again = TextEncoder(hf_file, folder, cache_dir=cache, text_len=8)
+        assert again.encode(long_prompt).shape[1] == 8 and not again.loaded  # from the cache
+    assert "prompt cut to 8 tokens: its last 23 tokens were dropped" in caplog.text
+    assert TextEncoder(hf_file, folder, cache_dir=cache, text_len=16).encode(long_prompt).shape[1] == 16

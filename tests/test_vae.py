@@ -350,6 +350,16 @@ def test_loads_wan_layout_safetensors_and_pth(vae: WanVAE, latents: torch.Tensor
     assert half.conv2.weight.dtype == torch.bfloat16
 
 
+def test_loads_a_vae_bundled_under_first_stage_model(vae: WanVAE, tmp_path) -> None:
+    """Bundled checkpoints may nest the VAE under 'first_stage_model.', as whole Stable Diffusion-style files do."""
+    from safetensors.torch import save_file
+
+    save_file({"first_stage_model." + k: v for k, v in vae.state_dict().items()}, str(tmp_path / "bundle.safetensors"))
+    loaded = load_vae(tmp_path / "bundle.safetensors")
+    assert loaded.config == TINY
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in vae.state_dict().items())
+
+
 def _expect_error(path, *fragments: str) -> str:
     with pytest.raises(VAECheckpointError) as info:
         load_vae(path)

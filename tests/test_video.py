@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
+from fractions import Fraction
 from pathlib import Path
 
 import imageio.v2 as imageio
+import imageio_ffmpeg
 import numpy as np
 import pytest
 import torch
 
 from histream_core import video
-from histream_core.video import (VideoWriteError, VideoWriter, check_video_path, made_folders, to_uint8_frames,
-                                 write_video)
+from histream_core.video import (VideoWriteError, VideoWriter, check_video_path, frame_rate, made_folders,
+                                 to_uint8_frames, write_video)
 
 
 def gradient_frames(t: int, h: int = 32, w: int = 48) -> np.ndarray:
@@ -163,3 +165,26 @@ def test_frame_conversion() -> None:
         to_uint8_frames(torch.zeros(2, 3, 1, 2, 2))
     with pytest.raises(ValueError, match=r"\[T, H, W, 3\]"):
         to_uint8_frames(torch.zeros(4, 3, 8, 8))
+
+
+def test_fractional_fps_and_yuv420p_reach_the_file(tmp_path) -> None:
+    """23.976 fps is stored as 24000/1001, not rounded to 24; the H.264 stream is yuv420p, which every player
+    decodes (libx264 would pick 4:4:4 for RGB input, which many players and browsers cannot play)."""
+    path = write_video(tmp_path / "clip.mp4", gradient_frames(3), fps=23.976)
+    meta = next(imageio_ffmpeg.read_frames(str(path)))
+    assert meta["fps"] == pytest.approx(24000 / 1001, abs=0.01)  # ffmpeg reports 23.98
+    assert meta["pix_fmt"].startswith("yuv420p")
+    assert [frame_rate(fps) for fps in (23.976, 29.97, 59.94, 16.0, 12.5)] == [
+        Fraction(24000, 1001), Fraction(30000, 1001), Fraction(60000, 1001), 16, Fraction(25, 2)]
+
+
+def test_crf_sets_the_quality(tmp_path) -> None:
+    """crf reaches the encoder: crf 0 keeps far more of the picture than crf 51 (measured: mean error 1.8 vs 9.3 on
+    these gradients), and on noise, which does not compress, far more bytes (10.7 vs 1.6 kB)."""
+    frames = gradient_frames(4)
+    best, worst = (write_video(tmp_path / f"crf{crf}.mp4", frames, crf=crf) for crf in (0, 51))
+    errors = [np.abs(read_back(path)[0].astype(int) - frames).mean() for path in (best, worst)]
+    assert errors[0] < errors[1] / 2
+    noise = np.random.default_rng(0).integers(0, 256, (4, 32, 48, 3), dtype=np.uint8)
+    sizes = [write_video(tmp_path / f"noise{crf}.mp4", noise, crf=crf).stat().st_size for crf in (0, 51)]
+    assert sizes[0] > 4 * sizes[1]
