@@ -38,7 +38,8 @@ def test_frames_count_range_and_streaming(decoder: TinyWanDecoder, latents: torc
     pieces = [latents[:, :, :1], latents[:, :, 1:3], latents[:, :, 3:]]
     streamed = list(decoder.decode_stream(iter(pieces)))
     assert [f.shape[2] for f in streamed] == [1, 8, 8]
-    torch.testing.assert_close(torch.cat(streamed, dim=2), whole, atol=1e-4, rtol=1e-4)  # float noise is ~6e-6; a stream bug is ~0.1
+    # float noise is ~6e-6; a stream that loses its memory is off by ~0.1
+    torch.testing.assert_close(torch.cat(streamed, dim=2), whole, atol=1e-4, rtol=1e-4)
 
 
 def test_causal(decoder: TinyWanDecoder, latents: torch.Tensor) -> None:
