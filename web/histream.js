@@ -3,7 +3,9 @@
 //   the knobs the mode does not use (their values reset to -1 / empty, which the sampler would otherwise refuse).
 //   The table comes from Python (the "histream_modes" option of the mode input), so it cannot drift from the modes.
 // * While the sampler runs, "chunk i/n, call j/m, cache k frames" is drawn under the node (event
-//   "histream.progress" from nodes/sampler.py); afterwards the node's summary, and the Cost Readout's report.
+//   "histream.progress" from nodes/sampler.py); afterwards the node's summary, and the Cost Readout's report. A run
+//   that is cancelled or fails says where it stopped instead of looking as if it were still running.
+// * A step string in low|high form is cleared when the mode has no low-resolution pass (the sampler refuses it).
 // Existing callbacks are always chained, never replaced.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
@@ -31,14 +33,23 @@ function applyMode(node, table) {
     const unused = value === null;
     widget.disabled = unused;
     if (unused) widget.value = typeof widget.value === "string" ? "" : MODE_VALUE;
+    const lowStepsGiven = typeof widget.value === "string" && widget.value.includes("|");
+    if (lowStepsGiven && typeof value === "string" && !value.includes("|")) widget.value = "";
     widget.label = unused ? `${name}: unused by ${mode.value}` : `${name} (${mode.value}: ${value})`;
   }
   node.setDirtyCanvas(true, true);
 }
 
-function setStatus(node, lines) {
+function setStatus(node, lines, running = false) {
   node.histreamStatus = lines;
+  node.histreamRunning = running;
   node.setDirtyCanvas(true, false);
+}
+
+function markStopped(why) {
+  for (const node of app.graph?.nodes ?? app.graph?._nodes ?? []) {
+    if (node.histreamRunning) setStatus(node, [`${why} at ${node.histreamStatus[0]}`]);
+  }
 }
 
 function drawStatus(node, ctx) {
@@ -86,7 +97,9 @@ app.registerExtension({
       setStatus(node, [
         `chunk ${detail.chunk}/${detail.num_chunks} · call ${detail.call}/${detail.total_calls} (${detail.kind})`,
         `cache: ${detail.cached_frames} latent frames`,
-      ]);
+      ], true);
     });
+    api.addEventListener("execution_interrupted", () => markStopped("cancelled"));
+    api.addEventListener("execution_error", () => markStopped("stopped by an error"));
   },
 });
