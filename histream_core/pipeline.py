@@ -75,6 +75,21 @@ class RunReport:
         return "\n".join(rows)
 
 
+def story_chunks(frames: Sequence[int], chunk_frames: int) -> list[int]:
+    """The first chunk of each prompt of a story [(first video frame, prompt), ...], checked: it starts at frame 0
+    and each prompt takes over in a later chunk than the one before."""
+    from .sampler import chunk_at_frame, chunk_start_frame
+    if frames[0] != 0:
+        raise ValueError(f"a story starts at frame 0 (the first prompt), got {frames[0]}")
+    starts = [chunk_at_frame(frame, chunk_frames) for frame in frames]
+    for i in range(1, len(starts)):
+        if starts[i] <= starts[i - 1]:
+            raise ValueError(f"the story's prompt at frame {frames[i]} would start in chunk {starts[i] + 1}, not "
+                             f"after the one at frame {frames[i - 1]} (chunk {starts[i - 1] + 1}): start it at frame "
+                             f"{chunk_start_frame(starts[i - 1], chunk_frames) + 1} or later")
+    return starts
+
+
 def random_text_embedding(prompt: str, text_dim: int, tokens: int = 16) -> torch.Tensor:
     """A fixed random stand-in for text-encoder states, derived from the prompt (embedded default only).
 
@@ -323,11 +338,12 @@ class HiStreamPipeline:
 
         Missing folders of ``out`` are made (and removed again if the run fails), as the command line does.
 
-        ``prompt``: a prompt, precomputed umT5 states, or a story [(first video frame, prompt), ...] starting at
-        frame 0 (each later prompt takes over with the first chunk at or after its frame, with a KV recache).
+        ``prompt``: a prompt, precomputed umT5 states, or a story [(first video frame, prompt or states), ...]
+        starting at frame 0 (each later prompt takes over with the first chunk at or after its frame, with a KV
+        recache). A story's frames are checked before any prompt is encoded.
         """
         from .modes import mode_config
-        from .sampler import check_prompt_starts, chunk_at_frame, video_geometry
+        from .sampler import check_prompt_starts, video_geometry
         config = config or mode_config(mode)
         # the request is checked before the prompts are encoded (the encoder takes a while to load)
         geometry = video_geometry(width, height, frames, config, self.model.cfg.patch_size[1])
@@ -336,14 +352,16 @@ class HiStreamPipeline:
             context = self.encode(prompt)
         elif isinstance(prompt, torch.Tensor):
             context = prompt
-        elif isinstance(prompt, Sequence) and all(isinstance(e, (tuple, list)) and len(e) == 2 and
-                                                  isinstance(e[0], int) and isinstance(e[1], str) for e in prompt):
-            starts = [chunk_at_frame(frame, config.stream.chunk_frames) for frame, _ in prompt]
+        elif isinstance(prompt, Sequence) and prompt and all(
+                isinstance(e, (tuple, list)) and len(e) == 2 and isinstance(e[0], int) and not isinstance(e[0], bool)
+                and isinstance(e[1], (str, torch.Tensor)) for e in prompt):
+            starts = story_chunks([frame for frame, _ in prompt], config.stream.chunk_frames)
             check_prompt_starts(starts, geometry, config.stream.chunk_frames)
-            context = [(start, self.encode(text)) for start, (_, text) in zip(starts, prompt)]
+            context = [(start, self.encode(text) if isinstance(text, str) else text)
+                       for start, (_, text) in zip(starts, prompt)]
         else:
-            raise ValueError(f"prompt must be a string, umT5 states [1, tokens, 4096] or a story "
-                             f"[(first video frame, prompt), ...]; got {type(prompt).__name__}")
+            raise ValueError(f"prompt must be a string, text states [1, tokens, {self.model.cfg.text_dim}] or a story "
+                             f"[(first video frame, prompt or states), ...]; got {type(prompt).__name__}")
         with made_folders(out.parent):
             return generate_to_file(self.model, self.vae, context, out, width, height, frames, config, seed, fps=fps,
                                     tile=tile, order=order, on_chunk=on_chunk)

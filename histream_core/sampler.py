@@ -346,9 +346,12 @@ def stream_video(
     the clean latents of the cached frames, for the recache).
     ``text``: one conditioning, or a prompt schedule [(first chunk, conditioning), ...] starting at chunk 0.
     ``caches``: pass empty caches to inspect them between chunks (they are filled in place, the loop sets their
-    ``window``; the last chunk writes none); by default the loop makes its own. ``should_stop`` is checked before
-    every model call; True raises ``GenerationInterrupted``.
+    ``window``; the last chunk writes none; make them with ``DualResCache.empty(num_layers, fp8=cfg.kv_cache_fp8)``);
+    by default the loop makes its own. ``should_stop`` is checked before every model call; True raises
+    ``GenerationInterrupted``. Being a generator, it checks the request when the first chunk is asked for.
     """
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ValueError(f"seed must be a whole number, got {seed!r}")
     geometry = video_geometry(width, height, frames, cfg, model.cfg.patch_size[1])
     if (warning := untrained_positions(geometry, cfg)) is not None:
         log.warning("%s", warning)
@@ -366,6 +369,11 @@ def stream_video(
     caches = caches if caches is not None else DualResCache.empty(model.cfg.num_layers, fp8=cfg.kv_cache_fp8)
     if caches.high.num_frames or caches.low.num_frames:
         raise ValueError("stream_video needs empty caches: one DualResCache per video")
+    if (caches.high.num_layers, caches.high.fp8) != (model.cfg.num_layers, cfg.kv_cache_fp8):
+        raise ValueError(f"the caches given hold {caches.high.num_layers} layers{' in fp8' if caches.high.fp8 else ''}, "
+                         f"the run needs {model.cfg.num_layers}{' in fp8' if cfg.kv_cache_fp8 else ''} (the model's "
+                         "layers, the config's kv_cache_fp8): make them with DualResCache.empty(model.cfg.num_layers, "
+                         "fp8=cfg.kv_cache_fp8)")
     for cache in (caches.high, caches.low):
         cache.window = (cfg.stream.anchor_frames, cfg.stream.local_frames) if cfg.stream.window else None
     total_calls = sum(len(p.calls(geometry, cfg.drc)) for p in plans)

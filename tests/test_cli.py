@@ -172,6 +172,24 @@ def test_schedule_switches_prompt_at_a_frame(tmp_path, capsys):
     assert "FRAME:PROMPT" in capsys.readouterr().err
 
 
+def test_pipeline_story_is_checked_before_encoding_and_takes_states(tmp_path):
+    """A story's frames are checked before any prompt is encoded (this pipeline has no encoder: encoding would fail
+    with another message), and a story may give precomputed states instead of prompts."""
+    from histream_core.pipeline import embedded_default, random_text_embedding
+    pipe = HiStreamPipeline(*embedded_default())
+    args = dict(width=64, height=64, frames=25, mode="histream+", out=tmp_path / "story.mp4")
+    with pytest.raises(ValueError, match="a story starts at frame 0"):
+        pipe.generate([(5, "a fox"), (13, "b")], **args)
+    with pytest.raises(ValueError, match=r"prompt at frame 5 would start in chunk 2, not after the one at frame 2 "
+                                         r"\(chunk 2\): start it at frame 10 or later"):
+        pipe.generate([(0, "a"), (2, "b"), (5, "c")], **args)
+    states = [random_text_embedding(text, pipe.model.cfg.text_dim) for text in ("a fox", "a fox in snow")]
+    report = pipe.generate([(0, states[0]), (13, states[1])], **args)
+    assert [c.model_calls for c in report.chunks] == [6, 4, 6]  # chunk 3: 4 recache + 2 steps, no cache write
+    with pytest.raises(ValueError, match=r"text states \[1, tokens, 32\]"):
+        pipe.generate(42, **args)
+
+
 def test_pipeline_story_prompts(user_files, tmp_path):
     from histream_core.pipeline import HiStreamPipeline
     pipe = HiStreamPipeline.from_files(user_files / "dit.safetensors", user_files / "vae.safetensors",

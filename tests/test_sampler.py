@@ -325,14 +325,15 @@ def test_chunk_at_frame_is_the_first_chunk_starting_at_or_after_it(frame, chunk)
 def test_fp8_kv_cache_stays_close_and_stores_float8(model, context):
     """Only the cached K/V are quantized: the first chunk (nothing cached) is identical, later chunks stay within a
     few percent on this random model (benchmarks/quality_delta.py measures the real-size model). A caller's
-    caches decide for themselves."""
+    caches must be fp8 as the config says."""
     caches = DualResCache.empty(model.cfg.num_layers, fp8=True)
     fp8 = run(model, context, mode_config("histream").with_(kv_cache_fp8=True), frames=21)
     plain = run(model, context, mode_config("histream"), frames=21)
     assert torch.equal(fp8[:, :, :3], plain[:, :, :3]) and not torch.equal(fp8, plain)  # latents [B, C, T, h, w]
     assert ((fp8 - plain).norm() / plain.norm()).item() < 0.01
     with torch.no_grad():
-        for _ in stream_video(model, context, W, H, 21, mode_config("histream"), 0, caches=caches):
+        for _ in stream_video(model, context, W, H, 21, mode_config("histream").with_(kv_cache_fp8=True), 0,
+                              caches=caches):
             pass
     assert caches.high.keys[0].dtype == caches.low.values[0].dtype == torch.float8_e4m3fn
 
@@ -431,3 +432,14 @@ def test_modes_use_the_papers_shifts_and_steps():
     cfg = mode_config("histream+")
     later = plan_video(video_geometry(W, H, 13, cfg), cfg)[1]
     assert later.low_steps == pytest.approx((1000.0,)) and later.high_steps == pytest.approx((875.0,))
+
+
+def test_caches_given_must_fit_the_model_and_the_config(model, context):
+    """Caller-owned caches with another layer count or another K/V dtype than the run's are refused (an fp8 ablation
+    must not run in full precision unnoticed), and so is a seed that is not a whole number."""
+    cfg = mode_config("histream").with_(kv_cache_fp8=True)
+    for caches in (DualResCache.empty(model.cfg.num_layers), DualResCache.empty(model.cfg.num_layers + 3, fp8=True)):
+        with pytest.raises(ValueError, match=r"make them with DualResCache.empty\(model.cfg.num_layers, fp8=cfg"):
+            next(stream_video(model, context, W, H, 13, cfg, 0, caches=caches))
+    with pytest.raises(ValueError, match="seed must be a whole number, got 1.5"):
+        next(stream_video(model, context, W, H, 13, cfg, 1.5))
