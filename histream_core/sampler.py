@@ -370,8 +370,9 @@ def stream_video(
     if caches.high.num_frames or caches.low.num_frames:
         raise ValueError("stream_video needs empty caches: one DualResCache per video")
     if (caches.high.num_layers, caches.high.fp8) != (model.cfg.num_layers, cfg.kv_cache_fp8):
-        raise ValueError(f"the caches given hold {caches.high.num_layers} layers{' in fp8' if caches.high.fp8 else ''}, "
-                         f"the run needs {model.cfg.num_layers}{' in fp8' if cfg.kv_cache_fp8 else ''} (the model's "
+        given, needed = (" in fp8" if fp8 else "" for fp8 in (caches.high.fp8, cfg.kv_cache_fp8))
+        raise ValueError(f"the caches given hold {caches.high.num_layers} layers{given}, the run needs "
+                         f"{model.cfg.num_layers}{needed} (the model's "
                          "layers, the config's kv_cache_fp8): make them with DualResCache.empty(model.cfg.num_layers, "
                          "fp8=cfg.kv_cache_fp8)")
     for cache in (caches.high, caches.low):
