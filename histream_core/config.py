@@ -7,7 +7,37 @@ so a bad config fails where it is built, not deep inside a forward pass.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, replace
+
+
+def _check_types(config, *, ints: tuple[str, ...] = (), flags: tuple[str, ...] = (),
+                 numbers_: tuple[str, ...] = ()) -> None:
+    """Whole numbers, booleans and real numbers where the fields say so (True is not 1, "no" is not False)."""
+    name = type(config).__name__
+    for field in ints:
+        value = getattr(config, field)
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ValueError(f"{name}.{field} must be a whole number, got {value!r}")
+    for field in flags:
+        if not isinstance(getattr(config, field), bool):
+            raise ValueError(f"{name}.{field} must be True or False, got {getattr(config, field)!r}")
+    for field in numbers_:
+        value = getattr(config, field)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ValueError(f"{name}.{field} must be a number, got {value!r}")
+
+
+def _float_tuple(config, field: str, length: int | None = None) -> None:
+    """Store a sequence field as a tuple of floats (hashable, as a frozen config should be), checking its items."""
+    value = getattr(config, field)
+    name = type(config).__name__
+    if isinstance(value, (str, bytes)) or not isinstance(value, (tuple, list)) or any(
+            isinstance(v, bool) or not isinstance(v, numbers.Real) for v in value):
+        raise ValueError(f"{name}.{field} must be a tuple of numbers, got {value!r}")
+    if length is not None and len(value) != length:
+        raise ValueError(f"{name}.{field} must hold {length} numbers (time, height, width), got {value!r}")
+    object.__setattr__(config, field, tuple(float(v) for v in value))
 
 
 @dataclass(frozen=True)
@@ -97,6 +127,7 @@ class StreamConfig:
     window: bool = True
 
     def __post_init__(self) -> None:
+        _check_types(self, ints=("chunk_frames", "anchor_frames", "local_frames"), flags=("window",))
         if self.chunk_frames < 1:
             raise ValueError(f"StreamConfig.chunk_frames must be >= 1 latent frame, got {self.chunk_frames}")
         if self.anchor_frames < 0 or self.local_frames < 0:
@@ -125,6 +156,8 @@ class ChunkSteps:
     high: tuple[float, ...]
 
     def __post_init__(self) -> None:
+        _float_tuple(self, "low")
+        _float_tuple(self, "high")
         if not self.high:
             raise ValueError("every chunk needs at least one high-resolution step (its output is high-res)")
         steps = self.low + self.high
@@ -160,6 +193,9 @@ class HDConfig:
     train_tokens_per_frame: int = 2040
 
     def __post_init__(self) -> None:
+        _check_types(self, ints=("train_tokens_per_frame",), flags=("enabled",), numbers_=("first_chunk_attn_coef",))
+        _float_tuple(self, "rope_factors_high", 3)
+        _float_tuple(self, "rope_factors_low", 3)
         if not all(0 < f < math.inf for f in self.rope_factors_high + self.rope_factors_low):
             raise ValueError("RoPE NTK factors must be positive numbers")
         if not 0 < self.first_chunk_attn_coef < math.inf or self.train_tokens_per_frame < 2:
@@ -210,6 +246,8 @@ class SamplerConfig:
     kv_cache_fp8: bool = False
 
     def __post_init__(self) -> None:
+        _check_types(self, flags=("drc", "kv_recache", "recache_anchor", "kv_cache_fp8"),
+                     numbers_=("low_res_scale", "shift"))
         if not 0 < self.low_res_scale <= 1:
             raise ValueError(f"low_res_scale must be in (0, 1], got {self.low_res_scale}")
         if not (0 < self.shift < math.inf):

@@ -23,7 +23,9 @@ which Appendix A.2 lists as increments over the tuning settings (shift 5 -> 7, N
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import replace
+from types import MappingProxyType
 
 from .config import ChunkSteps, HDConfig, SamplerConfig, StreamConfig
 
@@ -31,7 +33,7 @@ FOUR_STEPS_DRC = ChunkSteps(low=(1000.0, 750.0), high=(500.0, 250.0))
 FOUR_STEPS_FULL_RES = ChunkSteps(low=(), high=(1000.0, 750.0, 500.0, 250.0))
 TWO_STEPS_DRC = ChunkSteps(low=(1000.0,), high=(500.0,))
 
-MODES: dict[str, SamplerConfig] = {
+MODES: Mapping[str, SamplerConfig] = MappingProxyType({  # read-only: a change would reach every caller
     "histream": SamplerConfig(),
     "histream+": SamplerConfig(later_chunks=TWO_STEPS_DRC),
     "self-forcing": SamplerConfig(drc=False, stream=StreamConfig(window=False), shift=5.0,
@@ -41,7 +43,7 @@ MODES: dict[str, SamplerConfig] = {
     "no-agsw": SamplerConfig(stream=StreamConfig(window=False)),
     "two-step": SamplerConfig(first_chunk=TWO_STEPS_DRC, later_chunks=TWO_STEPS_DRC),
     "no-hd": SamplerConfig(shift=5.0, hd=HDConfig(rope_factors_high=(1.0, 2.0, 2.0), first_chunk_attn_coef=1.0)),
-}
+})
 
 
 def mode_config(name: str) -> SamplerConfig:
@@ -120,11 +122,13 @@ def with_knobs(mode: str, **knobs: float | str) -> SamplerConfig:
                             "value or pick a mode that uses it")
     for knob in FLOAT_KNOBS:
         if knob in knobs:
-            value, upper = knobs[knob], 1.0 if knob == "low_res_scale" else math.inf
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= upper:
-                shown = f"{value:g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else repr(value)
-                raise KnobError(knob, f"{shown} is out of range: use a number in (0, {upper:g}] (the mode's value "
-                                f"is {current[knob]:g})")
+            value, scale = knobs[knob], knob == "low_res_scale"
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise KnobError(knob, f"{value!r} is not a number (the mode's value is {current[knob]:g})")
+            if not (0 < value <= 1 if scale else 0 < value < math.inf):
+                wanted = "a number in (0, 1]" if scale else "a positive finite number"
+                raise KnobError(knob, f"{value:g} is out of range: use {wanted} (the mode's value is "
+                                f"{current[knob]:g})")
     steps = {knob: parse_steps(knob, knobs[knob]) for knob in STEP_KNOBS if knob in knobs}
     for knob, parsed in steps.items():
         if parsed.low and not cfg.drc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -443,3 +444,23 @@ def test_caches_given_must_fit_the_model_and_the_config(model, context):
             next(stream_video(model, context, W, H, 13, cfg, 0, caches=caches))
     with pytest.raises(ValueError, match="seed must be a whole number, got 1.5"):
         next(stream_video(model, context, W, H, 13, cfg, 1.5))
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: StreamConfig(chunk_frames=2.5), "StreamConfig.chunk_frames must be a whole number, got 2.5"),
+    (lambda: SamplerConfig(drc="no"), "SamplerConfig.drc must be True or False, got 'no'"),
+    (lambda: SamplerConfig(low_res_scale=True), "SamplerConfig.low_res_scale must be a number, got True"),
+    (lambda: HDConfig(rope_factors_high=(5.0,)), "rope_factors_high must hold 3 numbers"),
+    (lambda: ChunkSteps(low=(), high="500"), "ChunkSteps.high must be a tuple of numbers, got '500'"),
+])
+def test_configs_refuse_wrong_types_where_they_are_built(make, message):
+    """A config fails where it is built, not in the run ("no" would have switched DRC on, 2.5 crashed in the loop)."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        make()
+
+
+def test_config_sequences_are_stored_as_float_tuples():
+    """Lists are accepted and kept as tuples of floats, so every config stays hashable and compares by value."""
+    steps = ChunkSteps(low=[1000], high=[500])
+    assert steps == ChunkSteps(low=(1000.0,), high=(500.0,)) and isinstance(steps.low, tuple)
+    assert hash(SamplerConfig().with_(first_chunk=steps, hd=HDConfig(rope_factors_high=[1, 5, 5])))
