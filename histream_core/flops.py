@@ -91,15 +91,21 @@ def flops_table(model_cfg: ModelConfig, width: int, height: int, frames: int,
 
 
 def format_table(rows: list[RunFlops], rate_tflops: float | None = None) -> str:
-    """Plain-text table; with a matmul rate (TFLOP/s) it adds the compute floor per frame."""
-    header = f"{'mode':<14}{'model calls':>12}{'TFLOP total':>14}{'TFLOP/frame':>13}"
+    """Plain-text table; with a matmul rate (TFLOP/s) it adds the compute floor per frame. Small runs (the tiny model)
+    are shown in GFLOP or MFLOP and their floor in us or ns, so no column reads 0.0."""
+    largest = max(r.tflop_total for r in rows)
+    unit, scale, floor_unit = next((u, k, t) for u, k, t in (("TFLOP", 1.0, "ms"), ("GFLOP", 1e3, "us"),
+                                                             ("MFLOP", 1e6, "ns")) if largest * k >= 1 or u == "MFLOP")
+    floor_scale = 1e3 * scale
+    header = f"{'mode':<14}{'model calls':>12}{unit + ' total':>14}{unit + '/frame':>13}"
     if rate_tflops:
-        header += f"{'floor ms/frame':>16}"
+        header += f"{f'floor {floor_unit}/frame':>16}"
     lines = [header, "-" * len(header)]
     for r in rows:
-        line = f"{r.mode:<14}{r.model_calls:>12}{r.tflop_total:>14,.1f}{r.tflop_per_frame:>13,.2f}"
+        line = (f"{r.mode:<14}{r.model_calls:>12}{scale * r.tflop_total:>14,.1f}"
+                f"{scale * r.tflop_per_frame:>13,.2f}")
         if rate_tflops:
-            line += f"{1000 * r.tflop_per_frame / rate_tflops:>16,.1f}"
+            line += f"{floor_scale * r.tflop_per_frame / rate_tflops:>16,.1f}"
         lines.append(line)
     return "\n".join(lines)
 

@@ -75,3 +75,14 @@ def test_every_prompt_of_a_schedule_is_counted_exactly():
         list(stream_video(model, prompts, 64, 96, 37, MODES["histream+"], seed=0))
     expected = run_flops(model.cfg, MODES["histream+"], 64, 96, 37, prompt_switches=frozenset({1, 2}))
     assert counter.get_total_flops() == expected.flops_total
+
+
+def test_table_units_follow_the_size_of_the_run():
+    """The tiny model's run is megaFLOPs: its table says so instead of printing 0.0 TFLOP everywhere."""
+    from histream_core.flops import flops_table, format_table
+    tiny = format_table(flops_table(MODEL_PRESETS["tiny"], 64, 64, 17), 798.0).splitlines()
+    assert tiny[0].split()[3:] == ["MFLOP", "total", "MFLOP/frame", "floor", "ns/frame"]
+    total, per_frame, floor = map(float, tiny[2].split()[2:])
+    assert total > 1 and floor == pytest.approx(per_frame / 798.0 * 1e3, abs=0.06)  # MFLOP / (TFLOP/s) = ns * 1e3
+    full = format_table(flops_table(MODEL_PRESETS["wan2.1-1.3b"], 1920, 1088, 81), 798.0).splitlines()
+    assert "TFLOP total" in full[0] and "floor ms/frame" in full[0]
