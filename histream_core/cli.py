@@ -29,7 +29,7 @@ from .model.layers import check_fp8_matmul
 from .modes import KNOBS, MODES, STEPS_EXAMPLE, KnobError, with_knobs
 from .pipeline import (DECODE_ORDERS, EMBEDDED_VAE, HiStreamPipeline, checked_device, embedded_default,
                        generate_to_file, random_text_embedding)
-from .sampler import RequestError, VideoGeometry, check_prompt_starts, chunk_at_frame, video_geometry
+from .sampler import VideoGeometry, check_prompt_starts, story_chunks, video_geometry
 from .vae.tiling import SMALLEST_USEFUL_TILE
 from .video import check_video_path, made_folders
 
@@ -201,26 +201,23 @@ def _check_files(args) -> None:
 
 def _schedule_starts(args, geometry, chunk_frames: int) -> list[tuple[int, str]]:
     """--schedule FRAME:PROMPT ... -> [(first chunk, prompt)] after the --prompt, checked against the video."""
-    starts = []
+    frames, prompts = [], []
     for item in args.schedule or ():
         frame, sep, prompt = item.partition(":")
         if not sep or not frame.strip().isdigit() or not prompt.strip():
             raise ValueError(f"--schedule {item!r}: write FRAME:PROMPT, e.g. --schedule '48:the fox jumps'")
-        start = chunk_at_frame(int(frame), chunk_frames)
-        if start == 0:
+        if int(frame) == 0:
             raise ValueError(f"--schedule {item!r}: frame 0 belongs to --prompt (the video starts with it); give that "
                              f"prompt with --prompt, and later ones at later frames (the next chunk starts at frame "
                              f"{4 * chunk_frames - 3})")
-        previous = starts[-1][0] if starts else 0
-        if start <= previous:
-            raise ValueError(f"--schedule {item!r}: starts in chunk {start + 1}, not after the previous prompt's "
-                             f"chunk {previous + 1}; give increasing frames at least {4 * chunk_frames} apart")
-        starts.append((start, prompt))
+        frames.append(int(frame))
+        prompts.append(prompt)
     try:
-        check_prompt_starts([start for start, _ in starts], geometry, chunk_frames)
-    except RequestError as exc:
+        starts = story_chunks([0, *frames], chunk_frames)[1:]  # the --prompt's at frame 0, then these in order
+        check_prompt_starts(starts, geometry, chunk_frames)
+    except ValueError as exc:  # a RequestError too
         raise ValueError(f"--schedule: {exc}") from None
-    return starts
+    return list(zip(starts, prompts))
 
 
 def cmd_bench(args) -> int:

@@ -20,7 +20,7 @@ import torch
 from .config import MODEL_PRESETS, SamplerConfig
 from .model import CausalWanModel
 from .overlap import DecodeBeside
-from .sampler import LatentChunk, PromptSchedule, seeded_generator, stream_video
+from .sampler import LatentChunk, PromptSchedule, seeded_generator, story_chunks, stream_video
 from .vae import TiledDecoder, TinyWanDecoder, WanVAE, WanVAEConfig, check_finite_frames, denormalize
 from .video import WAN_FPS, VideoWriter, check_video_path, made_folders, uint8_frames
 
@@ -73,21 +73,6 @@ class RunReport:
         rows.append(f"total: {self.frames} frames {self.width}x{self.height}, denoise {self.denoise_s:.3f} s "
                     f"({self.denoise_s / self.frames:.4f} s/frame), decode {self.decode_s:.3f} s -> {self.path}")
         return "\n".join(rows)
-
-
-def story_chunks(frames: Sequence[int], chunk_frames: int) -> list[int]:
-    """The first chunk of each prompt of a story [(first video frame, prompt), ...], checked: it starts at frame 0
-    and each prompt takes over in a later chunk than the one before."""
-    from .sampler import chunk_at_frame, chunk_start_frame
-    if frames[0] != 0:
-        raise ValueError(f"a story starts at frame 0 (the first prompt), got {frames[0]}")
-    starts = [chunk_at_frame(frame, chunk_frames) for frame in frames]
-    for i in range(1, len(starts)):
-        if starts[i] <= starts[i - 1]:
-            raise ValueError(f"the story's prompt at frame {frames[i]} would start in chunk {starts[i] + 1}, not "
-                             f"after the one at frame {frames[i - 1]} (chunk {starts[i - 1] + 1}): start it at frame "
-                             f"{chunk_start_frame(starts[i - 1], chunk_frames) + 1} or later")
-    return starts
 
 
 def random_text_embedding(prompt: str, text_dim: int, tokens: int = 16) -> torch.Tensor:
@@ -330,7 +315,7 @@ class HiStreamPipeline:
         finally:
             self.text_encoder.free()
 
-    def generate(self, prompt: str | torch.Tensor | Sequence[tuple[int, str]], *, width: int = 1920,
+    def generate(self, prompt: str | torch.Tensor | Sequence[tuple[int, str | torch.Tensor]], *, width: int = 1920,
                  height: int = 1088, frames: int = 81, mode: str = "histream", config: SamplerConfig | None = None,
                  seed: int = 0, out: str | Path = "histream.mp4", fps: float = WAN_FPS, tile: int | None = None,
                  order: str = "after", on_chunk: Callable[[LatentChunk, ChunkTiming], None] | None = None) -> RunReport:

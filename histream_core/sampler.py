@@ -315,6 +315,20 @@ def chunk_at_frame(frame: int, chunk_frames: int) -> int:
     return -(-(frame + VAE_TEMPORAL_STRIDE - 1) // per_chunk)
 
 
+def story_chunks(frames: Sequence[int], chunk_frames: int) -> list[int]:
+    """The first chunk of each prompt of a story [(first video frame, prompt), ...], checked: it starts at frame 0
+    and each prompt takes over in a later chunk than the one before."""
+    if frames[0] != 0:
+        raise ValueError(f"a story starts at frame 0 (the first prompt), got {frames[0]}")
+    starts = [chunk_at_frame(frame, chunk_frames) for frame in frames]
+    for i in range(1, len(starts)):
+        if starts[i] <= starts[i - 1]:
+            raise ValueError(f"the story's prompt at frame {frames[i]} would start in chunk {starts[i] + 1}, not "
+                             f"after the one at frame {frames[i - 1]} (chunk {starts[i - 1] + 1}): start it at frame "
+                             f"{chunk_start_frame(starts[i - 1], chunk_frames) + 1} or later")
+    return starts
+
+
 def prompt_schedule(model: CausalWanModel, text: TextKV | torch.Tensor | PromptSchedule) -> list[tuple[int, TextKV]]:
     """One conditioning, or a schedule of them, as [(first chunk, TextKV)] with text K/V computed once each."""
     entries = [(0, text)] if isinstance(text, (TextKV, torch.Tensor)) else sorted(text, key=lambda e: e[0])
@@ -485,5 +499,5 @@ def generate_video(model: CausalWanModel, text, width: int, height: int, frames:
 
 __all__ = ["RequestError", "GenerationInterrupted", "VideoGeometry", "video_geometry", "size_step",
            "untrained_positions", "check_prompt_starts", "ModelCall", "ChunkPlan", "plan_video", "Progress",
-           "LatentChunk", "NonFiniteLatents", "PromptSchedule", "prompt_schedule", "chunk_at_frame",
+           "LatentChunk", "NonFiniteLatents", "PromptSchedule", "prompt_schedule", "story_chunks", "chunk_at_frame",
            "chunk_start_frame", "stream_video", "generate_video", "chunk_noise", "seeded_generator", "resize_latents"]
