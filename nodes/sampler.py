@@ -15,7 +15,7 @@ from PIL import Image
 
 from ..histream_core.config import SamplerConfig
 from ..histream_core.modes import (FLOAT_KNOBS, MODES, STEP_KNOBS, STEPS_EXAMPLE, KnobError, knob_values,
-                                   with_knobs)
+                                   mode_config, with_knobs)
 from ..histream_core.sampler import (LatentChunk, NonFiniteLatents, RequestError, VideoGeometry, chunk_start_frame,
                                      stream_video, untrained_positions, video_geometry)
 from ..histream_core.vae import denormalize, frames_to_images, latent_preview
@@ -50,6 +50,21 @@ def build_config(mode: str, window: HiStreamWindow | None = None, attention_back
     if window is not None:
         changes.update(stream=window.stream, rope_positions=window.rope_positions, kv_cache_fp8=window.kv_cache_fp8)
     return cfg.with_(**changes)
+
+
+def window_note(mode: str, window: HiStreamWindow | None) -> str | None:
+    """A note when a connected Anchor Window Cache turns the mode's sliding window on or off.
+
+    The node's setting wins (that is how the "w/o AGSW" ablation is wired), but a run of "self-forcing" with the
+    window on is no longer the baseline it is named after, so the node's text says so.
+    """
+    if window is None or window.stream.window == mode_config(mode).stream.window:
+        return None
+    if window.stream.window:
+        return (f"Anchor Window Cache turns the sliding window on: mode '{mode}' keeps every past frame, so this run "
+                "is not that mode's ablation row (set the window node's enable to 'full cache' or disconnect it)")
+    return (f"Anchor Window Cache turns the sliding window off (full cache, the paper's w/o AGSW): mode '{mode}' "
+            "alone would use it")
 
 
 def request_geometry(node: str, width: int, height: int, length: int, cfg: SamplerConfig,
@@ -240,6 +255,9 @@ class HiStreamDualResSampler:
             cfg = cfg.with_(kv_recache=prompt_schedule.kv_recache, recache_anchor=prompt_schedule.recache_anchor)
             text, more_notes = scheduled_text(prompt_schedule, context, cfg, geometry, dit.cfg)
             notes += more_notes
+        if (note := window_note(mode, window)) is not None:
+            log.warning("%s: %s", NODE, note)
+            notes.append(note)
         if (warning := untrained_positions(geometry, cfg)) is not None:  # the engine logs it; artists read the node
             notes.append(warning)
         device = model.device

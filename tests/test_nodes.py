@@ -397,6 +397,17 @@ def test_window_node_settings_reach_the_sampler_config(comfy_host):
     assert cfg.rope_positions == "window" and cfg.kv_cache_fp8
 
 
+def test_a_window_node_against_the_mode_is_said_in_the_node_text(comfy_host, loaded):
+    """The window node wins over the mode, and the artist is told when it turns a mode's ablation row into another."""
+    build = nodes()["HiStreamAnchorWindow"]().build
+    on, off = build(True, 3, 1, 2, "absolute")[0], build(False, 3, 1, 2, "absolute")[0]
+    notes = sample(loaded, mode="self-forcing", window=on, length=1)["ui"]["text"]
+    assert any("turns the sliding window on: mode 'self-forcing' keeps every past frame" in n for n in notes)
+    notes = sample(loaded, mode="histream", window=off, length=1)["ui"]["text"]
+    assert any("turns the sliding window off (full cache, the paper's w/o AGSW)" in n for n in notes)
+    assert len(sample(loaded, mode="histream", window=on, length=1)["ui"]["text"]) == 1  # agrees: the summary alone
+
+
 def test_overrides_change_only_their_knob(comfy_host):
     build = pack_module("nodes.sampler").build_config
     modes = pack_module("histream_core.modes")
