@@ -35,7 +35,8 @@ def quantize_fp8(t: torch.Tensor, scale_dtype: torch.dtype | None = None) -> tup
     what the fp8 matmul pays per GEMM input, and the FFN's hidden layer is large at 1080p); it is returned in
     ``scale_dtype`` (default t's dtype, as the KV cache stores it; fp32 for ``_scaled_mm``), exactly."""
     absmax = torch.linalg.vector_norm(t, float("inf"), dim=-1, keepdim=True)  # no |t| temporary
-    scale = (absmax.float() / FP8_MAX).clamp_min(1e-12).to(t.dtype)
+    # floored at t's smallest normal: a smaller floor underflows in fp16 (an all-zero row gave 0/0 = NaN)
+    scale = (absmax.float() / FP8_MAX).clamp_min(torch.finfo(t.dtype).smallest_normal).to(t.dtype)
     values = (t / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
     return values, scale.to(scale_dtype or t.dtype)
 
@@ -114,6 +115,8 @@ class KVCache:
         """Keep only the frames at these indices (into ``positions``), dropping the rest."""
         if frame_indices == list(range(self.num_frames)):
             return
+        if not all(0 <= j < self.num_frames for j in frame_indices):
+            raise IndexError(f"cannot keep frames {frame_indices}: the cache holds {self.num_frames}")
         index = torch.tensor(frame_indices, dtype=torch.long, device=self.keys[0].device)
         for track in self._tracks():
             for i in range(self.num_layers):

@@ -404,10 +404,12 @@ def stream_video(
             raise GenerationInterrupted(f"interrupted in chunk {plan.index + 1} of {len(plans)}")
         settings = AttentionSettings(cfg.attention_backend, factors, logit_scale)
         timestep = torch.full((x.shape[0],), t, device=device)
-        # Only full-size chunks use compiled graphs: a short last chunk or a recache run happens once per video.
+        # Only full-size chunks use compiled graphs: a short last chunk or a recache run (even of M frames) happens
+        # once per video, where compiling another graph would cost more than it saves.
+        compiled = x.shape[2] == cfg.stream.chunk_frames and not kind.startswith("recache")
         call = model.write_cache if update else model
         v = call(x, timestep, text_kv, cache=cache, frame_start=plan.rope_start if frame_start is None else frame_start,
-                 settings=settings, compiled=x.shape[2] == cfg.stream.chunk_frames)
+                 settings=settings, compiled=compiled)
         calls_done += 1
         x0 = None if update else x0_from_flow(x, v, t)
         if on_progress is not None:
@@ -417,7 +419,7 @@ def stream_video(
     def recache(plan, text_kv):
         """KV recache at a prompt switch: re-encode the cached frames' K/V under the new prompt, run by run (at logit
         scale 1: the anchor does not get chunk 1's attention scaling again)."""
-        for cache in (caches.high, caches.low):
+        for cache in (caches.high, caches.low) if cfg.drc else (caches.high,):  # without DRC KV_low stays empty
             cache.keep(list(range(plan.recache_runs[0][0])))
         for first, count in plan.recache_runs:
             clean = torch.cat(cached_clean[first:first + count], dim=2)

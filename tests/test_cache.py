@@ -25,6 +25,15 @@ def test_write_appends_overwrites_and_windows():
     assert cache.keys[1][0, :4].unique().tolist() == [1.0] and cache.keys[1][0, 4:].unique().tolist() == [2.0]
 
 
+def test_keeping_frames_the_cache_does_not_hold_is_refused():
+    cache = KVCache(num_layers=1)
+    with pytest.raises(IndexError, match=r"cannot keep frames \[0\]: the cache holds 0"):
+        cache.keep([0])
+    cache.write([kv(2)], [0, 1], tokens_per_frame=4)
+    cache.keep([1])
+    assert cache.positions == [1] and cache.keys[0].shape[1] == 4
+
+
 def test_one_cache_per_resolution():
     cache = KVCache(num_layers=1)
     cache.write([kv(1, tokens=4)], [0], tokens_per_frame=4)
@@ -93,6 +102,15 @@ def test_fp8_quantization_error_and_edge_cases():
     assert torch.isfinite(back).all() and torch.equal(back[0, 0], t[0, 0])
     assert _relative_error(back, t) < 0.03  # 3 mantissa bits: ~2.6% rms on Gaussian data
     assert back.abs().amax(-1).sub(t.abs().amax(-1)).abs().max() < 1e-3 * t.abs().max()  # the absmax is kept
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_fp8_quantization_of_zero_and_tiny_rows_in_every_compute_dtype(dtype):
+    """fp16's range ends near 6e-8: a scale floor below it underflowed to 0 and an all-zero row came back NaN."""
+    t = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1e-6, -2e-6, 0.0, 0.0], [3e-3, -1e-3, 0.0, 2e-3]], dtype=dtype)
+    back = dequantize_fp8(*quantize_fp8(t))
+    assert torch.isfinite(back).all() and torch.equal(back[0], t[0])
+    assert (back - t).abs().max() <= 0.07 * t.abs().max()  # e4m3 keeps ~6% per value at worst
 
 
 def test_fp8_cache_follows_the_full_precision_cache():

@@ -274,6 +274,37 @@ def test_prompt_switch_recaches_the_window_run_by_run(model, context, other_cont
     assert kinds[2][:2] == ["recache_high", "recache_low"] and kinds[2][2] == "low"
 
 
+@pytest.mark.parametrize("mode", ["no-drc", "self-forcing"])
+def test_prompt_switch_without_drc_recaches_the_high_cache_only(model, context, other_context, mode):
+    """Without DRC KV_low is never written: a recache keeping the anchor must not touch it (it crashed)."""
+    kinds: dict[int, list[str]] = {}
+    cfg = mode_config(mode).with_(recache_anchor=False)
+    with torch.no_grad():
+        list(stream_video(model, [(0, context), (2, other_context)], W, H, 37, cfg, 0,
+                          on_progress=lambda p: kinds.setdefault(p.chunk, []).append(p.kind)))
+    assert kinds[2][:2] == ["recache_high", "high"] and "recache_low" not in sum(kinds.values(), [])
+
+
+def test_recache_runs_stay_eager_even_at_chunk_size(model, context, other_context, monkeypatch):
+    """With window positions the recache is one 3-frame run, a full chunk's shape; it still must not ask for a
+    compiled graph (one more graph to compile for a call made once per prompt switch)."""
+    flags, kinds = [], []  # (latent frames, compiled) of every model call; each call's kind
+    run_blocks = model._run_blocks
+
+    def recording(x, timestep, text, cache, frame_start, update_cache, settings, compiled, **kwargs):
+        flags.append((x.shape[2], compiled))
+        return run_blocks(x, timestep, text, cache, frame_start, update_cache, settings, compiled, **kwargs)
+
+    monkeypatch.setattr(model, "_run_blocks", recording)
+    cfg = mode_config("histream").with_(rope_positions="window")
+    with torch.no_grad():
+        list(stream_video(model, [(0, context), (2, other_context)], W, H, 37, cfg, 0,
+                          on_progress=lambda p: kinds.append(p.kind)))
+    recache = [compiled for (frames, compiled), kind in zip(flags, kinds) if kind.startswith("recache")]
+    assert recache == [False, False] and [f for f, _ in flags][kinds.index("recache_high")] == 3
+    assert all(compiled for (frames, compiled), kind in zip(flags, kinds) if kind in ("high", "low") and frames == 3)
+
+
 def test_recached_kv_equals_encoding_the_window_under_the_new_prompt(model, context, other_context):
     caches = DualResCache.empty(model.cfg.num_layers)
     snapshot = {}
