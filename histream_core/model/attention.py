@@ -7,6 +7,7 @@ Softmax scale = logit_scale / sqrt(head_dim): ``logit_scale`` is the HD-inferenc
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 from typing import Callable
@@ -37,17 +38,21 @@ def _sdpa_pinned(kernel):
     return run
 
 
-def _flash_attn(q, k, v, scale):
+@functools.cache
+def _flash_attn_func() -> Callable:
+    """The installed flash-attn's function: FA3's interface, FA4 (CuTeDSL) or FA2, looked up once (a failed import is
+    not cached by Python, and the attention runs 60 times per model call)."""
     for module_name in ("flash_attn_interface", "flash_attn.cute", "flash_attn"):
         try:
-            module = importlib.import_module(module_name)
-            break
+            return importlib.import_module(module_name).flash_attn_func
         except ImportError:
             continue
-    else:
-        raise AttentionBackendError("attention backend 'flash_attn' asked for but no flash-attn package is installed; "
-                                    "install flash-attn (2/3) or flash-attn-4, or choose 'sdpa'")
-    out = module.flash_attn_func(q, k, v, softmax_scale=scale)
+    raise AttentionBackendError("attention backend 'flash_attn' asked for but no flash-attn package is installed; "
+                                "install flash-attn (2/3) or flash-attn-4, or choose 'sdpa'")
+
+
+def _flash_attn(q, k, v, scale):
+    out = _flash_attn_func()(q, k, v, softmax_scale=scale)
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -77,7 +82,7 @@ def check_backend_runs(name: str, device: torch.device, dtype: torch.dtype) -> N
     q = torch.zeros(1, 8, 1, 64, device=device, dtype=dtype)  # [B, L, heads, head_dim]
     try:
         attention(q, q, q, name)
-    except (AttentionBackendError, RuntimeError) as exc:
+    except RuntimeError as exc:  # AttentionBackendError included
         raise AttentionBackendError(f"attention backend {name} cannot run on {device} in {dtype} "
                                     f"({str(exc).splitlines()[0]}); choose sdpa") from exc
 
