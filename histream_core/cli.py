@@ -32,6 +32,7 @@ from .pipeline import (DECODE_ORDERS, EMBEDDED_VAE, HiStreamPipeline, checked_de
 from .sampler import VideoGeometry, check_prompt_starts, story_chunks, video_geometry
 from .vae.tiling import SMALLEST_USEFUL_TILE
 from .video import check_video_path, made_folders
+from .weight_files import is_host_out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -472,11 +473,6 @@ def _out_of_memory(args, where: str) -> str:
     return f"out of {where} memory: {', '.join(tips)}{predict}"
 
 
-def _is_host_out_of_memory(exc: BaseException) -> bool:
-    return isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and any(
-        text in str(exc) for text in ("can't allocate memory", "not enough memory")))
-
-
 def _stop_on_sigterm(signum, frame) -> None:
     raise KeyboardInterrupt  # unwinds like Ctrl-C, so no half-written video is left behind
 
@@ -502,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("interrupted: nothing was saved")
         return 130
     except (ValueError, OSError, ImportError, AttentionBackendError, RuntimeError, MemoryError) as exc:
-        if _is_host_out_of_memory(exc):
+        if is_host_out_of_memory(exc):
             log.error("%s", _out_of_memory(args, "host (CPU)"))
             return 3
         if isinstance(exc, RuntimeError) and not isinstance(exc, AttentionBackendError):

@@ -114,6 +114,8 @@ def _open(path: Path, nested: Sequence[str]) -> AbstractContextManager[WeightFil
         try:
             handle = safe_open(str(path), framework="pt", device="cpu")
         except Exception as exc:  # header or size errors: the file is truncated or not safetensors
+            if is_host_out_of_memory(exc):
+                raise  # not a bad file: the CLI gives it its own advice and exit status
             raise _unreadable(exc) from exc
         return _safetensors_file(handle)
     if suffix in TORCH_SUFFIXES:
@@ -133,6 +135,12 @@ def _safetensors_file(handle: Any) -> Iterator[WeightFile]:
         yield WeightFile("safetensors", None, entries)
 
 
+def is_host_out_of_memory(exc: BaseException) -> bool:
+    """Python's MemoryError, or torch's allocator failing on the CPU."""
+    return isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and any(
+        text in str(exc) for text in ("can't allocate memory", "not enough memory")))
+
+
 def load_torch_object(path: Path) -> Any:
     """torch.load that can only rebuild tensors and plain containers (weights_only), mmap'd for zip-format files.
 
@@ -143,6 +151,8 @@ def load_torch_object(path: Path) -> Any:
             warnings.filterwarnings("ignore", message=".*pickle protocol")
             return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as exc:
+        if is_host_out_of_memory(exc):
+            raise  # not a bad file
         refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
         if refused:
             raise Unusable(f"refused to unpickle {refused[1]}: the file holds Python objects besides tensors",

@@ -9,6 +9,7 @@ import torch
 
 from ..histream_core.checkpoints import CheckpointError, load_wan_model
 from ..histream_core.model.attention import BACKENDS, AttentionBackendError, check_backend_runs
+from ..histream_core.model.layers import check_fp8_matmul
 from ..histream_core.model.wan import CausalWanModel
 from . import host
 from .errors import input_error
@@ -70,6 +71,8 @@ class HiStreamLoader:
         target = host.main_device() if device == "main device" else torch.device("cpu")
         dtype = COMPUTE_DTYPES[compute_dtype]
         _check_attention(attention, target, dtype)
+        if weight_dtype == FP8_MATMUL:
+            _check_fp8_matmul(target, compute_dtype)
         path = host.model_path("diffusion_models", ckpt_name)
         try:
             model = load_wan_model(path, weight_dtype=WEIGHT_DTYPES[weight_dtype], compute_dtype=dtype,
@@ -77,10 +80,7 @@ class HiStreamLoader:
         except CheckpointError as exc:
             raise input_error(NODE, "ckpt_name", str(exc)) from exc
         if weight_dtype == FP8_MATMUL:
-            try:
-                model.use_fp8_matmul()
-            except ValueError as exc:
-                raise input_error(NODE, "weight_dtype", f"{FP8_MATMUL}: {exc}") from exc
+            model.use_fp8_matmul()
         if compile and target.type == "cuda":
             model.compile_blocks()
         elif compile:
@@ -89,6 +89,18 @@ class HiStreamLoader:
         log.info("HiStream: %s on %s (dim %d, %d layers, weights %s, compute %s, attention %s)", ckpt_name, target,
                  cfg.dim, cfg.num_layers, weight_dtype, compute_dtype, attention)
         return (HiStreamModel(model, ckpt_name, attention),)
+
+
+def _check_fp8_matmul(device: torch.device, compute_dtype: str) -> None:
+    """fp8_e4m3fn_fast's needs, checked before the checkpoint is read (minutes for a 14B one)."""
+    if compute_dtype != "bf16":
+        raise input_error(NODE, "weight_dtype", f"{FP8_MATMUL} multiplies bf16 activations in fp8, and compute_dtype "
+                          f"is {compute_dtype}: set compute_dtype to bf16, or weight_dtype to fp8_e4m3fn (fp8 storage "
+                          "alone)")
+    try:
+        check_fp8_matmul(device)
+    except ValueError as exc:
+        raise input_error(NODE, "weight_dtype", f"{FP8_MATMUL}: {exc}") from exc
 
 
 def _check_attention(backend: str, device: torch.device, dtype: torch.dtype) -> None:

@@ -370,6 +370,26 @@ def test_non_finite_results_stop_the_run_instead_of_writing_a_black_video(tmp_pa
     assert [p.name for p in tmp_path.iterdir()] == ["nan.safetensors"]
 
 
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_running_out_of_host_memory_while_reading_a_file_is_not_called_a_bad_file(user_files, tmp_path, capsys,
+                                                                                   monkeypatch, suffix):
+    """torch.load and safetensors fail alike on a truncated file and on a full RAM: only the first is the file's."""
+    weight_files = __import__("histream_core.weight_files", fromlist=["torch"])
+    path = user_files / "dit.safetensors"
+    if suffix == ".pt":
+        path = tmp_path / "dit.pt"
+        torch.save({"w": torch.zeros(2)}, path)
+
+    def full_ram(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(weight_files.torch, "load", full_ram)
+    monkeypatch.setattr("safetensors.safe_open", full_ram)
+    assert main(["inspect", str(path)]) == 3
+    err = capsys.readouterr().err
+    assert "out of host (CPU) memory" in err and "truncated" not in err
+
+
 def test_interrupted_runs_exit_130_and_leave_nothing(tmp_path, capsys, monkeypatch):
     import histream_core.cli as cli
 

@@ -504,9 +504,19 @@ def test_loader_fp8_fast_multiplies_in_fp8_and_the_sampler_runs(comfy_host, chec
     assert asked == [(True, True), (True, False)]
 
 
-def test_loader_fp8_fast_needs_bf16(comfy_host, checkpoint):
-    with pytest.raises(ValueError, match="HiStream Loader, input 'weight_dtype': fp8_e4m3fn_fast: .*bf16"):
+def test_loader_fp8_fast_needs_bf16_and_says_so_before_reading_the_checkpoint(comfy_host, checkpoint, monkeypatch):
+    loader = pack_module("nodes.loader")
+    monkeypatch.setattr(loader, "load_wan_model", lambda *a, **k: pytest.fail("the checkpoint was read first"))
+    with pytest.raises(ValueError, match="HiStream Loader, input 'weight_dtype': fp8_e4m3fn_fast multiplies bf16 "
+                                         "activations in fp8, and compute_dtype is fp32: set compute_dtype to bf16"):
         nodes()["HiStreamLoader"]().load(checkpoint, "fp8_e4m3fn_fast", "fp32", "sdpa", "cpu")
+
+    def no_fp8_tensor_cores(device):
+        raise ValueError(f"fp8 matmul does not run on {device}")
+
+    monkeypatch.setattr(loader, "check_fp8_matmul", no_fp8_tensor_cores)
+    with pytest.raises(ValueError, match="input 'weight_dtype': fp8_e4m3fn_fast: fp8 matmul does not run on cpu"):
+        nodes()["HiStreamLoader"]().load(checkpoint, "fp8_e4m3fn_fast", "bf16", "sdpa", "cpu")
 
 
 def test_loader_dtypes_reach_the_model(comfy_host, checkpoint):

@@ -262,6 +262,17 @@ def test_batched_prompts_equal_single_prompts(hf_file, tmp_path):
         assert torch.allclose(encode_prompts(model, tokenizer, [prompt])[0].states, encoded.states, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["states.safetensors", "states.SFT", "states.pt"])
+def test_text_embedding_files_in_every_weight_suffix(tmp_path, name):
+    states = torch.randn(1, 5, 4096)
+    path = tmp_path / name
+    if name.endswith(".pt"):
+        torch.save(states[0], path)  # a bare [tokens, 4096] tensor gets its batch axis
+    else:
+        save_file({"context": states}, str(path))
+    assert torch.equal(load_text_embeddings(path), states)
+
+
 # -- the cache ------------------------------------------------------------------------------------------------------
 def test_cache_skips_the_encoder(hf_file, tmp_path, monkeypatch):
     calls = []

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..weight_files import Unusable, load_torch_object
+from ..weight_files import SAFETENSORS_SUFFIXES, Unusable, is_host_out_of_memory, load_torch_object
 
 
 def load_text_embeddings(path: str | Path) -> torch.Tensor:
@@ -20,7 +20,7 @@ def load_text_embeddings(path: str | Path) -> torch.Tensor:
         raise FileNotFoundError(f"text embedding file {path} does not exist")
     save_hint = "save them with safetensors.torch.save_file({'context': states}, path)"
     try:
-        if path.suffix == ".safetensors":
+        if path.suffix.lower() in SAFETENSORS_SUFFIXES:
             from safetensors.torch import load_file
             tensors = load_file(str(path))
         else:
@@ -29,6 +29,8 @@ def load_text_embeddings(path: str | Path) -> torch.Tensor:
     except Unusable as problem:
         raise ValueError(f"cannot read text embeddings from {path}: {problem.problem}; {problem.hint}") from None
     except Exception as exc:  # noqa: BLE001 - any safetensors failure means the same thing to the user
+        if is_host_out_of_memory(exc):
+            raise
         raise ValueError(f"cannot read text embeddings from {path} ({type(exc).__name__}: {exc}); it is truncated "
                          f"or not a safetensors file: {save_hint}") from exc
     if "context" in tensors:
