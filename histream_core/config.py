@@ -76,7 +76,7 @@ class ModelConfig:
         if min(self.rope_split) <= 0 or any(d % 2 for d in self.rope_split):
             raise ValueError(
                 f"head_dim {self.head_dim} cannot be split into three even RoPE axes {self.rope_split}; "
-                "pick dim/num_heads as a multiple of 12 (Wan uses 128: 44/42/42)")
+                "pick an even dim/num_heads of at least 6 (Wan uses 128: 44/42/42)")
 
     @property
     def head_dim(self) -> int:
@@ -88,11 +88,6 @@ class ModelConfig:
         d = self.head_dim
         return d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6)
 
-    @property
-    def spatial_stride(self) -> int:
-        """Pixels per DiT token side: VAE stride 8 times the patch size (16 for Wan)."""
-        return 8 * self.patch_size[1]
-
     def with_(self, **changes) -> "ModelConfig":
         return replace(self, **changes)
 
@@ -103,13 +98,6 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
     # Small enough for CPU tests in milliseconds; head_dim 24 splits 8/8/8 across the RoPE axes.
     "tiny": ModelConfig(dim=48, ffn_dim=96, num_heads=2, num_layers=2, freq_dim=32, text_dim=32, text_len=16),
 }
-
-
-def model_preset(name: str) -> ModelConfig:
-    try:
-        return MODEL_PRESETS[name]
-    except KeyError:
-        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(MODEL_PRESETS)}") from None
 
 
 @dataclass(frozen=True)
@@ -135,10 +123,6 @@ class StreamConfig:
         if self.window and self.anchor_frames + self.local_frames < 1:
             raise ValueError("a sliding window needs at least one anchor or local frame; "
                              "set window=False for a full cache")
-
-    @property
-    def max_cached_frames(self) -> int | None:
-        return self.anchor_frames + self.local_frames if self.window else None
 
 
 
@@ -169,6 +153,10 @@ class ChunkSteps:
     @property
     def count(self) -> int:
         return len(self.low) + len(self.high)
+
+
+# Self-Forcing's four steps split between the resolutions: the default of both chunk kinds (mode "histream")
+FOUR_STEPS_DRC = ChunkSteps(low=(1000.0, 750.0), high=(500.0, 250.0))
 
 
 @dataclass(frozen=True)
@@ -234,8 +222,8 @@ class SamplerConfig:
     drc: bool = True
     low_res_scale: float = 0.5
     shift: float = 7.0
-    first_chunk: ChunkSteps = ChunkSteps(low=(1000.0, 750.0), high=(500.0, 250.0))
-    later_chunks: ChunkSteps = ChunkSteps(low=(1000.0, 750.0), high=(500.0, 250.0))
+    first_chunk: ChunkSteps = FOUR_STEPS_DRC
+    later_chunks: ChunkSteps = FOUR_STEPS_DRC
     hd: HDConfig = HDConfig()
     upsample: str = "bicubic"
     downsample: str = "area"

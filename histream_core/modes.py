@@ -28,8 +28,6 @@ from dataclasses import replace
 from types import MappingProxyType
 
 from .config import ChunkSteps, HDConfig, SamplerConfig, StreamConfig
-
-FOUR_STEPS_DRC = ChunkSteps(low=(1000.0, 750.0), high=(500.0, 250.0))
 FOUR_STEPS_FULL_RES = ChunkSteps(low=(), high=(1000.0, 750.0, 500.0, 250.0))
 TWO_STEPS_DRC = ChunkSteps(low=(1000.0,), high=(500.0,))
 

@@ -39,7 +39,7 @@ class ChunkTiming:
     model_calls: int
     denoise_s: float
     decode_s: float
-    write_s: float  # time the loop waited to hand the chunk to the encoder thread
+    write_s: float  # the frames' finite check, their copy to the host and the wait for the encoder thread
 
 
 @dataclass(frozen=True)
@@ -268,7 +268,7 @@ class HiStreamPipeline:
     the 11 GB encoder and the sampler never share memory.
     """
 
-    def __init__(self, model: CausalWanModel, vae: WanVAE, text_encoder=None) -> None:
+    def __init__(self, model: CausalWanModel, vae: WanVAE | TinyWanDecoder, text_encoder=None) -> None:
         self.model, self.vae, self.text_encoder = model, vae, text_encoder
 
     @classmethod

@@ -355,9 +355,9 @@ def stream_video(
 ) -> Iterator[LatentChunk]:
     """Generate a video chunk by chunk (Algorithm 1), yielding each chunk's clean latents as soon as they exist.
 
-    Deterministic for a given (seed, config, request). Memory is flat in the video length: the caches never hold more
-    than the window, and nothing of a finished chunk is kept besides its cached K/V (and, with a prompt schedule,
-    the clean latents of the cached frames, for the recache).
+    Deterministic for a given (seed, config, request). With the sliding window, memory is flat in the video length:
+    the caches never hold more than the window, and nothing of a finished chunk is kept besides its cached K/V (and,
+    with a prompt schedule, the clean latents of the cached frames, for the recache).
     ``text``: one conditioning, or a prompt schedule [(first chunk, conditioning), ...] starting at chunk 0.
     ``caches``: pass empty caches to inspect them between chunks (they are filled in place, the loop sets their
     ``window``; the last chunk writes none; make them with ``DualResCache.empty(num_layers, fp8=cfg.kv_cache_fp8)``);

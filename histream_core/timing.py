@@ -76,7 +76,7 @@ class ModeTiming:
     floor_fraction: float      # the mode's FLOPs at the reference matmul rate / the measured time
     model_calls: int
     chunk_s: list[float]       # the median run's chunks
-    drift: float | None        # last full-size chunk / chunk 3 - 1 (the goal: chunk 50 within 5% of chunk 3)
+    drift: float | None        # last chunk but one / chunk 3 - 1 (see chunk_drift; goal: within 5%)
     peak_gib: float | None     # CUDA only
     reserved_gib: float | None
 

@@ -32,7 +32,7 @@ NODE = "VAE Chunk Decode"
 CHUNK_LATENT_FRAMES = 3  # latent frames per decode call (12 video frames): the sampler's chunk
 MIN_TILE_PX = 8 * SMALLEST_USEFUL_TILE  # 64 px
 _streaming_vaes: WeakKeyDictionary = WeakKeyDictionary()  # ComfyUI VAE object -> its WanVAE
-_tiny_decoders: dict[tuple, TinyWanDecoder] = {}  # (path, mtime, dtype, preview, device) -> decoder; last two
+_tiny_decoders: dict[tuple, TinyWanDecoder] = {}  # (path, mtime, dtype, preview, device) -> decoder; at most two
 NO_TINY_DECODER = "none"
 
 

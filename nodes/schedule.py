@@ -40,8 +40,8 @@ class HiStreamPromptSchedule:
             optional[f"start_frame_{i}"] = ("INT", {"default": 48 * (i - 1), "min": 1, "max": 100000, "step": 1,
                                                     "tooltip": (f"Video frame (from 0) where prompt {i} takes over: "
                                                                 "it starts with the first chunk beginning at or "
-                                                                "after it (chunks begin every 12 frames: 0, 9, 21, "
-                                                                "33, 45, ...).")})
+                                                                "after it (with 3-frame chunks, the default: 0, 9, "
+                                                                "21, 33, 45, ...; 4 video frames per latent frame).")})
         return {
             "required": {
                 "kv_recache": ("BOOLEAN", {"default": True, "tooltip": (

@@ -21,7 +21,7 @@ encoder-decoder file); keys outside it, and the decoder and LM head of a full tr
 they are dequantized on load. ComfyUI files may also embed the sentencepiece tokenizer as a uint8 ``spiece_model``.
 
 Files are read by ``weight_files.open_weight_file``: ``.safetensors`` files tensor by tensor (peak memory: the model in
-the target dtype); ``.pt``/``.pth``/``.bin`` only through ``torch.load(weights_only=True)``.
+the target dtype); ``.pt``/``.pth``/``.ckpt``/``.bin`` only through ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
