@@ -315,17 +315,27 @@ def chunk_at_frame(frame: int, chunk_frames: int) -> int:
     return -(-(frame + VAE_TEMPORAL_STRIDE - 1) // per_chunk)
 
 
+class StoryError(ValueError):
+    """A story's prompt ``index`` (0 = the first) cannot start where asked: ``chunk`` is where it would start, and
+    ``earliest_frame`` the first frame that works (None when the first prompt is not at frame 0)."""
+
+    def __init__(self, message: str, index: int, chunk: int, earliest_frame: int | None) -> None:
+        super().__init__(message)
+        self.index, self.chunk, self.earliest_frame = index, chunk, earliest_frame
+
+
 def story_chunks(frames: Sequence[int], chunk_frames: int) -> list[int]:
     """The first chunk of each prompt of a story [(first video frame, prompt), ...], checked: it starts at frame 0
-    and each prompt takes over in a later chunk than the one before."""
+    and each prompt takes over in a later chunk than the one before (raises :class:`StoryError`)."""
     if frames[0] != 0:
-        raise ValueError(f"a story starts at frame 0 (the first prompt), got {frames[0]}")
+        raise StoryError(f"a story starts at frame 0 (the first prompt), got {frames[0]}", 0, 0, None)
     starts = [chunk_at_frame(frame, chunk_frames) for frame in frames]
     for i in range(1, len(starts)):
         if starts[i] <= starts[i - 1]:
-            raise ValueError(f"the story's prompt at frame {frames[i]} would start in chunk {starts[i] + 1}, not "
+            earliest = chunk_start_frame(starts[i - 1], chunk_frames) + 1
+            raise StoryError(f"the story's prompt at frame {frames[i]} would start in chunk {starts[i] + 1}, not "
                              f"after the one at frame {frames[i - 1]} (chunk {starts[i - 1] + 1}): start it at frame "
-                             f"{chunk_start_frame(starts[i - 1], chunk_frames) + 1} or later")
+                             f"{earliest} or later", i, starts[i], earliest)
     return starts
 
 
@@ -501,5 +511,5 @@ def generate_video(model: CausalWanModel, text, width: int, height: int, frames:
 
 __all__ = ["RequestError", "GenerationInterrupted", "VideoGeometry", "video_geometry", "size_step",
            "untrained_positions", "check_prompt_starts", "ModelCall", "ChunkPlan", "plan_video", "Progress",
-           "LatentChunk", "NonFiniteLatents", "PromptSchedule", "prompt_schedule", "story_chunks", "chunk_at_frame",
-           "chunk_start_frame", "stream_video", "generate_video", "chunk_noise", "seeded_generator", "resize_latents"]
+           "LatentChunk", "NonFiniteLatents", "PromptSchedule", "prompt_schedule", "StoryError", "story_chunks",
+           "chunk_at_frame", "chunk_start_frame", "stream_video", "generate_video", "chunk_noise", "seeded_generator", "resize_latents"]

@@ -16,8 +16,8 @@ from PIL import Image
 from ..histream_core.config import SamplerConfig
 from ..histream_core.modes import (FLOAT_KNOBS, MODES, STEP_KNOBS, STEPS_EXAMPLE, KnobError, knob_values,
                                    mode_config, with_knobs)
-from ..histream_core.sampler import (LatentChunk, NonFiniteLatents, RequestError, VideoGeometry, chunk_start_frame,
-                                     stream_video, untrained_positions, video_geometry)
+from ..histream_core.sampler import (LatentChunk, NonFiniteLatents, RequestError, StoryError, VideoGeometry,
+                                     chunk_start_frame, stream_video, untrained_positions, video_geometry)
 from ..histream_core.vae import denormalize, frames_to_images, latent_preview
 from . import host
 from .errors import input_error, out_of_memory_advice
@@ -118,8 +118,14 @@ def scheduled_text(schedule: HiStreamPrompts, first: torch.Tensor, cfg: SamplerC
                    model_cfg) -> tuple[list[tuple[int, torch.Tensor]], list[str]]:
     """The engine's prompt schedule [(first chunk, states)] from the first prompt and the schedule node's prompts."""
     num_chunks = geometry.num_chunks(cfg.stream.chunk_frames)
-    entries, notes, numbers = [(0, first)], [], []
-    for start, conditioning, number in schedule.chunk_starts(cfg.stream.chunk_frames):
+    try:
+        starts = schedule.chunk_starts(cfg.stream.chunk_frames)
+    except StoryError as exc:
+        raise input_error(NODE, "prompt_schedule", f"{schedule.start_input(exc.index - 1)} and "
+                          f"{schedule.start_input(exc.index)} of {SCHEDULE_NODE} both fall in chunk {exc.chunk + 1}: "
+                          f"start the later one at frame {exc.earliest_frame} or later") from None
+    entries, notes = [(0, first)], []
+    for start, conditioning, number in starts:
         if start >= num_chunks:  # a note, not an error: a short test render keeps the schedule attached
             last = chunk_start_frame(num_chunks - 1, cfg.stream.chunk_frames)
             note = (f"a scheduled prompt (chunk {start + 1}) starts after this {geometry.frames}-frame video's last "
@@ -127,15 +133,9 @@ def scheduled_text(schedule: HiStreamPrompts, first: torch.Tensor, cfg: SamplerC
             log.warning("%s: %s", NODE, note)
             notes.append(note)
             continue
-        if start <= entries[-1][0]:
-            earlier = f"start_frame_{numbers[-1]}" if numbers else "the first prompt (positive)"
-            raise input_error(NODE, "prompt_schedule", f"{earlier} and start_frame_{number} of {SCHEDULE_NODE} both "
-                              f"fall in chunk {start + 1} (chunks are {4 * cfg.stream.chunk_frames} frames): space "
-                              "them further apart")
         states, more = text_context(conditioning, model_cfg.text_dim, model_cfg.text_len, SCHEDULE_NODE,
                                     f"positive_{number}")
         entries.append((start, states))
-        numbers.append(number)
         notes += more
     return entries, notes
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..histream_core.sampler import chunk_at_frame
+from ..histream_core.sampler import story_chunks
 from .errors import input_error
 
 NODE = "HiStream Prompt Schedule"
@@ -26,9 +26,15 @@ class HiStreamPrompts:
 
     def chunk_starts(self, chunk_frames: int) -> list[tuple[int, list, int]]:
         """(first chunk, conditioning, prompt number): a prompt starts with the first chunk that begins at or after
-        its frame."""
-        return [(chunk_at_frame(frame, chunk_frames), conditioning, number)
-                for frame, conditioning, number in self.entries]
+        its frame. Two prompts in one chunk raise the core's StoryError (its ``index`` counts the sampler's positive
+        as 0, so entry ``index - 1`` is the prompt that came too soon)."""
+        starts = story_chunks([0, *(frame for frame, _, _ in self.entries)], chunk_frames)[1:]
+        return [(start, conditioning, number) for start, (_, conditioning, number) in zip(starts, self.entries)]
+
+    def start_input(self, index: int) -> str:
+        """The input that sets story prompt ``index`` >= 1 (0 is the sampler's positive: start frames are >= 1, so a
+        later prompt never shares its chunk)."""
+        return f"start_frame_{self.entries[index - 1][2]}"
 
 
 class HiStreamPromptSchedule:

@@ -457,7 +457,8 @@ def test_prompt_schedule_bad_inputs(comfy_host, loaded):
     clash = node.build(True, True, positive_2=wan_conditioning(4), start_frame_2=46,
                        positive_3=wan_conditioning(4), start_frame_3=47)[0]
     with pytest.raises(ValueError, match="Sampler, input 'prompt_schedule': start_frame_2 and start_frame_3 of "
-                                         "HiStream Prompt Schedule both fall in chunk 6"):
+                                         "HiStream Prompt Schedule both fall in chunk 6: start the later one at frame "
+                                         "58 or later"):
         sample(loaded, length=81, prompt_schedule=clash)
     clip_l = node.build(True, True, positive_2=wan_conditioning(4), start_frame_2=13,
                         positive_3=wan_conditioning(4, width=768), start_frame_3=25)[0]
