@@ -512,4 +512,5 @@ def generate_video(model: CausalWanModel, text, width: int, height: int, frames:
 __all__ = ["RequestError", "GenerationInterrupted", "VideoGeometry", "video_geometry", "size_step",
            "untrained_positions", "check_prompt_starts", "ModelCall", "ChunkPlan", "plan_video", "Progress",
            "LatentChunk", "NonFiniteLatents", "PromptSchedule", "prompt_schedule", "StoryError", "story_chunks",
-           "chunk_at_frame", "chunk_start_frame", "stream_video", "generate_video", "chunk_noise", "seeded_generator", "resize_latents"]
+           "chunk_at_frame", "chunk_start_frame", "stream_video", "generate_video", "chunk_noise", "seeded_generator",
+           "resize_latents"]
