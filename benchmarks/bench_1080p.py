@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from histream_core.config import MODEL_PRESETS  # noqa: E402
+from histream_core.flops import H100_BF16_TFLOPS  # noqa: E402
 from histream_core.model import BACKENDS, CausalWanModel  # noqa: E402
 from histream_core.modes import MODES  # noqa: E402
 from histream_core.timing import (Clock, ModeTiming, format_timings, peak_memory, reset_peak_memory,  # noqa: E402
@@ -185,7 +186,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--rate", type=float, default=798.0, help="matmul TFLOP/s that defines the floor")
+    parser.add_argument("--rate", type=float, default=H100_BF16_TFLOPS, help="matmul TFLOP/s that defines the floor")
     parser.add_argument("--compile", action="store_true", help="torch.compile every transformer block")
     parser.add_argument("--compile-mode", default=None,
                         help="torch.compile mode of the blocks, e.g. max-autotune-no-cudagraphs (GEMM autotuning)")

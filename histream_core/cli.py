@@ -22,14 +22,14 @@ import torch
 
 from .cli_config import config_file_args
 from .config import MODEL_PRESETS, SamplerConfig
-from .flops import flops_table, format_table
+from .flops import H100_BF16_TFLOPS, flops_table, format_table
 from .model import BACKENDS, AttentionBackendError, CausalWanModel
 from .model.attention import check_backend_runs
 from .model.layers import check_fp8_matmul
 from .modes import KNOBS, MODES, STEPS_EXAMPLE, KnobError, with_knobs
-from .pipeline import (DECODE_ORDERS, EMBEDDED_VAE, HiStreamPipeline, checked_device, embedded_default,
-                       generate_to_file, random_text_embedding)
-from .sampler import VideoGeometry, check_prompt_starts, story_chunks, video_geometry
+from .pipeline import (DECODE_ORDERS, EMBEDDED_VAE, TILES_ARE_FOR_THE_VAE, HiStreamPipeline, checked_device,
+                       embedded_default, generate_to_file, random_text_embedding)
+from .sampler import VideoGeometry, check_prompt_starts, chunk_start_frame, story_chunks, video_geometry
 from .vae.tiling import SMALLEST_USEFUL_TILE
 from .video import check_video_path, made_folders
 from .weight_files import is_host_out_of_memory
@@ -37,7 +37,6 @@ from .weight_files import is_host_out_of_memory
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-H100_BF16_TFLOPS = 798.0  # measured bf16 8192^3 matmul rate on the lent H100 (benchmarks/NOTES.md)
 
 
 def _flag(knob: str) -> str:
@@ -133,8 +132,7 @@ def _checked_request(args) -> _Request:
     cfg = _sampler_config(args)
     geometry = video_geometry(width, height, frames, cfg)
     if args.tile and args.tiny_decoder:
-        raise ValueError("decode tiles apply to the Wan VAE; the tiny decoder is small enough to decode whole frames "
-                         "(drop --tile)")
+        raise ValueError(f"{TILES_ARE_FOR_THE_VAE} (drop --tile)")
     _check_tile(args.tile)
     _check_fp8_matmul_flag(args, device)
     starts = _schedule_starts(args, geometry, cfg.stream.chunk_frames)
@@ -210,7 +208,7 @@ def _schedule_starts(args, geometry, chunk_frames: int) -> list[tuple[int, str]]
         if int(frame) == 0:
             raise ValueError(f"--schedule {item!r}: frame 0 belongs to --prompt (the video starts with it); give that "
                              f"prompt with --prompt, and later ones at later frames (the next chunk starts at frame "
-                             f"{4 * chunk_frames - 3})")
+                             f"{chunk_start_frame(1, chunk_frames)})")
         frames.append(int(frame))
         prompts.append(prompt)
     try:

@@ -15,6 +15,8 @@ from .config import ModelConfig, SamplerConfig
 from .modes import MODES
 from .sampler import ModelCall, plan_video, video_geometry
 
+H100_BF16_TFLOPS = 798.0  # a bf16 8192^3 matmul on the lent H100 (benchmarks/NOTES.md): the floors' rate
+
 
 def call_flops(cfg: ModelConfig, call: ModelCall, batch: int = 1) -> int:
     """FLOPs of one forward over ``call.num_frames`` frames with ``call.cached_frames`` cached frames."""
@@ -45,7 +47,8 @@ def call_flops(cfg: ModelConfig, call: ModelCall, batch: int = 1) -> int:
 
 def text_flops(cfg: ModelConfig, batch: int = 1) -> int:
     """Once per video: text embedding MLP and every block's cross-attention K/V of the text."""
-    macs = cfg.text_len * (cfg.text_dim * cfg.dim + cfg.dim * cfg.dim) + cfg.num_layers * 2 * cfg.text_len * cfg.dim ** 2
+    embedding = cfg.text_len * (cfg.text_dim * cfg.dim + cfg.dim * cfg.dim)
+    macs = embedding + cfg.num_layers * 2 * cfg.text_len * cfg.dim ** 2
     return 2 * batch * macs
 
 
@@ -110,4 +113,4 @@ def format_table(rows: list[RunFlops], rate_tflops: float | None = None) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["call_flops", "text_flops", "RunFlops", "run_flops", "flops_table", "format_table"]
+__all__ = ["H100_BF16_TFLOPS", "call_flops", "text_flops", "RunFlops", "run_flops", "flops_table", "format_table"]

@@ -121,6 +121,7 @@ def _sync(device: torch.device) -> None:
 
 
 DECODE_ORDERS = ("after", "interleaved", "overlapped")
+TILES_ARE_FOR_THE_VAE = "decode tiles apply to the Wan VAE; the tiny decoder is small enough to decode whole frames"
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:
@@ -228,8 +229,7 @@ def generate_to_file(
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"{name} must be a whole number, got {value!r}")
     if tile and not isinstance(vae, WanVAE):
-        raise ValueError("decode tiles apply to the Wan VAE; the tiny decoder is small enough to decode whole frames "
-                         "(drop --tile)")
+        raise ValueError(f"{TILES_ARE_FOR_THE_VAE} (leave tile at None)")
     out = Path(out)
     device = next(model.parameters()).device
     context = (context.to(device) if isinstance(context, torch.Tensor)

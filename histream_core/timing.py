@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .config import SamplerConfig
-from .flops import run_flops
+from .flops import H100_BF16_TFLOPS, run_flops
 from .memory import GIB
 from .sampler import stream_video
 
@@ -85,7 +85,8 @@ class ModeTiming:
 
 
 def time_mode(model, text, name: str, cfg: SamplerConfig, width: int, height: int, frames: int, *,
-              device: torch.device, warmup: int = 1, repeats: int = 3, rate_tflops: float = 798.0) -> ModeTiming:
+              device: torch.device, warmup: int = 1, repeats: int = 3,
+              rate_tflops: float = H100_BF16_TFLOPS) -> ModeTiming:
     """Median of ``repeats`` videos after ``warmup`` untimed ones (compilation, cuDNN autotuning)."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")

@@ -18,9 +18,11 @@ from weakref import WeakKeyDictionary
 import torch
 import torch.nn.functional as F
 
+from ..histream_core.pipeline import TILES_ARE_FOR_THE_VAE
 from ..histream_core.vae import (NonFiniteFrames, TiledDecoder, TinyWanDecoder, VAECheckpointError, WanVAE,
                                  check_finite_frames, frames_to_images, load_tiny_decoder)
 from ..histream_core.vae import checkpoints as vae_checkpoints
+from ..histream_core.vae.latent_format import LATENT_CHANNELS
 from ..histream_core.vae.tiling import SMALLEST_USEFUL_TILE
 from ..histream_core.video import VideoWriter, check_video_path, made_folders, remove_empty_folders
 from . import host
@@ -71,7 +73,7 @@ def cached_tiny_decoder(name: str, dtype: torch.dtype, node: str = NODE, input_n
     return _tiny_decoders[key]
 
 
-def decoded_chunks(decoder, latents: torch.Tensor, bar) -> Iterator[torch.Tensor]:
+def decode_with_progress(decoder, latents: torch.Tensor, bar) -> Iterator[torch.Tensor]:
     """Frames [B, 3, t, H, W] in [-1, 1], chunk by chunk. The decoder's stream owns its causal caches, so the
     previous chunk's are freed as the next one uses them.
 
@@ -187,8 +189,9 @@ class HiStreamVAEChunkDecode:
     def decode(self, samples, vae, tile_size, tile_overlap, save_mp4, filename_prefix, fps, crf, preview_every,
                tiny_decoder=NO_TINY_DECODER, unique_id=None):
         latents = samples["samples"]
-        if latents.ndim != 5 or latents.shape[1] != 16:
-            raise input_error(NODE, "samples", f"expected Wan video latents [batch, 16, frames, H/8, W/8], got shape "
+        if latents.ndim != 5 or latents.shape[1] != LATENT_CHANNELS:
+            raise input_error(NODE, "samples", f"expected Wan video latents [batch, {LATENT_CHANNELS}, frames, H/8, "
+                              f"W/8], got shape "
                               f"{tuple(latents.shape)}: connect a Wan video LATENT (e.g. HiStream Dual-Res Sampler)")
         if not torch.isfinite(latents).all():
             raise input_error(NODE, "samples", "the latents hold NaN or inf values, so every frame would be black: "
@@ -208,25 +211,25 @@ class HiStreamVAEChunkDecode:
                               "decode without save_mp4 or split the batch")
         if tiny_decoder != NO_TINY_DECODER:
             if tile_size:
-                raise input_error(NODE, "tile_size", "tiles apply to the VAE; the tiny decoder decodes whole frames in "
-                                  "little memory: set tile_size to 0")
+                raise input_error(NODE, "tile_size", f"{TILES_ARE_FOR_THE_VAE}: set tile_size to 0")
             decoder = cached_tiny_decoder(tiny_decoder, getattr(vae, "vae_dtype", torch.float32))
         else:
             model = streaming_vae(vae)
             decoder = TiledDecoder(model, tile=tile_size // 8, overlap=tile_overlap // 8) if tile_size else model
         height, width = (8 * s for s in latents.shape[3:])
-        bar = host.progress_bar(-(-latents.shape[2] // CHUNK_LATENT_FRAMES), unique_id)  # decoded_chunks sets the total
+        # decode_with_progress sets the bar's total
+        bar = host.progress_bar(-(-latents.shape[2] // CHUNK_LATENT_FRAMES), unique_id)
         with torch.no_grad(), out_of_memory_advice(width, height, (
                 "set tile_size (e.g. 512) in VAE Chunk Decode, use fp8 weights in HiStream Loader, or lower the "
                 "resolution")):
             if not save_mp4:
                 videos = [frames_to_images(f).unflatten(0, (latents.shape[0], -1)).to(host.output_device())
-                          for f in decoded_chunks(decoder, latents, bar)]
+                          for f in decode_with_progress(decoder, latents, bar)]
                 return {"result": (torch.cat(videos, dim=1).flatten(0, 1), "")}
             path, subfolder, made = mp4_path(filename_prefix, width, height, fps, crf)
             previews, written = [], 0
             with made_folders(path.parent, made), VideoWriter(path, fps=fps, crf=crf) as writer:
-                for frames in decoded_chunks(decoder, latents, bar):
+                for frames in decode_with_progress(decoder, latents, bar):
                     writer.write(frames)
                     images = frames_to_images(frames)
                     first = -written % preview_every  # index in this chunk of the next frame to keep

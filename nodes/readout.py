@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..histream_core.config import MODEL_PRESETS
-from ..histream_core.flops import run_flops
+from ..histream_core.flops import H100_BF16_TFLOPS, run_flops
 from ..histream_core.memory import GIB, predict_memory
 from ..histream_core.modes import MODES
 from ..histream_core.vae import WanVAEConfig
@@ -15,7 +15,6 @@ from .sampler import build_config, request_geometry
 
 NODE = "HiStream Cost Readout"
 MODEL_SIZES = ("wan2.1-1.3b", "wan2.1-14b")
-H100_BF16_TFLOPS = 798.0  # dense bf16 matmul rate measured on an H100 (benchmarks/NOTES.md)
 
 
 def memory_text(mode: str, width: int, height: int, length: int, model_cfg, window=None,

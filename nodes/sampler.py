@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 NODE = "HiStream Dual-Res Sampler"
 MODE_VALUE = -1.0  # an override left at this value (or an empty step string) takes the mode's
+WAN_TEXT_DIM = 4096  # umT5-XXL, the text encoder of every Wan2.1 checkpoint
 
 
 # -- modes and overrides -----------------------------------------------------------------------------------------------
@@ -138,9 +139,6 @@ def scheduled_text(schedule: HiStreamPrompts, first: torch.Tensor, cfg: SamplerC
         entries.append((start, states))
         notes += more
     return entries, notes
-
-
-WAN_TEXT_DIM = 4096  # umT5-XXL, the text encoder of every Wan2.1 checkpoint
 
 
 def _named_failures(chunks: Iterator[LatentChunk]) -> Iterator[LatentChunk]:

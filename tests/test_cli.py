@@ -225,7 +225,8 @@ def test_tiny_decoder_file_decodes_the_video(user_files, tmp_path, capsys):
     assert sum(c["video_frames"] for c in json.loads(capsys.readouterr().out)["chunks"]) == 9
     assert sum(1 for _ in iio.imiter(out)) == 9
     assert main([*base, "--out", str(out), "--tile", "4"]) == 2
-    assert "tiny decoder" in capsys.readouterr().err
+    assert "decode tiles apply to the Wan VAE; the tiny decoder" in (err := capsys.readouterr().err)
+    assert "(drop --tile)" in err
     assert main([*base, "--vae", str(user_files / "vae.safetensors"), "--out", str(out)]) == 2
     assert "not both" in capsys.readouterr().err
 

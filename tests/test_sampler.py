@@ -251,6 +251,28 @@ def test_bad_step_lists_are_rejected():
         SamplerConfig(drc=False)
 
 
+def test_a_batch_of_videos_draws_one_noise_per_video_and_reads_one_prompt_or_one_each(model, context, other_context):
+    from histream_core.flops import call_flops
+    cfg = mode_config("histream+")
+    with torch.no_grad():
+        one_prompt = torch.cat([c.latents for c in stream_video(model, context, W, H, 17, cfg, 0, batch=2)], dim=2)
+        same_twice = torch.cat([c.latents for c in stream_video(model, context.expand(2, -1, -1), W, H, 17, cfg, 0,
+                                                                batch=2)], dim=2)
+        second = torch.randn(context.shape, generator=torch.Generator().manual_seed(5))
+        two_prompts = torch.cat([c.latents for c in stream_video(model, torch.cat([context, second]), W, H, 17, cfg,
+                                                                 0, batch=2)], dim=2)
+        with pytest.raises(ValueError, match="text conditioning holds 3 prompts but the video batch is 2"):
+            next(stream_video(model, context.expand(3, -1, -1), W, H, 17, cfg, 0, batch=2))
+    assert one_prompt.shape == (2, 16, 5, H // 8, W // 8) and torch.isfinite(one_prompt).all()
+    assert (one_prompt[0] - one_prompt[1]).abs().max() > 0.1  # each video its own noise
+    torch.testing.assert_close(one_prompt, same_twice)  # one prompt is broadcast to the batch
+    torch.testing.assert_close(two_prompts[0], one_prompt[0], atol=1e-5, rtol=1e-5)  # video 0 reads prompt 0
+    assert (two_prompts[1] - one_prompt[1]).abs().max() > 1e-3  # video 1 reads its own
+    geometry = video_geometry(W, H, 17, cfg)
+    call = plan_video(geometry, cfg)[1].calls(geometry, cfg.drc)[0]
+    assert call_flops(model.cfg, call, batch=2) == 2 * call_flops(model.cfg, call)
+
+
 # -- prompt schedule and KV recache ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def other_context(model):

@@ -125,3 +125,13 @@ def test_preview_variant_gives_one_small_frame_per_latent_frame(decoder: TinyWan
     assert frames.shape == (1, 3, 5, 12, 16) and frames.min() >= -1 and frames.max() <= 1
     streamed = torch.cat(list(preview.decode_stream(iter([latents[:, :, :2], latents[:, :, 2:]]))), dim=2)
     torch.testing.assert_close(streamed, frames, atol=1e-5, rtol=1e-5)
+
+
+def test_the_pipeline_refuses_tiles_with_the_tiny_decoder(decoder: TinyWanDecoder, tmp_path) -> None:
+    from conftest import tiny_model
+    from histream_core.modes import mode_config
+    from histream_core.pipeline import generate_to_file
+    with pytest.raises(ValueError, match=r"decode tiles apply to the Wan VAE.*\(leave tile at None\)"):
+        generate_to_file(tiny_model(), decoder, torch.zeros(1, 4, 32), tmp_path / "x.mp4", 64, 64, 9,
+                         mode_config("histream"), 0, tile=8)
+    assert not any(tmp_path.iterdir())

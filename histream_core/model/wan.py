@@ -235,7 +235,8 @@ class CausalWanModel(nn.Module):
         """
         if context.ndim != 3 or context.shape[-1] != self.cfg.text_dim:
             raise ValueError(f"text conditioning must be [batch, tokens, {self.cfg.text_dim}] for this model, got "
-                             f"{tuple(context.shape)}: use the text encoder this checkpoint was trained with (umT5-XXL)")
+                             f"{tuple(context.shape)}: use the text encoder this checkpoint was trained with "
+                             "(umT5-XXL)")
         if context.shape[1] == 0:
             raise ValueError("text conditioning is empty (0 tokens): encode a prompt with the Wan text encoder first")
         if context.shape[1] > self.cfg.text_len:
@@ -325,7 +326,8 @@ class CausalWanModel(nn.Module):
         """-> e # [B, F, C] (time embedding) and e_proj # [B, F, 6, C] (block modulation), both fp32."""
         t = timestep.reshape(batch, -1) if timestep.ndim else timestep.reshape(1, 1).expand(batch, 1)
         if t.shape[1] not in (1, frames):
-            raise ValueError(f"timestep must be one per sample or one per latent frame ({frames}), got {tuple(timestep.shape)}")
+            raise ValueError(f"timestep must be one per sample or one per latent frame ({frames}), got "
+                             f"{tuple(timestep.shape)}")
         t = t.expand(batch, frames)
         param_device = self.patch_embedding.weight.device
         e = self.time_embedding(timestep_sinusoid(self.cfg.freq_dim, t.flatten().to(param_device)).float())

@@ -16,9 +16,10 @@ Layouts, detected from the keys (``N`` = block index; the model's own names are 
         encoder.final_layer_norm.weight                             -> norm.weight
   * ``wan``: Wan2.1's ``models_t5_umt5-xxl-enc-bf16.pth`` (``token_embedding.weight``, ``blocks.N.attn.q.weight``, ...).
 Either may sit under a prefix (a bundle's ``text_encoders.umt5xxl.transformer.``, the ``encoder.`` of Wan's full
-encoder-decoder file); keys outside it, and the decoder and LM head of a full transformers checkpoint, are ignored. ComfyUI scaled fp8: fp8 weights with a per-tensor
-``<module>.scale_weight`` (real weight = weight * scale), a ``scaled_fp8`` marker tensor, maybe ``scale_input``;
-they are dequantized on load. ComfyUI files may also embed the sentencepiece tokenizer as a uint8 ``spiece_model``.
+encoder-decoder file); keys outside it, and the decoder and LM head of a full transformers checkpoint, are ignored.
+ComfyUI scaled fp8: fp8 weights with a per-tensor ``<module>.scale_weight`` (real weight = weight * scale), a
+``scaled_fp8`` marker tensor, maybe ``scale_input``; they are dequantized on load. ComfyUI files may also embed the
+sentencepiece tokenizer as a uint8 ``spiece_model``.
 
 Files are read by ``weight_files.open_weight_file``: ``.safetensors`` files tensor by tensor (peak memory: the model in
 the target dtype); ``.pt``/``.pth``/``.ckpt``/``.bin`` only through ``torch.load(weights_only=True)``.

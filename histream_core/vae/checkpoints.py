@@ -168,4 +168,5 @@ def vae_from_state_dict(state_dict: Mapping[str, torch.Tensor], source: str = "s
     return model
 
 
-__all__ = ["VAECheckpointError", "load_vae", "vae_from_state_dict", "wan_state_dict_from_diffusers", "EXPECTED_FILE", "LAYOUTS"]
+__all__ = ["VAECheckpointError", "load_vae", "vae_from_state_dict", "wan_state_dict_from_diffusers", "EXPECTED_FILE",
+           "LAYOUTS"]

@@ -56,7 +56,8 @@ class StreamState:
         return self.frames_in > 0
 
     def advanced(self, caches: tuple[torch.Tensor | None, ...] | None, x: torch.Tensor) -> "StreamState":
-        """The state after ``x`` # [B, C, T, H, W] went through: the new caches, T more frames, the stream's geometry."""
+        """The state after ``x`` # [B, C, T, H, W] went through: the new caches, T more frames, the stream's
+        geometry."""
         return StreamState(caches, self.frames_in + x.shape[2], (x.shape[0], x.shape[1], x.shape[3], x.shape[4]))
 
     def check_input(self, x: torch.Tensor, what: str) -> None:

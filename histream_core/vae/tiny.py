@@ -21,12 +21,11 @@ import torch
 import torch.nn as nn
 
 from ..weight_files import TensorEntry, Unusable, check_fit, open_weight_file
-from .latent_format import normalize
+from .latent_format import LATENT_CHANNELS, normalize
 from .stream import StreamState
 
 EXPECTED_FILE = ("use TAEHV's taew2_1.safetensors or taew2_1.pth (the tiny decoder for Wan2.1 latents; ComfyUI keeps "
                  "such files in models/vae_approx)")
-LATENT_CHANNELS = 16
 WIDTHS = (256, 128, 64, 64)  # channels of the decoder's stages
 TIME_STRIDES = (1, 2, 2)  # frames made from each frame by the TimeGrow of each stage (4 in all, as Wan2.1's VAE)
 
