@@ -175,7 +175,8 @@ class CausalWanModel(nn.Module):
         """torch.compile every transformer block with static shapes (CUDA; a large win from fused elementwise work).
 
         With the sliding window every chunk after the second has the same shapes, so a video needs only a handful
-        of graphs (low/high resolution x cache sizes x cache pass); the dynamo cache limit is raised to hold them.
+        of graphs (low/high resolution x cache sizes x cache pass); dynamo's cache limit (a process-wide setting) is
+        raised to at least 64 to hold them.
         Calls made with ``compiled=False`` (a short last chunk, a recache run) use the eager blocks instead of
         compiling a graph they would use once. The compiled callables are kept outside the module tree, so the
         state dict and parameters are unchanged.

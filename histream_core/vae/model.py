@@ -177,9 +177,9 @@ class WanVAE(nn.Module):
         alive during the call); :meth:`decode_stream` owns its state and needs one set of caches less.
         ``before_pass(index, passes)`` is called before each pass (to report progress, or to stop by raising).
         """
-        self._check_latents(latents, state, frames_per_pass)
+        self.check_latents(latents, state, frames_per_pass)
         box = [state.caches]
-        out = self._decode_passes(latents, box, state.started, frames_per_pass, before_pass)
+        out = self.decode_passes(latents, box, state.started, frames_per_pass, before_pass)
         return out, state.advanced(box[0], latents)
 
     @torch.no_grad()
@@ -190,11 +190,12 @@ class WanVAE(nn.Module):
         next pass has used it: one set of caches is resident (about 9 GiB at 1080p in bf16) instead of two."""
         meta, box = self.initial_state(), [None]
         for latents in chunks:
-            self._check_latents(latents, meta, frames_per_pass)
-            yield self._decode_passes(latents, box, meta.started, frames_per_pass)
+            self.check_latents(latents, meta, frames_per_pass)
+            yield self.decode_passes(latents, box, meta.started, frames_per_pass)
             meta = meta.advanced(None, latents)
 
-    def _check_latents(self, latents: torch.Tensor, state: StreamState, frames_per_pass: int | None) -> None:
+    def check_latents(self, latents: torch.Tensor, state: StreamState, frames_per_pass: int | None) -> None:
+        """Refuse latents that are not raw Wan latents or cannot continue ``state``'s stream, or a bad pass size."""
         z = self.config.z_dim
         if latents.ndim != 5 or latents.shape[1] != z:
             raise ValueError(f"latents must be raw Wan latents [B, {z}, T, H/8, W/8], got shape {tuple(latents.shape)}")
@@ -202,10 +203,11 @@ class WanVAE(nn.Module):
         if frames_per_pass is not None and frames_per_pass < 1:
             raise ValueError(f"frames_per_pass must be >= 1 or None, got {frames_per_pass}")
 
-    def _decode_passes(self, latents: torch.Tensor, box: list, started: bool, frames_per_pass: int | None,
+    def decode_passes(self, latents: torch.Tensor, box: list, started: bool, frames_per_pass: int | None,
                        before_pass: Callable[[int, int], None] | None = None) -> torch.Tensor:
-        """Run the decoder pass by pass. ``box`` holds the caches: its content is handed to each pass and replaced
-        by the pass's result, so whatever the caller does not hold elsewhere is freed as it is consumed."""
+        """Run the decoder pass by pass (the streams' common core, also :class:`~.tiling.TiledDecoder`'s, tile by
+        tile). ``box`` holds the caches: its content is handed to each pass and replaced by the pass's result, so
+        whatever the caller does not hold elsewhere is freed as it is consumed."""
         weight = self.conv2.weight
         x = latents.to(device=weight.device, dtype=weight.dtype)
         x = self.conv2(x.contiguous(memory_format=self._decode_layout_for(x)))

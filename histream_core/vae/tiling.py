@@ -153,7 +153,7 @@ class TiledDecoder:
         meta, parked = self.vae.initial_state(), None
         for segment, last in self._segments(chunks):
             for chunk in segment:
-                self.vae._check_latents(chunk, meta, self.frames_per_pass)
+                self.vae.check_latents(chunk, meta, self.frames_per_pass)
             latents = torch.cat(segment, dim=2)
             rows, cols = self._spans(latents)
             parked = parked or [None] * (len(rows) * len(cols))
@@ -161,7 +161,7 @@ class TiledDecoder:
 
             def decode_tile(k: int, tile: torch.Tensor, report) -> torch.Tensor:
                 box = [_unpark(parked[k])]
-                frames = self.vae._decode_passes(tile, box, started, self.frames_per_pass, report)
+                frames = self.vae.decode_passes(tile, box, started, self.frames_per_pass, report)
                 parked[k] = None if last else _park(box[0])
                 return frames
 
