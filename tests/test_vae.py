@@ -412,8 +412,13 @@ def test_incomplete_vae_lists_keys(vae: WanVAE, tmp_path) -> None:
     sd["decoder.extra.weight"] = torch.zeros(1)
     sd["decoder.conv1.bias"] = torch.zeros(5)
     save_file(sd, str(tmp_path / "broken.safetensors"))
-    _expect_error(tmp_path / "broken.safetensors", "1 missing (decoder.head.2.weight)",
-                  "1 unexpected (decoder.extra.weight)", "decoder.conv1.bias (5,)", "wan layout")
+    _expect_error(tmp_path / "broken.safetensors", "1 missing keys: decoder.head.2.weight",
+                  "1 unexpected keys: decoder.extra.weight", "decoder.conv1.bias (file [5], model [", "wan layout")
+    sd = dict(vae.state_dict())
+    sd["decoder.head.2.weight"] = sd["decoder.head.2.weight"].to(torch.int8)
+    save_file(sd, str(tmp_path / "int8.safetensors"))
+    _expect_error(tmp_path / "int8.safetensors", "non-float (packed or quantized) weights",
+                  "decoder.head.2.weight")
 
 
 def test_decode_stream_owns_its_state_and_equals_whole_decode(vae: WanVAE, latents: torch.Tensor) -> None:

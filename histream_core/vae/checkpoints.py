@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..weight_files import Unusable, open_weight_file
+from ..weight_files import TensorEntry, Unusable, check_fit, few, open_weight_file
 from .config import WanVAEConfig
 from .model import WanVAE
 
@@ -105,12 +105,6 @@ def _hint(keys: list[str]) -> str:
     return ""
 
 
-def _sample(keys: list[str] | set[str], n: int = 5) -> str:
-    keys = sorted(keys)
-    more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
-    return ", ".join(keys[:n]) + more
-
-
 def load_vae(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> WanVAE:
     """Load a Wan2.1 VAE from ``path`` (.safetensors, or .pt/.pth read with ``weights_only=True``), in either the
     Wan/ComfyUI or the diffusers layout, onto ``device`` in ``dtype``, in eval mode.
@@ -135,7 +129,7 @@ def vae_from_state_dict(state_dict: Mapping[str, torch.Tensor], source: str = "s
         raise VAECheckpointError(
             f"{source}: not a Wan2.1 VAE: none of the layouts tried matched ({'; '.join(LAYOUTS)}); missing e.g. "
             f"'encoder.conv1.weight' / 'encoder.conv_in.weight'; the file has {len(keys)} tensors such as "
-            f"{_sample(keys)}.{_hint(keys)} {EXPECTED_FILE}")
+            f"{few(sorted(keys))}.{_hint(keys)} {EXPECTED_FILE}")
     layout, state_dict = found
     conv_in = state_dict["encoder.conv1.weight" if layout == "wan" else "encoder.conv_in.weight"]
     z_key = "conv2.weight" if layout == "wan" else "post_quant_conv.weight"
@@ -150,17 +144,13 @@ def vae_from_state_dict(state_dict: Mapping[str, torch.Tensor], source: str = "s
 
     with torch.device("meta"):
         model = WanVAE(config)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    missing = set(expected) - set(state_dict)
-    unexpected = set(state_dict) - set(expected)
-    wrong_shape = [f"{k} {tuple(state_dict[k].shape)} != {tuple(shape)}" for k, shape in expected.items()
-                   if k in state_dict and state_dict[k].shape != shape]
-    if missing or unexpected or wrong_shape:
+    try:
+        check_fit(model.state_dict(), {key: TensorEntry.of(value) for key, value in state_dict.items()}, {},
+                  model="a Wan2.1 VAE", float_hint=EXPECTED_FILE)
+    except Unusable as problem:
         raise VAECheckpointError(
-            f"{source}: read as the {layout} layout with base_dim={config.base_dim}, z_dim={config.z_dim}, but the "
-            f"tensors do not fit a Wan2.1 VAE: {len(missing)} missing ({_sample(missing)}), {len(unexpected)} "
-            f"unexpected ({_sample(unexpected)}), {len(wrong_shape)} of the wrong shape ({_sample(wrong_shape, 3)}). "
-            f"Layouts known: {'; '.join(LAYOUTS)}. {EXPECTED_FILE}")
+            f"{source}: read as the {layout} layout with base_dim={config.base_dim}, z_dim={config.z_dim}, but "
+            f"{problem.problem}. Layouts known: {'; '.join(LAYOUTS)}. {problem.hint or EXPECTED_FILE}") from None
     model.load_state_dict(state_dict, assign=True)
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     log.info("loaded Wan2.1 VAE from %s (%s layout, base_dim %d, z_dim %d, %s on %s)",
