@@ -20,7 +20,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from .cache import DualResCache, window_indices
+from .cache import DualResCache, KVCache, window_indices
 from .config import SamplerConfig
 from .model.rope import shift_time
 from .model.wan import AttentionSettings, CausalWanModel, TextKV
@@ -349,6 +349,38 @@ def prompt_schedule(model: CausalWanModel, text: TextKV | torch.Tensor | PromptS
     return [(start, t if isinstance(t, TextKV) else model.encode_text(t)) for start, t in entries]
 
 
+@dataclass(frozen=True)
+class _Resolution:
+    """One of the two resolutions a chunk runs at: its latent (height, width), its K/V cache, its RoPE factors."""
+
+    size: tuple[int, int]
+    cache: KVCache
+    rope_factors: tuple[float, float, float]
+
+
+def _check_text_batch(prompts: list[tuple[int, TextKV]], batch: int) -> None:
+    for _, text_kv in prompts:
+        if text_kv.layers[0][0].shape[0] not in (1, batch):
+            raise ValueError(f"text conditioning holds {text_kv.layers[0][0].shape[0]} prompts but the video batch is "
+                             f"{batch}: give the states of one prompt, [1, tokens, dim]")
+
+
+def _checked_caches(caches: DualResCache | None, num_layers: int, cfg: SamplerConfig) -> DualResCache:
+    """The run's caches: new ones, or the caller's (empty, of the model's layers and the config's fp8 setting),
+    with the config's sliding window set on both."""
+    caches = caches if caches is not None else DualResCache.empty(num_layers, fp8=cfg.kv_cache_fp8)
+    if caches.high.num_frames or caches.low.num_frames:
+        raise ValueError("stream_video needs empty caches: one DualResCache per video")
+    if (caches.high.num_layers, caches.high.fp8) != (num_layers, cfg.kv_cache_fp8):
+        given, needed = (" in fp8" if fp8 else "" for fp8 in (caches.high.fp8, cfg.kv_cache_fp8))
+        raise ValueError(f"the caches given hold {caches.high.num_layers} layers{given}, the run needs {num_layers}"
+                         f"{needed} (the model's layers, the config's kv_cache_fp8): make them with "
+                         "DualResCache.empty(model.cfg.num_layers, fp8=cfg.kv_cache_fp8)")
+    for cache in (caches.high, caches.low):
+        cache.window = (cfg.stream.anchor_frames, cfg.stream.local_frames) if cfg.stream.window else None
+    return caches
+
+
 def stream_video(
     model: CausalWanModel,
     text: TextKV | torch.Tensor | PromptSchedule,
@@ -383,43 +415,31 @@ def stream_video(
     check_prompt_starts([start for start, _ in prompts], geometry, cfg.stream.chunk_frames)
     plans = plan_video(geometry, cfg, frozenset(start for start, _ in prompts[1:]))
     device = next(model.parameters()).device
-    for _, text_kv in prompts:
-        if text_kv.layers[0][0].shape[0] not in (1, batch):
-            raise ValueError(f"text conditioning holds {text_kv.layers[0][0].shape[0]} prompts but the video batch is "
-                             f"{batch}: give the states of one prompt, [1, tokens, dim]")
+    _check_text_batch(prompts, batch)
+    caches = _checked_caches(caches, model.cfg.num_layers, cfg)
     hd = cfg.hd
-    rope_high = hd.rope_factors_high if hd.enabled else (1.0, 1.0, 1.0)
-    rope_low = hd.rope_factors_low if hd.enabled else (1.0, 1.0, 1.0)
-    caches = caches if caches is not None else DualResCache.empty(model.cfg.num_layers, fp8=cfg.kv_cache_fp8)
-    if caches.high.num_frames or caches.low.num_frames:
-        raise ValueError("stream_video needs empty caches: one DualResCache per video")
-    if (caches.high.num_layers, caches.high.fp8) != (model.cfg.num_layers, cfg.kv_cache_fp8):
-        given, needed = (" in fp8" if fp8 else "" for fp8 in (caches.high.fp8, cfg.kv_cache_fp8))
-        raise ValueError(f"the caches given hold {caches.high.num_layers} layers{given}, the run needs "
-                         f"{model.cfg.num_layers}{needed} (the model's "
-                         "layers, the config's kv_cache_fp8): make them with DualResCache.empty(model.cfg.num_layers, "
-                         "fp8=cfg.kv_cache_fp8)")
-    for cache in (caches.high, caches.low):
-        cache.window = (cfg.stream.anchor_frames, cfg.stream.local_frames) if cfg.stream.window else None
+    high = _Resolution(geometry.high, caches.high, hd.rope_factors_high if hd.enabled else (1.0, 1.0, 1.0))
+    low = _Resolution(geometry.low, caches.low, hd.rope_factors_low if hd.enabled else (1.0, 1.0, 1.0))
     total_calls = sum(len(p.calls(geometry, cfg.drc)) for p in plans)
     calls_done = 0
     channels = model.cfg.in_dim
     keep_clean = len(prompts) > 1 and cfg.kv_recache
     cached_clean: list[torch.Tensor] = []  # clean latents of the cached frames, in cache order (recache only)
 
-    def run(x, t, text_kv, cache, plan, factors, logit_scale, kind, frame_start=None, update=False):
-        """One model call; returns x0. Checks the interrupt hook first and reports progress after."""
+    def run(x, t, text_kv, res: _Resolution, plan, logit_scale, kind, frame_start=None, update=False):
+        """One model call at resolution ``res``; returns x0. Checks the interrupt hook first and reports progress
+        after."""
         nonlocal calls_done
         if should_stop is not None and should_stop():
             raise GenerationInterrupted(f"interrupted in chunk {plan.index + 1} of {len(plans)}")
-        settings = AttentionSettings(cfg.attention_backend, factors, logit_scale)
+        settings = AttentionSettings(cfg.attention_backend, res.rope_factors, logit_scale)
         timestep = torch.full((x.shape[0],), t, device=device)
         # Only full-size chunks use compiled graphs: a short last chunk or a recache run (even of M frames) happens
         # once per video, where compiling another graph would cost more than it saves.
         compiled = x.shape[2] == cfg.stream.chunk_frames and not kind.startswith("recache")
         call = model.write_cache if update else model
-        v = call(x, timestep, text_kv, cache=cache, frame_start=plan.rope_start if frame_start is None else frame_start,
-                 settings=settings, compiled=compiled)
+        v = call(x, timestep, text_kv, cache=res.cache, settings=settings, compiled=compiled,
+                 frame_start=plan.rope_start if frame_start is None else frame_start)
         calls_done += 1
         x0 = None if update else x0_from_flow(x, v, t)
         if on_progress is not None:
@@ -429,25 +449,25 @@ def stream_video(
     def recache(plan, text_kv):
         """KV recache at a prompt switch: re-encode the cached frames' K/V under the new prompt, run by run (at logit
         scale 1: the anchor does not get chunk 1's attention scaling again)."""
-        for cache in (caches.high, caches.low) if cfg.drc else (caches.high,):  # without DRC KV_low stays empty
-            cache.keep(list(range(plan.recache_runs[0][0])))
+        for res in (high, low) if cfg.drc else (high,):  # without DRC KV_low stays empty
+            res.cache.keep(list(range(plan.recache_runs[0][0])))
         for first, count in plan.recache_runs:
             clean = torch.cat(cached_clean[first:first + count], dim=2)
             start = plan.cache_positions[first]
-            run(clean, 0.0, text_kv, caches.high, plan, rope_high, 1.0, "recache_high", start, update=True)
+            run(clean, 0.0, text_kv, high, plan, 1.0, "recache_high", start, update=True)
             if cfg.drc:
-                run(resize_latents(clean, geometry.low, cfg.downsample), 0.0, text_kv, caches.low, plan, rope_low,
-                    1.0, "recache_low", start, update=True)
+                run(resize_latents(clean, low.size, cfg.downsample), 0.0, text_kv, low, plan, 1.0, "recache_low",
+                    start, update=True)
 
     for plan in plans:
         started = time.perf_counter()
         text_kv = next(t for start, t in reversed(prompts) if start <= plan.index)
-        high_shape = (batch, channels, plan.num_frames, *geometry.high)
-        low_shape = (batch, channels, plan.num_frames, *geometry.low)
+        high_shape = (batch, channels, plan.num_frames, *high.size)
+        low_shape = (batch, channels, plan.num_frames, *low.size)
         if cfg.rope_positions == "window":
-            for cache, factors in ((caches.high, rope_high), (caches.low, rope_low)):
-                if cache.num_frames:
-                    cache.reposition(list(plan.cache_positions), lambda k, d, f=factors: shift_time(
+            for res in (high, low):
+                if res.cache.num_frames:
+                    res.cache.reposition(list(plan.cache_positions), lambda k, d, f=res.rope_factors: shift_time(
                         k, d, model.cfg.rope_split, model.cfg.rope_theta, f[0]))
         # 0. Prompt switch (LongLive's KV recache): the cached frames are re-encoded under the new prompt.
         if plan.recache_runs:
@@ -457,19 +477,19 @@ def stream_video(
         # 1. Low-resolution steps with KV_low (lines 4-12): pure noise -> x0 estimate at low resolution.
         x = chunk_noise(seed, plan.index, draw, low_shape if plan.low_steps else high_shape, device)
         for j, t in enumerate(plan.low_steps):
-            x0 = run(x, t, text_kv, caches.low, plan, rope_low, 1.0, "low")
+            x0 = run(x, t, text_kv, low, plan, 1.0, "low")
             if j + 1 < len(plan.low_steps):
                 draw += 1
                 x = renoise(x0, chunk_noise(seed, plan.index, draw, low_shape, device), plan.low_steps[j + 1])
         # 2. Upsample the last low-res x0 and re-noise it to the first high-res timestep (lines 7-11).
         if plan.low_steps:
             draw += 1
-            x = renoise(resize_latents(x0, geometry.high, cfg.upsample),
+            x = renoise(resize_latents(x0, high.size, cfg.upsample),
                         chunk_noise(seed, plan.index, draw, high_shape, device), plan.high_steps[0])
 
         # 3. High-resolution steps with KV_high (lines 13-16, 26-28); the last x0 is the chunk's output.
         for j, t in enumerate(plan.high_steps):
-            x0 = run(x, t, text_kv, caches.high, plan, rope_high, plan.logit_scale_high, "high")
+            x0 = run(x, t, text_kv, high, plan, plan.logit_scale_high, "high")
             if j + 1 < len(plan.high_steps):
                 draw += 1
                 x = renoise(x0, chunk_noise(seed, plan.index, draw, high_shape, device), plan.high_steps[j + 1])
@@ -480,10 +500,10 @@ def stream_video(
         if plan.writes_cache:  # every chunk but the last
             # 4. Dual-resolution caching (lines 17-18): timestep-0 passes of the clean chunk write KV_high and,
             #    downsampled, KV_low.
-            run(clean, 0.0, text_kv, caches.high, plan, rope_high, plan.logit_scale_high, "cache_high", update=True)
+            run(clean, 0.0, text_kv, high, plan, plan.logit_scale_high, "cache_high", update=True)
             if cfg.drc:
-                run(resize_latents(clean, geometry.low, cfg.downsample), 0.0, text_kv, caches.low, plan, rope_low,
-                    1.0, "cache_low", update=True)
+                run(resize_latents(clean, low.size, cfg.downsample), 0.0, text_kv, low, plan, 1.0, "cache_low",
+                    update=True)
 
             # 5. Anchor-guided sliding window (lines 19-25): the caches kept only the anchor frame(s) and the last
             #    local frames as they were written (their ``window``), so they never held more.
