@@ -256,7 +256,7 @@ class Progress:
 class LatentChunk:
     index: int
     num_chunks: int
-    first_frame: int
+    first_frame: int       # index of its first latent frame in the video (chunk_start_frame gives the video frame)
     latents: torch.Tensor  # [B, C, frames, H/8, W/8] in the DiT's latent space, float32
     seconds: float
     model_calls: int
