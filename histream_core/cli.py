@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .cli_config import config_file_args
-from .config import MODEL_PRESETS, SamplerConfig
+from .config import MODEL_PRESETS, ModelConfig, SamplerConfig
 from .flops import H100_BF16_TFLOPS, flops_table, format_table
 from .model import BACKENDS, AttentionBackendError, CausalWanModel
 from .model.attention import check_backend_runs
@@ -89,6 +89,7 @@ class _Request:
     cfg: SamplerConfig
     starts: list[tuple[int, str]]  # later prompts: (first chunk, prompt)
     out: Path
+    text_embeds: torch.Tensor | None  # --text-embeds, read and checked against the model
 
 
 def cmd_generate(args) -> int:
@@ -140,12 +141,33 @@ def _checked_request(args) -> _Request:
     _check_files(args)
     if args.attention:
         check_backend_runs(args.attention, device, dtype)
-    return _Request(device, dtype, geometry, cfg, starts, out)
+    text_embeds = _checked_text_embeds(args.text_embeds, args.checkpoint, MODEL_PRESETS["tiny"])
+    return _Request(device, dtype, geometry, cfg, starts, out, text_embeds)
+
+
+def _checked_text_embeds(path: str | None, checkpoint: str | None, default: ModelConfig) -> torch.Tensor | None:
+    """--text-embeds, read and held against the model's text width and length before any model file loads (a
+    checkpoint takes minutes): the checkpoint's header tells them, or ``default`` (the built-in model's config)."""
+    if path is None:
+        return None
+    from .checkpoints import inspect_checkpoint
+    from .text import load_text_embeddings
+
+    states = load_text_embeddings(path)
+    model = default if checkpoint is None else inspect_checkpoint(checkpoint)["config"]
+    reader = "the built-in model" if checkpoint is None else f"--checkpoint {Path(checkpoint).name}"
+    if states.shape[-1] != model.text_dim:
+        raise ValueError(f"--text-embeds {path} holds {states.shape[-1]}-wide text states, and {reader} reads "
+                         f"{model.text_dim}-wide ones: save the states of the text encoder it was trained with "
+                         "(umT5-XXL for Wan2.1)")
+    if states.shape[1] > model.text_len:
+        raise ValueError(f"--text-embeds {path} holds {states.shape[1]} tokens, and {reader} reads at most "
+                         f"{model.text_len}: keep the first {model.text_len} (umT5 encoders cut prompts there)")
+    return states
 
 
 def _pipeline_and_text(args, request: _Request) -> tuple[HiStreamPipeline, torch.Tensor]:
     """The user's files (or the embedded default) loaded, and the first prompt's states."""
-    from .text import load_text_embeddings
     from .vae import load_tiny_decoder
 
     if args.checkpoint is not None:
@@ -153,7 +175,7 @@ def _pipeline_and_text(args, request: _Request) -> tuple[HiStreamPipeline, torch
                                            device=request.device, dtype=request.dtype, compile=args.compile,
                                            fp8_weights=args.fp8_weights, fp8_matmul=args.fp8_matmul,
                                            text_cache_dir=args.text_cache, tiny_decoder=args.tiny_decoder)
-        return pipe, load_text_embeddings(args.text_embeds) if args.text_embeds else pipe.encode(args.prompt)
+        return pipe, request.text_embeds if request.text_embeds is not None else pipe.encode(args.prompt)
     log.warning("embedded default: tiny random DiT + small random VAE (a plumbing check; pass --checkpoint for art)")
     model, vae = embedded_default(request.device)
     if args.tiny_decoder:
@@ -165,7 +187,7 @@ def _pipeline_and_text(args, request: _Request) -> tuple[HiStreamPipeline, torch
         model.use_fp8_matmul()
     if args.compile:
         model.compile_blocks()
-    context = (load_text_embeddings(args.text_embeds) if args.text_embeds
+    context = (request.text_embeds if request.text_embeds is not None
                else random_text_embedding(args.prompt, model.cfg.text_dim))
     return HiStreamPipeline(model, vae), context
 
@@ -221,7 +243,6 @@ def _schedule_starts(args, geometry, chunk_frames: int) -> list[tuple[int, str]]
 
 def cmd_bench(args) -> int:
     from .checkpoints import load_wan_model
-    from .text import load_text_embeddings
     from .timing import format_timings, time_mode
 
     modes = [m for m in args.modes.split(",") if m]
@@ -236,6 +257,7 @@ def cmd_bench(args) -> int:
     if args.attention:
         check_backend_runs(args.attention, device, dtype)
     _check_fp8_matmul_flag(args, device)
+    text = _checked_text_embeds(args.text_embeds, args.checkpoint, MODEL_PRESETS[args.model])
     if args.checkpoint:
         model = load_wan_model(args.checkpoint, weight_dtype=torch.float8_e4m3fn if args.fp8_weights else None,
                                compute_dtype=dtype, device=device)
@@ -251,7 +273,7 @@ def cmd_bench(args) -> int:
         model.use_fp8_matmul()
     if args.compile:
         model.compile_blocks()
-    text = (load_text_embeddings(args.text_embeds) if args.text_embeds else
+    text = (text if text is not None else
             torch.randn(1, model.cfg.text_len, model.cfg.text_dim, generator=torch.Generator().manual_seed(0)))
     with torch.no_grad():
         rows = [time_mode(model, text.to(device), mode, _sampler_config(args, mode), args.width, args.height,

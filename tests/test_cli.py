@@ -362,13 +362,49 @@ def test_config_file_values_are_checked_like_options(tmp_path, capsys):
     assert report["frames"] == 9 and [c["model_calls"] for c in report["chunks"]] == [2]
 
 
-def test_non_finite_results_stop_the_run_instead_of_writing_a_black_video(tmp_path, capsys):
-    embeds = tmp_path / "nan.safetensors"
-    save_file({"context": torch.full((1, 4, 32), float("nan"))}, str(embeds))  # the tiny model's text_dim
+def test_non_finite_results_stop_the_run_instead_of_writing_a_black_video(tmp_path, capsys, monkeypatch):
+    import histream_core.cli as cli
+    built_in = cli.embedded_default
+
+    def overflowing(device):  # as a checkpoint whose weights overflow in fp16 would
+        model, vae = built_in(device)
+        model.head.head.bias.data.fill_(float("inf"))
+        return model, vae
+
+    monkeypatch.setattr(cli, "embedded_default", overflowing)
     out = tmp_path / "new" / "black.mp4"  # the folder made for the video goes again with the failed run
-    assert main(["generate", *SMALL, "--text-embeds", str(embeds), "--out", str(out)]) == 2
+    assert main(["generate", *SMALL, "--out", str(out)]) == 2
     assert "chunk 1 came out as NaN/inf" in capsys.readouterr().err
-    assert [p.name for p in tmp_path.iterdir()] == ["nan.safetensors"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_text_embeds_that_cannot_be_used_are_refused_before_any_model_loads(user_files, tmp_path, capsys,
+                                                                             monkeypatch):
+    """--text-embeds is held against the model's text width and length (read from the checkpoint's header) first:
+    loading a real checkpoint takes minutes. Each message names the flag and the file."""
+    import histream_core.checkpoints as checkpoints
+    monkeypatch.setattr(checkpoints, "load_wan_model", lambda *a, **k: pytest.fail("the checkpoint was loaded first"))
+    dit = ["--checkpoint", str(user_files / "dit.safetensors"), "--vae", str(user_files / "vae.safetensors")]
+    text_dim = 32  # the user files' umT5 and DiT (UMT5_PRESETS["tiny"])
+    cases = {"clip.safetensors": ({"context": torch.randn(1, 4, 768)}, "holds 768-wide text states, and "
+                                  f"--checkpoint dit.safetensors reads {text_dim}-wide ones"),
+             "long.safetensors": ({"context": torch.randn(1, 513, text_dim)}, "holds 513 tokens, and --checkpoint "
+                                  "dit.safetensors reads at most 512: keep the first 512"),
+             "batch.safetensors": ({"context": torch.randn(2, 4, text_dim)}, "(one prompt), got (2, 4, 32)"),
+             "nan.safetensors": ({"context": torch.full((1, 4, text_dim), float("nan"))}, "are not finite floats"),
+             "two.safetensors": ({"a": torch.randn(1, 4, text_dim), "b": torch.randn(1, 4, text_dim)},
+                                 "holds several tensors ['a', 'b']; name the text states 'context'")}
+    for name, (tensors, message) in cases.items():
+        save_file(tensors, str(tmp_path / name))
+        assert main(["generate", *SMALL, *dit, "--text-embeds", str(tmp_path / name),
+                     "--out", str(tmp_path / "x.mp4")]) == 2, name
+        err = capsys.readouterr().err
+        assert message in err and name in err, (name, err)
+    save_file({"context": torch.randn(1, 17, 32)}, str(tmp_path / "long_for_the_built_in.safetensors"))
+    assert main(["generate", *SMALL, "--text-embeds", str(tmp_path / "long_for_the_built_in.safetensors"),
+                 "--out", str(tmp_path / "x.mp4")]) == 2
+    assert "holds 17 tokens, and the built-in model reads at most 16" in capsys.readouterr().err
+    assert not (tmp_path / "x.mp4").exists()
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])

@@ -39,6 +39,11 @@ def load_text_embeddings(path: str | Path) -> torch.Tensor:
         states = next(iter(tensors.values()))
     else:
         raise ValueError(f"{path} holds several tensors {sorted(tensors)[:5]}; name the text states 'context'")
-    if not isinstance(states, torch.Tensor) or states.ndim not in (2, 3):
-        raise ValueError(f"text states in {path} must be a [tokens, dim] or [1, tokens, dim] tensor; {save_hint}")
+    if not isinstance(states, torch.Tensor) or states.ndim not in (2, 3) or (states.ndim == 3 and states.shape[0] != 1):
+        shape = tuple(states.shape) if isinstance(states, torch.Tensor) else type(states).__name__
+        raise ValueError(f"text states in {path} must be a [tokens, dim] or [1, tokens, dim] tensor (one prompt), got "
+                         f"{shape}; {save_hint}")
+    if not states.dtype.is_floating_point or not torch.isfinite(states).all():
+        raise ValueError(f"text states in {path} are not finite floats ({states.dtype}, NaN/inf or integers): every "
+                         f"frame would come out black; encode the prompt again and {save_hint}")
     return states[None] if states.ndim == 2 else states
