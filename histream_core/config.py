@@ -150,10 +150,6 @@ class ChunkSteps:
         if list(steps) != sorted(steps, reverse=True) or len(set(steps)) != len(steps):
             raise ValueError(f"steps must strictly decrease from noise to clean, got low={self.low} high={self.high}")
 
-    @property
-    def count(self) -> int:
-        return len(self.low) + len(self.high)
-
 
 # Self-Forcing's four steps split between the resolutions: the default of both chunk kinds (mode "histream")
 FOUR_STEPS_DRC = ChunkSteps(low=(1000.0, 750.0), high=(500.0, 250.0))

@@ -7,7 +7,7 @@ lowering ``base_dim``; diffusers' checkpoint converter hard-codes the decoder bl
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -50,9 +50,6 @@ class WanVAEConfig:
     def temporal_factor(self) -> int:
         """Video frames per latent frame after the first one (4 for Wan2.1): ``T = 1 + factor * (T_latent - 1)``."""
         return 2 ** sum(self.temporal_downsample)
-
-    def with_(self, **changes) -> WanVAEConfig:
-        return replace(self, **changes)
 
 
 __all__ = ["WanVAEConfig"]
