@@ -41,6 +41,22 @@ def test_one_cache_per_resolution():
         cache.write([kv(1, tokens=9)], [1], tokens_per_frame=9)
 
 
+def test_cache_writes_that_would_corrupt_it_are_refused():
+    """K/V for another layer count, a write left half done, or a reposition to other frame counts is a model bug:
+    refused, never written into the cache."""
+    cache = KVCache(num_layers=2)
+    with pytest.raises(ValueError, match="cache has 2 layers but got K/V for 1"):
+        cache.write([kv(2)], positions=[0, 1], tokens_per_frame=4)
+    write = cache.begin_write([0, 1], tokens_per_frame=4)
+    write.layer(0, *kv(2))
+    with pytest.raises(ValueError, match=r"left blocks \[1\] without K/V"):
+        write.finish()
+    cache = KVCache(num_layers=2)
+    cache.write([kv(2), kv(2)], positions=[0, 1], tokens_per_frame=4)
+    with pytest.raises(ValueError, match="need 2 new positions, got 1"):
+        cache.reposition([0], lambda k, d: k)
+
+
 def test_reindexed_keys_equal_keys_computed_at_the_new_position():
     model = tiny_model(seed=1)
     x = torch.randn(1, 16, 3, 4, 4)

@@ -4,6 +4,7 @@ kind of bad file is refused with a CheckpointError that names the file, the layo
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -104,6 +105,17 @@ def test_generator_ema_is_preferred(model, tmp_path):
     loaded = load_wan_model(path, **TINY)
     assert torch.equal(loaded.head.head.weight, model.head.head.weight)
     assert inspect_checkpoint(path, **TINY)["source"] == "generator_ema"
+
+
+def test_a_bundle_loads_its_dit_and_ignores_the_rest(model, inputs, reference, tmp_path, caplog):
+    """All-in-one files hold the DiT under model.diffusion_model. beside a VAE and a text encoder."""
+    state = prefixed(wan_state(model), "model.diffusion_model.")
+    state.update({"first_stage_model.decoder.conv1.weight": torch.zeros(4, 4, 1, 1, 1),
+                  "text_encoders.umt5xxl.shared.weight": torch.zeros(8, 4)})
+    with caplog.at_level(logging.INFO, logger="histream_core.checkpoints"):
+        loaded = load_wan_model(write(state, tmp_path / "aio.safetensors"), **TINY)
+    assert torch.equal(forward(loaded, inputs), reference)
+    assert "ignoring 2 keys outside 'model.diffusion_model.'" in caplog.text
 
 
 def test_diffusers_reverse_map_is_the_inverse_of_diffusers_converter():
@@ -271,6 +283,14 @@ def test_vae_like_file(tmp_path):
     assert "encoder.conv1.weight" in message and "VAE" in message
 
 
+def test_text_encoder_and_unknown_files_given_as_the_dit(tmp_path):
+    umt5 = {"shared.weight": torch.zeros(8, 4), "encoder.block.0.layer.0.SelfAttention.q.weight": torch.zeros(4, 4)}
+    message = refused(write(umt5, tmp_path / "umt5_xxl_fp16.safetensors"))
+    assert "looks like a text encoder" in message and "--text-encoder" in message
+    message = refused(write({"proj.weight": torch.zeros(4, 4)}, tmp_path / "lora.safetensors"))
+    assert "looks like" not in message and "none of its keys belong to a Wan2.1 DiT" in message
+
+
 def test_missing_keys(model, tmp_path):
     state = wan_state(model)
     del state["blocks.1.ffn.2.bias"], state["blocks.0.self_attn.norm_k.weight"]
@@ -283,6 +303,19 @@ def test_wrong_shape(model, tmp_path):
     state["blocks.1.ffn.0.weight"] = torch.zeros(50, 48)
     message = refused(write(state, tmp_path / "shape.safetensors"))
     assert "wrong shapes" in message and "blocks.1.ffn.0.weight (file [50, 48], model [96, 48])" in message
+
+
+def test_packed_weights_and_files_without_the_shape_keys_are_refused(model, tmp_path):
+    state = wan_state(model)
+    state["blocks.0.ffn.0.weight"] = state["blocks.0.ffn.0.weight"].to(torch.int8)  # an int8/packed quantization
+    assert "non-float (packed or quantized) weights, not supported: blocks.0.ffn.0.weight" in refused(
+        write(state, tmp_path / "int8.safetensors"))
+    state = wan_state(model)
+    del state["head.head.weight"]
+    assert "missing keys that the model's shape is read from: head.head.weight" in refused(
+        write(state, tmp_path / "cut.safetensors"))
+    with pytest.raises(ValueError, match="weight_dtype must be a floating dtype"):
+        load_wan_model(tmp_path / "cut.safetensors", weight_dtype=torch.int8, **TINY)
 
 
 def test_unexpected_keys_listed_with_a_count(model, tmp_path):

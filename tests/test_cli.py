@@ -117,6 +117,18 @@ def test_unknown_config_option_is_named(tmp_path, capsys):
     assert "unknown options ['steps']" in capsys.readouterr().err
 
 
+def test_config_file_that_is_missing_or_not_an_object_is_refused_and_null_is_the_default(tmp_path, capsys):
+    assert main(["generate", "--config", str(tmp_path / "absent.json")]) == 2
+    assert "config file" in (err := capsys.readouterr().err) and "does not exist" in err
+    (tmp_path / "list.json").write_text(json.dumps(["--mode", "histream+"]))  # argv copied into a file
+    assert main(["generate", "--config", str(tmp_path / "list.json")]) == 2
+    assert "must hold a JSON object of generate options" in capsys.readouterr().err
+    (tmp_path / "nulls.json").write_text(json.dumps({"tile": None, "frames": 5}))  # null: the option's default
+    assert main(["generate", "--config", str(tmp_path / "nulls.json"), *SMALL[:4], "--device", "cpu", "--dtype",
+                 "fp32", "--out", str(tmp_path / "x.mp4"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["frames"] == 5
+
+
 @pytest.mark.parametrize("swap,expect", [
     ("checkpoint", "looks like a VAE: give it as the VAE (ComfyUI: Load VAE; CLI: --vae)"),
     ("vae", "diffusion model (DiT) checkpoint: give it as the model (ComfyUI: HiStream Loader, "
@@ -190,6 +202,23 @@ def test_pipeline_story_is_checked_before_encoding_and_takes_states(tmp_path):
         pipe.generate(42, **args)
 
 
+def test_pipeline_without_an_encoder_refuses_prompts_and_reports_each_chunk(tmp_path):
+    """A prompt string needs a text encoder (states do not); on_chunk sees every chunk, in order, with the timing
+    that the report holds."""
+    from histream_core.pipeline import embedded_default, random_text_embedding
+    pipe = HiStreamPipeline(*embedded_default())
+    args = dict(width=64, height=64, frames=13, mode="histream+")
+    with pytest.raises(ValueError, match="this pipeline has no text encoder"):
+        pipe.generate("a fox", out=tmp_path / "x.mp4", **args)
+    assert list(tmp_path.iterdir()) == []
+    seen = []
+    report = pipe.generate(random_text_embedding("a fox", pipe.model.cfg.text_dim), out=tmp_path / "fox.mp4",
+                           on_chunk=lambda chunk, timing: seen.append((chunk.index, timing)), **args)
+    assert [index for index, _ in seen] == [0, 1]
+    assert [timing for _, timing in seen] == list(report.chunks)
+    assert sum(timing.video_frames for _, timing in seen) == 13
+
+
 def test_pipeline_story_prompts(user_files, tmp_path):
     from histream_core.pipeline import HiStreamPipeline
     pipe = HiStreamPipeline.from_files(user_files / "dit.safetensors", user_files / "vae.safetensors",
@@ -231,6 +260,18 @@ def test_tiny_decoder_file_decodes_the_video(user_files, tmp_path, capsys):
     assert "not both" in capsys.readouterr().err
 
 
+def test_embedded_default_decodes_with_a_tiny_decoder_file(tmp_path, capsys):
+    """Without --checkpoint, --tiny-decoder replaces the built-in random VAE: a quick end-to-end check of a file."""
+    from histream_core.vae import TinyWanDecoder
+    torch.manual_seed(3)
+    save_file(TinyWanDecoder().state_dict(), str(tmp_path / "taew2_1.safetensors"))
+    out = tmp_path / "draft.mp4"
+    assert main(["generate", *SMALL, "--tiny-decoder", str(tmp_path / "taew2_1.safetensors"), "--out", str(out),
+                 "--json"]) == 0
+    assert sum(c["video_frames"] for c in json.loads(capsys.readouterr().out)["chunks"]) == 9
+    assert sum(1 for _ in iio.imiter(out)) == 9
+
+
 def test_bench_times_each_mode_with_its_exact_flops(capsys):
     from histream_core.config import MODEL_PRESETS
     from histream_core.flops import run_flops
@@ -252,6 +293,19 @@ def test_bench_times_each_mode_with_its_exact_flops(capsys):
     assert "tiny (random weights), 64x64, 17 frames" in table and "self-forcing" in table
 
 
+def test_bench_times_random_weights_stored_in_fp8(capsys, monkeypatch):
+    """--fp8-weights also applies to the built-in random model (not only to a checkpoint): its blocks are timed in
+    fp8 storage."""
+    import histream_core.timing as timing
+    time_mode, timed_in_fp8 = timing.time_mode, []
+    monkeypatch.setattr(timing, "time_mode", lambda model, *args, **kwargs: timed_in_fp8.append(
+        model.stores_block_weights_in_fp8) or time_mode(model, *args, **kwargs))
+    assert main(["bench", "--model", "tiny", "--width", "64", "--height", "64", "--frames", "9", "--device", "cpu",
+                 "--modes", "histream+", "--repeats", "1", "--warmup", "1", "--fp8-weights", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["fp8_weights"] and report["modes"][0]["total_s"] > 0 and timed_in_fp8 == [True]
+
+
 def test_bench_on_a_checkpoint_and_its_errors(user_files, capsys):
     args = ["bench", "--checkpoint", str(user_files / "dit.safetensors"), "--width", "64", "--height", "64",
             "--frames", "9", "--device", "cpu", "--repeats", "1", "--warmup", "0"]
@@ -265,6 +319,22 @@ def test_bench_on_a_checkpoint_and_its_errors(user_files, capsys):
     assert "multiple of 32" in capsys.readouterr().err
     assert main([*args, "--repeats", "0"]) == 2
     assert "--repeats must be at least 1" in capsys.readouterr().err
+
+
+def test_flops_table_floor_follows_the_rate(capsys):
+    """The table (not only --json); --rate is read as a number: half the rate, twice the floor."""
+    args = ["flops", "--model", "tiny", "--width", "64", "--height", "64", "--frames", "17"]
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    assert table.startswith("tiny, 64x64, 17 frames") and "histream+" in table and "floor" in table
+    assert main([*args, "--rate", "399"]) == 0
+    halved = capsys.readouterr().out
+    floor = [float(line.split()[-1]) for text in (table, halved) for line in text.splitlines() if
+             line.startswith("histream+ ")]
+    assert floor[0] > 0 and floor[1] == pytest.approx(2 * floor[0], rel=0.05)
+    with pytest.raises(SystemExit):
+        main(["flops", "--rate", "fast"])
+    assert "must be a positive number, got fast" in capsys.readouterr().err
 
 
 def test_chunk_drift_compares_the_last_chunk_but_one_with_chunk_3():
@@ -303,6 +373,9 @@ def test_requests_are_checked_before_the_model_files_are_loaded(tmp_path, capsys
         (["--no-window", "--anchor-frames", "2"], "--anchor-frames: the sliding window is off (--no-window is given)"),
         (["--dtype", "fp32", "--fp8-matmul"], "--fp8-matmul quantizes bf16 activations, and this run computes in "
                                               "fp32: add --dtype bf16"),
+        (["--chunk-frames", "0"], "--chunk-frames: StreamConfig.chunk_frames must be >= 1"),
+        (["--anchor-frames", "0", "--local-frames", "0"], "needs at least one anchor or local frame"),
+        (["--device", "meta"], "HiStream runs on cpu or cuda"),
     ]
     (tmp_path / "taken.mp4").mkdir()
     for extra, expected in cases:
@@ -310,6 +383,15 @@ def test_requests_are_checked_before_the_model_files_are_loaded(tmp_path, capsys
         err = capsys.readouterr().err
         assert expected in err and "absent" not in err, (extra, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.mp4"]  # not even the folder of the refused .avi
+
+
+def test_checkpoint_without_text_states_is_refused_before_loading(tmp_path, capsys):
+    """A checkpoint has no stand-in embeddings: it needs --text-encoder or --text-embeds, said before it is read."""
+    assert main(["generate", "--checkpoint", str(tmp_path / "absent.safetensors"), "--vae", "v", "--device", "cpu",
+                 "--out", str(tmp_path / "x.mp4")]) == 2
+    err = capsys.readouterr().err
+    assert "with --checkpoint pass --text-encoder" in err and "absent" not in err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_papers_readings_are_flags_on_top_of_the_mode():
@@ -407,6 +489,22 @@ def test_text_embeds_that_cannot_be_used_are_refused_before_any_model_loads(user
     assert not (tmp_path / "x.mp4").exists()
 
 
+def test_text_embeds_file_with_one_tensor_under_any_name_is_used(tmp_path, capsys):
+    """A file holding a single tensor under another name than 'context' (e.g. diffusers' prompt_embeds) is the
+    states; a missing file and a folder are named as such."""
+    from histream_core.text import load_text_embeddings
+    states = torch.randn(1, 4, 32)  # the built-in model's text width
+    save_file({"prompt_embeds": states}, str(tmp_path / "named.safetensors"))
+    assert torch.equal(load_text_embeddings(tmp_path / "named.safetensors"), states)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_text_embeddings(tmp_path / "absent.safetensors")
+    with pytest.raises(ValueError, match="is a folder"):
+        load_text_embeddings(tmp_path)
+    assert main(["generate", *SMALL, "--text-embeds", str(tmp_path / "named.safetensors"),
+                 "--out", str(tmp_path / "x.mp4")]) == 0
+    assert sum(1 for _ in iio.imiter(tmp_path / "x.mp4")) == 9
+
+
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 def test_running_out_of_host_memory_while_reading_a_file_is_not_called_a_bad_file(user_files, tmp_path, capsys,
                                                                                    monkeypatch, suffix):
@@ -425,6 +523,35 @@ def test_running_out_of_host_memory_while_reading_a_file_is_not_called_a_bad_fil
     assert main(["inspect", str(path)]) == 3
     err = capsys.readouterr().err
     assert "out of host (CPU) memory" in err and "truncated" not in err
+
+
+def test_gpu_out_of_memory_exits_3_with_the_options_not_yet_used(tmp_path, capsys, monkeypatch):
+    """The advice lists only the memory options this run has not used yet, and points to the memory command."""
+    import histream_core.cli as cli
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(cli, "generate_to_file", out_of_memory)
+    assert main(["generate", *SMALL, "--out", str(tmp_path / "x.mp4")]) == 3
+    err = capsys.readouterr().err
+    assert "out of GPU memory" in err and "--tile 64" in err and "--kv-cache-fp8" in err and "--fp8-weights" in err
+    assert "predicts a request's peak GPU memory" in err and "--decode-order after" not in err  # already 'after'
+    assert main(["generate", *SMALL, "--tile", "8", "--kv-cache-fp8", "--decode-order", "interleaved",
+                 "--out", str(tmp_path / "x.mp4")]) == 3
+    err = capsys.readouterr().err
+    assert "--tile 64" not in err and "--kv-cache-fp8" not in err and "--decode-order after" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_bug_is_raised_with_its_traceback_not_reported_as_exit_2(tmp_path, monkeypatch):
+    """A RuntimeError that is not an attention-backend or memory problem is a bug: main re-raises it."""
+    import histream_core.cli as cli
+
+    def bug(*args, **kwargs):
+        raise RuntimeError("shape '[1, 2]' is invalid for input of size 3")
+    monkeypatch.setattr(cli, "generate_to_file", bug)
+    with pytest.raises(RuntimeError, match="is invalid for input"):
+        main(["generate", *SMALL, "--out", str(tmp_path / "x.mp4")])
 
 
 def test_interrupted_runs_exit_130_and_leave_nothing(tmp_path, capsys, monkeypatch):
@@ -474,6 +601,17 @@ def test_python_api_refuses_bad_arguments_with_the_fix(user_files, tmp_path):
     with pytest.raises(IsADirectoryError, match="is a folder"):
         pipe.generate(states, width=64, height=64, frames=5, out=tmp_path / "taken.mp4")
     assert [p.name for p in tmp_path.iterdir()] == ["taken.mp4"]
+
+
+def test_from_files_needs_exactly_one_decoder(user_files):
+    for vae, tiny in ((None, None), (user_files / "vae.safetensors", user_files / "vae.safetensors")):
+        with pytest.raises(ValueError, match="one of them"):
+            HiStreamPipeline.from_files(user_files / "dit.safetensors", vae, device="cpu", tiny_decoder=tiny)
+
+
+def test_checked_device_defaults_to_cuda_when_torch_sees_a_gpu():
+    from histream_core.pipeline import checked_device
+    assert checked_device(None) == torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def test_non_finite_frames_stop_the_decode(tmp_path):

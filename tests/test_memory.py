@@ -169,6 +169,39 @@ def test_overlapped_decode_surfaces_errors_and_ends_its_worker() -> None:
     assert not any(t.name == "histream-decode" for t in threading.enumerate())
 
 
+def test_overlapped_decode_hands_out_frames_mid_stream_in_order(monkeypatch) -> None:
+    """Frames the decode worker finished while the next chunk was denoised come out before the sampler ends (the path
+    of a real run; on a CPU the worker rarely finishes in time, so the sampler is slowed here), each with its own
+    chunk, and they equal "after"'s."""
+    import time
+
+    import histream_core.pipeline as pipeline
+    real_stream, denoised = pipeline.stream_video, []
+
+    def slow_stream(*args, **kwargs):  # leaves the worker time to finish each chunk before the next one exists
+        for index, chunk in enumerate(real_stream(*args, **kwargs)):
+            if index:
+                time.sleep(0.5)
+            denoised.append(chunk.index)
+            yield chunk
+
+    model, vae = embedded_default()
+    text = random_text_embedding("a fox", model.cfg.text_dim)
+    cfg = mode_config("histream+")
+    with torch.no_grad():
+        after = list(decoded_chunks(model, vae, text, 64, 64, 37, cfg, 0, order="after"))
+    monkeypatch.setattr(pipeline, "stream_video", slow_stream)
+    order = []
+    with torch.no_grad():
+        for chunk, video, _ in decoded_chunks(model, vae, text, 64, 64, 37, cfg, 0, order="overlapped"):
+            order.append((chunk.index, video.shape[2]))
+            if chunk.index == 0:
+                assert len(denoised) < 4  # the first chunk's frames came out before the sampler was done
+                first_video = video
+    assert order == [(c.index, v.shape[2]) for c, v, _ in after] == [(0, 9), (1, 12), (2, 12), (3, 4)]
+    torch.testing.assert_close(first_video, after[0][1])
+
+
 def test_long_requests_run_capped_only_with_the_sliding_window() -> None:
     tiny, vae = MODEL_PRESETS["tiny"], WanVAEConfig(base_dim=8)
     windowed = predict_memory(tiny, vae, 64, 64, 85, mode_config("histream+"), torch.float32, orders=())

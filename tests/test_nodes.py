@@ -3,7 +3,9 @@ and the errors users see. The host modules are stubbed (comfy_stubs); the pack i
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
+import logging
 import math
 import os
 import subprocess
@@ -14,6 +16,7 @@ import imageio_ffmpeg
 import numpy
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from comfy_stubs import ROOT, InterruptProcessingException, comfy_host, load_pack, pack_module  # noqa: F401
@@ -183,6 +186,19 @@ def test_decode_streams_to_mp4_with_a_preview(comfy_host, stock_vae):
     assert imageio_ffmpeg.count_frames_and_secs(path)[0] == LENGTH
 
 
+def test_mp4_preview_of_a_wide_video_is_shrunk_to_512_px(comfy_host, stock_vae):
+    """save_mp4 returns every Nth frame shrunk to fit 512 px (the path of every real video, which 64 px tests never
+    take): 576x64 -> 512x57, area-averaged from the full-size frames."""
+    latents = torch.randn(1, 16, 1, 8, 72, generator=torch.Generator().manual_seed(4))
+    frames = decode(latents, stock_vae)["result"][0]  # [1, 64, 576, 3]
+    preview, _ = decode(latents, stock_vae, save_mp4=True)["result"]
+    assert preview.shape == (1, 57, 512, 3)
+    expected = F.interpolate(frames.permute(0, 3, 1, 2), size=(57, 512), mode="area").permute(0, 2, 3, 1)
+    torch.testing.assert_close(preview, expected)
+    small = pack_module("nodes.decode").small
+    assert small(frames[:1, :, :64]).shape == (1, 64, 64, 3)  # never enlarged
+
+
 def test_tiled_decode_gives_the_same_frames_count(comfy_host, stock_vae):
     latents = torch.randn(1, 16, 2, 16, 8, generator=torch.Generator().manual_seed(2))
     images = decode(latents, stock_vae, tile_size=64, tile_overlap=32)["result"][0]
@@ -224,6 +240,21 @@ def test_tiny_decoder_from_vae_approx(comfy_host, stock_vae):
     (comfy_host.models / "vae_approx" / "taesd_decoder.safetensors").write_bytes(b"not a tiny decoder")
     with pytest.raises(ValueError, match="VAE Chunk Decode, input 'tiny_decoder'"):
         decode(latents, stock_vae, tiny_decoder="taesd_decoder.safetensors")
+
+
+def test_tiny_decoders_kept_are_at_most_two(comfy_host, monkeypatch):
+    """Decoders are kept per file and dtype, but no more than two: a third file must not grow the cache."""
+    module = pack_module("nodes.decode")
+    monkeypatch.setattr(module, "_tiny_decoders", {})
+    tiny = pack_module("histream_core.vae").TinyWanDecoder
+    for name in ("a.safetensors", "b.safetensors", "c.safetensors"):
+        save_file(tiny().state_dict(), str(comfy_host.models / "vae_approx" / name))
+    first = module.cached_tiny_decoder("a.safetensors", torch.float32)
+    assert module.cached_tiny_decoder("a.safetensors", torch.float32) is first
+    module.cached_tiny_decoder("b.safetensors", torch.float32)
+    module.cached_tiny_decoder("c.safetensors", torch.float32)
+    assert len(module._tiny_decoders) <= 2
+    assert module.cached_tiny_decoder("a.safetensors", torch.float32) is not first  # dropped, read again
 
 
 def test_sampler_previews_with_the_tiny_preview_decoder(comfy_host, loaded):
@@ -329,12 +360,43 @@ def test_long_prompt_is_cut_and_said(comfy_host, loaded):
     assert "prompt cut: 600 tokens, the model reads the first 512" in out["ui"]["text"]
 
 
+def test_conditioning_with_several_entries_or_prompts_uses_the_first_and_says_so(comfy_host, loaded):
+    alone = sample(loaded, length=1)
+    first, other = wan_conditioning(20), wan_conditioning(12, seed=1)
+    combined = sample(loaded, positive=first + other, length=1)  # ConditioningCombine gives two entries
+    assert "using the first of 2 conditioning entries" in combined["ui"]["text"]
+    torch.testing.assert_close(combined["result"][0]["samples"], alone["result"][0]["samples"])
+    batch = [[torch.cat([first[0][0], other[0][0]]), {}]]  # a batch of two prompts
+    batched = sample(loaded, positive=batch, length=1)
+    assert "using the first of 2 prompts in the conditioning batch" in batched["ui"]["text"]
+    torch.testing.assert_close(batched["result"][0]["samples"], alone["result"][0]["samples"])
+
+
+@pytest.mark.parametrize("positive, message", [
+    ([], "no conditioning: connect a CLIPTextEncode"),
+    ([[torch.zeros(1, 512, 4096), {}]], "the conditioning is all zeros"),  # e.g. ConditioningZeroOut
+])
+def test_sampler_refuses_missing_or_all_zero_conditioning(comfy_host, loaded, positive, message):
+    # the node called directly: sample() replaces an empty positive with its default
+    with pytest.raises(ValueError, match=f"HiStream Dual-Res Sampler, input 'positive': {message}"):
+        nodes()["HiStreamDualResSampler"]().sample(loaded, positive, 64, 64, 1, "histream", 0)
+    assert comfy_host.progress == []
+
+
 def test_out_of_memory_says_what_to_change(comfy_host, loaded, monkeypatch):
     def no_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(loaded.model, "forward", no_memory)
     with pytest.raises(torch.cuda.OutOfMemoryError, match="out of memory at 64x64: use fp8 weights"):
+        sample(loaded)
+
+
+def test_nan_latents_are_an_error_of_the_sampler_node(comfy_host, loaded):
+    """The core's NonFiniteLatents comes out as an error naming the node, not as an internal exception's path."""
+    with torch.no_grad():
+        loaded.model.head.head.weight.fill_(float("nan"))  # a damaged checkpoint: finite inputs, NaN output
+    with pytest.raises(ValueError, match="^HiStream Dual-Res Sampler: chunk 1 came out as NaN/inf"):
         sample(loaded)
 
 
@@ -379,6 +441,47 @@ def test_decode_bad_inputs(comfy_host, stock_vae, kwargs, message):
         decode(samples, vae, **kwargs)
 
 
+class SDVAE(torch.nn.Module):
+    """The names ComfyUI's 2D (SD/SDXL/Flux) VAEs share with diffusers' layout, at 2D shapes."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = torch.nn.Module()
+        self.encoder.conv_in = torch.nn.Conv2d(3, 8, 3)
+        self.post_quant_conv = torch.nn.Conv2d(4, 4, 1)
+
+
+class OtherModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+
+
+@pytest.mark.parametrize("model, message", [
+    (SDVAE(), "diffusers layout, but not a Wan2.1 VAE \\('encoder' input of shape \\(8, 3, 3, 3\\)"),
+    (OtherModel(), "not a Wan2.1 VAE: none of the layouts tried matched"),
+])
+def test_decode_refuses_a_vae_that_is_not_wan21(comfy_host, model, message):
+    """The VAE a workflow already has (SD, SDXL, Flux) is the likeliest wrong wire: an error on the node's input."""
+    with pytest.raises(ValueError, match=f"(?s)VAE Chunk Decode, input 'vae': the 'vae' input: {message}.*"
+                                         "load wan_2.1_vae.safetensors with Load VAE"):
+        decode(torch.zeros(1, 16, 1, 8, 8), StockVAE(model))
+    assert comfy_host.progress == []
+
+
+def test_decode_to_mp4_refuses_a_batch_and_a_missing_ffmpeg(comfy_host, stock_vae, monkeypatch):
+    with pytest.raises(ValueError, match="input 'save_mp4': an mp4 holds one video, the latents hold 2"):
+        decode(torch.zeros(2, 16, 1, 8, 8), stock_vae, save_mp4=True)
+    images = decode(torch.zeros(2, 16, 1, 8, 8), stock_vae)["result"][0]  # without save_mp4 a batch decodes
+    assert images.shape == (2, 64, 64, 3)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "imageio_ffmpeg"
+                        else find_spec(name, *a))
+    with pytest.raises(ValueError, match="input 'save_mp4': writing mp4 needs the imageio-ffmpeg package"):
+        decode(torch.zeros(1, 16, 1, 8, 8), stock_vae, save_mp4=True)
+    assert files_under(comfy_host.output) == []
+
+
 def test_window_node(comfy_host):
     window = nodes()["HiStreamAnchorWindow"]().build(False, 4, 0, 0, "window")[0]
     assert (window.stream.chunk_frames, window.stream.window, window.rope_positions) == (4, False, "window")
@@ -387,6 +490,12 @@ def test_window_node(comfy_host):
     assert not window.kv_cache_fp8
     fp8 = nodes()["HiStreamAnchorWindow"]().build(True, 3, 1, 2, "absolute", kv_cache_dtype="fp8_e4m3fn")[0]
     assert pack_module("nodes.sampler").build_config("histream+", fp8).kv_cache_fp8
+
+
+def test_window_node_refuses_an_unknown_cache_dtype(comfy_host):
+    """ComfyUI checks combo values first; a workflow sent through the API may not."""
+    with pytest.raises(ValueError, match="Anchor Window Cache, input 'kv_cache_dtype': 'fp4'"):
+        nodes()["HiStreamAnchorWindow"]().build(True, 3, 1, 2, "absolute", kv_cache_dtype="fp4")
 
 
 def test_window_node_settings_reach_the_sampler_config(comfy_host):
@@ -531,6 +640,13 @@ def test_loader_dtypes_reach_the_model(comfy_host, checkpoint):
     assert fp8.compute_dtype == torch.bfloat16 and fp8.stores_block_weights_in_fp8 and not fp8.uses_fp8_matmul
     assert fp8.blocks[0].ffn[0].weight_scale.shape == (fp8.blocks[0].ffn[0].weight.shape[0], 1)
     assert fp8.patch_embedding.weight.dtype == fp8.head.head.weight.dtype == torch.float32
+
+
+def test_loader_compile_on_the_cpu_runs_eagerly_and_says_so(comfy_host, checkpoint, caplog):
+    with caplog.at_level(logging.WARNING):
+        model = nodes()["HiStreamLoader"]().load(checkpoint, "default", "fp32", "sdpa", "cpu", compile=True)[0]
+    assert "compile is for CUDA GPUs; running cpu eagerly" in caplog.text
+    assert "_compiled_blocks" not in vars(model.model)  # eager: no graphs to build on a CPU
 
 
 @pytest.mark.parametrize("kv_recache, recache_anchor, recache_calls", [(True, True, 2), (True, False, 1),

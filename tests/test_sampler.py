@@ -10,9 +10,9 @@ import torch
 
 from conftest import tiny_model
 from histream_core.cache import DualResCache, KVCache
-from histream_core.config import ChunkSteps, HDConfig, SamplerConfig, StreamConfig
+from histream_core.config import ChunkSteps, HDConfig, ModelConfig, SamplerConfig, StreamConfig
 from histream_core.model import AttentionSettings
-from histream_core.modes import MODES, mode_config
+from histream_core.modes import MODES, mode_config, with_knobs
 from histream_core.sampler import (GenerationInterrupted, NonFiniteLatents, RequestError, chunk_at_frame,
                                    generate_video, plan_video, size_step, stream_video, video_geometry)
 
@@ -499,6 +499,16 @@ def test_caches_given_must_fit_the_model_and_the_config(model, context):
         next(stream_video(model, context, W, H, 13, cfg, 1.5))
 
 
+def test_caches_that_a_video_already_filled_are_refused(model, context):
+    """One DualResCache per video: a used one would have the next video attend to the last one's frames."""
+    cfg = mode_config("histream+")
+    caches = DualResCache.empty(model.cfg.num_layers)
+    with torch.no_grad():
+        generate_video(model, context, W, H, 13, cfg, 0, caches=caches)  # fills them
+    with pytest.raises(ValueError, match="needs empty caches: one DualResCache per video"):
+        next(stream_video(model, context, W, H, 13, cfg, 0, caches=caches))
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda: StreamConfig(chunk_frames=2.5), "StreamConfig.chunk_frames must be a whole number, got 2.5"),
     (lambda: SamplerConfig(drc="no"), "SamplerConfig.drc must be True or False, got 'no'"),
@@ -508,6 +518,29 @@ def test_caches_given_must_fit_the_model_and_the_config(model, context):
 ])
 def test_configs_refuse_wrong_types_where_they_are_built(make, message):
     """A config fails where it is built, not in the run ("no" would have switched DRC on, 2.5 crashed in the loop)."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        make()
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: ModelConfig(num_layers=0), "ModelConfig.num_layers must be positive"),
+    (lambda: ModelConfig(dim=1536, num_heads=7), "must be divisible by num_heads"),
+    (lambda: ModelConfig(freq_dim=255), "freq_dim must be even"),
+    (lambda: ModelConfig(patch_size=(1, 2)), "patch_size must be three positive ints"),
+    (lambda: ModelConfig(dim=40, num_heads=10), "cannot be split into three even RoPE axes"),  # head_dim 4
+    (lambda: StreamConfig(chunk_frames=0), "chunk_frames must be >= 1"),
+    (lambda: StreamConfig(anchor_frames=0, local_frames=0), "needs at least one anchor or local frame"),
+    (lambda: ChunkSteps(low=(1000.0,), high=()), "at least one high-resolution step"),
+    (lambda: ChunkSteps(low=(), high=(1500.0,)), "must lie in (0, 1000]"),
+    (lambda: SamplerConfig(low_res_scale=1.5), "low_res_scale must be in (0, 1]"),
+    (lambda: SamplerConfig(upsample="lanczos"), "upsample must be one of"),
+    (lambda: SamplerConfig(downsample="lanczos"), "downsample must be one of"),
+    (lambda: SamplerConfig(rope_positions="relative"), "rope_positions must be one of"),
+    (lambda: with_knobs("histream", steps="4"), "unknown knob 'steps'"),
+    (lambda: with_knobs("histream", shift="7"), "'7' is not a number"),
+])
+def test_configs_refuse_values_that_cannot_run(make, message):
+    """Configs built by hand (the library's API) are checked where they are built, as the CLI's and nodes' are."""
     with pytest.raises(ValueError, match=re.escape(message)):
         make()
 

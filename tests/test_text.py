@@ -309,6 +309,21 @@ def test_cache_skips_the_encoder(hf_file, tmp_path, monkeypatch):
     assert TextEncoder(hf_file, tmp_path / "tok2", cache_dir=cache).cache_key("a cat runs") != key
 
 
+def test_a_damaged_cache_file_is_encoded_again_and_replaced(hf_file, tmp_path, caplog):
+    """An interrupted run or a full disk leaves a cut cache file: it is re-encoded and overwritten, never fatal."""
+    folder, cache = word_tokenizer(tmp_path / "tok"), tmp_path / "cache"
+    first = TextEncoder(hf_file, folder, cache_dir=cache).encode("a cat runs")
+    (entry,) = cache.glob("*.safetensors")
+    entry.write_bytes(entry.read_bytes()[:40])
+    again = TextEncoder(hf_file, folder, cache_dir=cache)
+    with caplog.at_level(logging.WARNING):
+        assert torch.equal(again.encode("a cat runs"), first)
+    assert "ignoring unreadable cache file" in caplog.text
+    assert [p.name for p in cache.iterdir()] == [entry.name]  # rewritten whole, no temporary left
+    assert not TextEncoder(hf_file, folder, cache_dir=cache).loaded
+    assert torch.equal(TextEncoder(hf_file, folder, cache_dir=cache).encode("a cat runs"), first)
+
+
 # -- bad files ------------------------------------------------------------------------------------------------------
 def _error(path: Path) -> str:
     with pytest.raises(TextEncoderError) as caught:
@@ -351,6 +366,17 @@ def test_bad_encoder_files(hf_model, hf_file, tmp_path):
     assert "unsupported file type" in _error(tmp_path / "model.gguf")
 
 
+@pytest.mark.parametrize("state, what", [
+    ({"decoder.conv_in.weight": torch.zeros(4, 4, 3, 3)}, "looks like a VAE"),
+    ({"text_model.embeddings.token_embedding.weight": torch.zeros(8, 4)}, "looks like a CLIP text encoder"),
+    ({"model.layers.0.self_attn.q_proj.weight": torch.zeros(4, 4)}, "looks like a decoder-only language model"),
+])
+def test_other_models_given_as_the_text_encoder_are_named(tmp_path, state, what):
+    path = tmp_path / "other.safetensors"
+    save_file(state, str(path))
+    assert what in _error(path)
+
+
 def test_bad_tokenizers(hf_file, tmp_path):
     with pytest.raises(TextEncoderError, match="(?s)does not exist.*google/umt5-xxl"):
         UMT5Tokenizer.from_file(tmp_path / "missing" / "tokenizer.json")
@@ -373,6 +399,19 @@ def test_bad_tokenizers(hf_file, tmp_path):
     big.save(str(tmp_path / "big.json"))
     with pytest.raises(TextEncoderError, match="beyond the encoder's vocabulary"):
         TextEncoder(hf_file, tmp_path / "big.json", cache_dir=None).encode("cat")
+
+
+def test_encoder_and_tokenizer_paths_that_cannot_work(tmp_path):
+    with pytest.raises(TextEncoderError, match="(?s)text encoder file .*absent.safetensors' does not exist"):
+        TextEncoder(tmp_path / "absent.safetensors", cache_dir=None)
+    with pytest.raises(TextEncoderError, match="is a folder, not a file"):
+        TextEncoder(tmp_path, cache_dir=None)
+    (tmp_path / "vocab.txt").write_text("a\nb\n")
+    with pytest.raises(TextEncoderError, match="is not a tokenizer file"):
+        UMT5Tokenizer.from_file(tmp_path / "vocab.txt")
+    (tmp_path / "spiece.model").write_bytes(b"not a sentencepiece model")
+    with pytest.raises(TextEncoderError, match="cannot read the sentencepiece model"):
+        UMT5Tokenizer.from_file(tmp_path / "spiece.model")
 
 
 def test_fp16_activations_are_clamped_not_inf(hf_file):

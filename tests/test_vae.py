@@ -404,6 +404,16 @@ def test_wrong_kind_of_checkpoint(tmp_path) -> None:
     _expect_error(tmp_path / "random.pt", "not a Wan2.1 VAE", "foo")
 
 
+def test_wan22_and_text_encoder_files_given_as_the_vae_are_named(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    wan22 = {"encoder.conv1.weight": torch.zeros(8, 12, 3, 3, 3), "conv2.weight": torch.zeros(48, 48, 1, 1, 1)}
+    save_file(wan22, str(tmp_path / "wan2.2_vae.safetensors"))
+    _expect_error(tmp_path / "wan2.2_vae.safetensors", "Wan2.2's 48-channel VAE is not supported")
+    save_file({"shared.weight": torch.zeros(8, 4)}, str(tmp_path / "umt5.safetensors"))
+    _expect_error(tmp_path / "umt5.safetensors", "looks like a text encoder checkpoint")
+
+
 def test_incomplete_vae_lists_keys(vae: WanVAE, tmp_path) -> None:
     from safetensors.torch import save_file
 

@@ -105,6 +105,42 @@ def test_an_ffmpeg_failure_is_an_error_and_saves_nothing(tmp_path, monkeypatch) 
     assert [p.name for p in out.iterdir()] == ["clip.mp4"] and (out / "clip.mp4").read_bytes() == b"previous video"
 
 
+QUITTING_FFMPEG = """#!/bin/sh
+echo "Unknown encoder 'libx264'" >&2
+exit 1
+"""
+
+
+def test_ffmpeg_quitting_mid_stream_is_an_error_and_saves_nothing(tmp_path, monkeypatch) -> None:
+    """ffmpeg that quits before reading (a build without the codec, a crash) breaks the pipe while frames are written:
+    the write raises ffmpeg's own message and nothing is left, not even the partial file."""
+    fake = tmp_path / "ffmpeg"
+    fake.write_text(QUITTING_FFMPEG)
+    fake.chmod(0o755)
+    monkeypatch.setattr(video, "_ffmpeg_exe", lambda: str(fake))
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(VideoWriteError, match="Unknown encoder 'libx264'.*nothing was saved"):
+        with VideoWriter(out / "clip.mp4") as writer:
+            for _ in range(20):  # far more than a pipe buffer holds: a write meets the closed pipe
+                writer.write(gradient_frames(8, h=128, w=128))
+    assert list(out.iterdir()) == []
+
+
+def test_a_target_that_became_a_folder_is_an_error_and_the_partial_file_goes(tmp_path) -> None:
+    """The final rename can fail (the name taken meanwhile, no permission): an error, and the partial file goes."""
+    path = tmp_path / "clip.mp4"
+    writer = VideoWriter(path)
+    writer.write(gradient_frames(2))
+    path.mkdir()  # something took the name while the video was written
+    with pytest.raises(VideoWriteError, match="cannot put the finished video at .*clip.mp4.*nothing was saved"):
+        writer.close()
+    assert [p.name for p in tmp_path.iterdir()] == ["clip.mp4"] and path.is_dir()
+    with pytest.raises(RuntimeError, match="already closed"):
+        writer.write(gradient_frames(1))
+    writer.abort()  # a no-op once closed
+
+
 def test_the_output_path_is_checked_before_any_work(tmp_path) -> None:
     (tmp_path / "taken.mp4").mkdir()
     with pytest.raises(IsADirectoryError, match="is a folder"):
@@ -165,6 +201,12 @@ def test_frame_conversion() -> None:
         to_uint8_frames(torch.zeros(2, 3, 1, 2, 2))
     with pytest.raises(ValueError, match=r"\[T, H, W, 3\]"):
         to_uint8_frames(torch.zeros(4, 3, 8, 8))
+
+
+def test_integer_frames_other_than_uint8_are_refused() -> None:
+    """Integer frames other than uint8 have no known range: read as 0..1 floats they would come out white."""
+    with pytest.raises(ValueError, match="frames must be uint8 or floating point, got torch.int64"):
+        to_uint8_frames(np.zeros((1, 4, 4, 3), dtype=np.int64))
 
 
 def test_fractional_fps_and_yuv420p_reach_the_file(tmp_path) -> None:
