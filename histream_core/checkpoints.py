@@ -36,6 +36,7 @@ import torch
 from .config import ModelConfig
 from .model.layers import FP8, quantize_weight
 from .model.wan import CausalWanModel
+from .vae.latent_format import LATENT_CHANNELS
 from .weight_files import (DROPPED_SUFFIXES, FP8_DTYPES, TensorEntry, Unusable, WeightFile, check_fit, dequantize,
                            few, open_weight_file, require_keys, scaled_weight_key)
 
@@ -276,6 +277,13 @@ def _config_from_shapes(entries: Mapping[str, TensorEntry], head_dim: int, text_
     if in_dim == 36:
         raise Unusable("it is an image-to-video Wan checkpoint (36 input channels), which HiStream does not "
                        "support", WHAT_TO_DO)
+    out_dim = entries["head.head.weight"].shape[0] // math.prod(patch)
+    if (in_dim, out_dim) != (LATENT_CHANNELS, LATENT_CHANNELS):
+        raise Unusable(f"it reads {in_dim}- and writes {out_dim}-channel latents, and the Wan2.1 VAE's have "
+                       f"{LATENT_CHANNELS} (Wan2.2 TI2V-5B's 48-channel latents are not supported)", WHAT_TO_DO)
+    if head_dim < 1:
+        raise Unusable(f"head_dim must be a positive number of channels, got {head_dim}",
+                       "Wan2.1 models use 128")
     if dim % head_dim:
         raise Unusable(f"its width {dim} is not a multiple of head_dim {head_dim}",
                        "give the head size it was trained with: 'inspect --head-dim N' on the command line, "
@@ -287,7 +295,7 @@ def _config_from_shapes(entries: Mapping[str, TensorEntry], head_dim: int, text_
             dim=dim, ffn_dim=entries["blocks.0.ffn.0.weight"].shape[0], num_heads=dim // head_dim,
             num_layers=max(layers) + 1, freq_dim=entries["time_embedding.0.weight"].shape[1],
             text_dim=entries["text_embedding.0.weight"].shape[1], text_len=text_len, in_dim=in_dim,
-            out_dim=entries["head.head.weight"].shape[0] // math.prod(patch), patch_size=tuple(patch),
+            out_dim=out_dim, patch_size=tuple(patch),
             qk_norm="blocks.0.self_attn.norm_q.weight" in entries,
             cross_attn_norm="blocks.0.norm3.weight" in entries)
     except ValueError as exc:

@@ -76,6 +76,7 @@ def _sampler_config(args, mode: str | None = None):
 
 
 EMBEDDED_SIZE = (256, 160, 33)   # width, height, frames of the embedded default
+EMBEDDED_PROMPT = "a red fox running through snow, cinematic"
 CHECKPOINT_SIZE = (1920, 1088, 81)
 
 
@@ -188,12 +189,20 @@ def _pipeline_and_text(args, request: _Request) -> tuple[HiStreamPipeline, torch
     if args.compile:
         model.compile_blocks()
     context = (request.text_embeds if request.text_embeds is not None
-               else random_text_embedding(args.prompt, model.cfg.text_dim))
+               else random_text_embedding(args.prompt or EMBEDDED_PROMPT, model.cfg.text_dim))
     return HiStreamPipeline(model, vae), context
 
 
 def _check_files(args) -> None:
     """Which files a run needs, that they are there, and options that would be silently ignored."""
+    if args.prompt is not None and not args.prompt.strip():
+        raise ValueError("--prompt is empty: give the text the video should follow")
+    if args.text_embeds is not None:
+        ignored = [f"--{name.replace('_', '-')}" for name in ("prompt", "text_encoder", "tokenizer", "text_cache")
+                   if getattr(args, name) is not None]
+        if ignored:
+            raise ValueError(f"--text-embeds already holds the prompt's states, so {', '.join(ignored)} would be "
+                             "ignored: drop them, or drop --text-embeds to encode a --prompt")
     if args.checkpoint is None:
         ignored = [f"--{name.replace('_', '-')}" for name in ("vae", "text_encoder", "tokenizer", "text_cache")
                    if getattr(args, name) is not None]
@@ -207,7 +216,7 @@ def _check_files(args) -> None:
                              "(taew2_1.safetensors) for fast drafts")
         if args.vae is not None and args.tiny_decoder is not None:
             raise ValueError("pass --vae or --tiny-decoder, not both: one of them decodes the video")
-        if args.text_embeds is None and args.text_encoder is None:
+        if args.text_embeds is None and (args.text_encoder is None or args.prompt is None):
             raise ValueError("with --checkpoint pass --text-encoder (umt5_xxl_fp16.safetensors) and --prompt, "
                              "or --text-embeds (precomputed umT5 states)")
         if args.schedule and args.text_encoder is None:
@@ -361,8 +370,8 @@ def _generate_parser(sub) -> argparse.ArgumentParser:
                      "(optional for ComfyUI files that embed it)")
     gen.add_argument("--text-cache", help="folder of cached prompt embeddings (default ~/.cache/histream/text)")
     gen.add_argument("--text-embeds", help="precomputed umT5 states (.safetensors key 'context' or .pt)")
-    gen.add_argument("--prompt", default="a red fox running through snow, cinematic",
-                     help="the prompt (with the embedded default it seeds a stand-in text embedding)")
+    gen.add_argument("--prompt", help="the prompt (the embedded default, which only seeds a stand-in text "
+                     f"embedding with it, takes {EMBEDDED_PROMPT!r} when none is given)")
     gen.add_argument("--schedule", action="append", metavar="FRAME:PROMPT",
                      help="a later prompt taking over at a video frame (repeatable; KV recache at each switch)")
     gen.add_argument("--config", help="JSON file of generate options used as defaults (e.g. {\"mode\": \"histream+\"})")
@@ -493,7 +502,11 @@ def _out_of_memory(args, where: str) -> str:
     return f"out of {where} memory: {', '.join(tips)}{predict}"
 
 
-def _stop_on_sigterm(signum, frame) -> None:
+# SIGTERM (kill, a job scheduler) and SIGHUP (the terminal or ssh session closed) stop a run as Ctrl-C does
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+def _stop_on_signal(signum, frame) -> None:
     raise KeyboardInterrupt  # unwinds like Ctrl-C, so no half-written video is left behind
 
 
@@ -501,10 +514,13 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI: tables and JSON go to stdout, messages and errors through logging to stderr.
 
     Exit status: 0 done, 2 a request or file that cannot work (the message says what to change), 3 out of memory,
-    130 interrupted (Ctrl-C or SIGTERM; nothing is saved)."""
+    130 interrupted (Ctrl-C, SIGTERM or SIGHUP; nothing is saved)."""
+    for stream in (sys.stdout, sys.stderr):  # a path the terminal cannot encode must not fail a finished run
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s", stream=sys.stderr, force=True)
     in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm) if in_main_thread else None
+    previous = {s: signal.signal(s, _stop_on_signal) for s in STOP_SIGNALS} if in_main_thread else {}
     args = None
     try:
         argv = list(sys.argv[1:] if argv is None else argv)
@@ -526,8 +542,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         return 2
     finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 __all__ = ["main", "build_parser"]

@@ -15,6 +15,7 @@ import logging
 import numbers
 import os
 import secrets
+import shutil
 import subprocess
 import tempfile
 from contextlib import contextmanager, suppress
@@ -54,8 +55,14 @@ def check_video_path(path: str | os.PathLike[str], fps: float = WAN_FPS, crf: in
         raise ValueError(f"the output must be a file path (str or Path), got {path!r}")
     path = Path(path)
     suffix = path.suffix.lower()
-    if path.is_dir():
+    try:
+        is_dir = path.is_dir()
+    except OSError as exc:  # a name longer than the file system allows
+        raise ValueError(f"cannot use {path} as a file name ({exc.strerror}): shorten it") from None
+    if is_dir:
         raise IsADirectoryError(f"{path} is a folder; give a file name such as {path / ('video' + (suffix or '.mp4'))}")
+    if path.name.lower() in _CONTAINERS:  # '.mp4' alone is a hidden name without a suffix, not a suffix
+        raise ValueError(f"{path} has no file name; give one such as {path.with_name('video' + path.name)}")
     if suffix not in _CONTAINERS:
         raise ValueError(f"unknown container {suffix or '(no suffix)'!r} for {path}; "
                          f"use one of {sorted(_CONTAINERS)} (.mp4: H.264, .webm: VP9)")
@@ -76,6 +83,7 @@ def check_video_path(path: str | os.PathLike[str], fps: float = WAN_FPS, crf: in
     except OSError as exc:
         raise PermissionError(f"cannot write in the folder {existing} ({exc.strerror}); choose another place for "
                               f"{path.name}") from None
+    ffmpeg_exe()  # a missing ffmpeg is found now, not after the video is made
     return path
 
 
@@ -115,13 +123,19 @@ def frame_rate(fps: float) -> Fraction:
     return Fraction(fps).limit_denominator(1001)
 
 
-def _ffmpeg_exe() -> str:
+def ffmpeg_exe() -> str:
+    """The ffmpeg that writes the videos (imageio-ffmpeg's, or IMAGEIO_FFMPEG_EXE's), checked to be runnable."""
     try:
         import imageio_ffmpeg
     except ImportError:
         raise ImportError("writing mp4/webm needs the imageio-ffmpeg package (it ships ffmpeg): "
                           "pip install imageio-ffmpeg") from None
-    return imageio_ffmpeg.get_ffmpeg_exe()
+    exe = imageio_ffmpeg.get_ffmpeg_exe()
+    if shutil.which(exe) is None:
+        where = " (set by IMAGEIO_FFMPEG_EXE)" if os.environ.get("IMAGEIO_FFMPEG_EXE") else ""
+        raise FileNotFoundError(f"cannot run ffmpeg at {exe}{where}: unset IMAGEIO_FFMPEG_EXE or point it at an "
+                                "ffmpeg executable, or reinstall imageio-ffmpeg")
+    return exe
 
 
 def uint8_frames(frames: torch.Tensor) -> torch.Tensor:
@@ -201,7 +215,7 @@ class VideoWriter:
     def _start(self, width: int, height: int) -> None:
         self._size = (width, height)
         fps = frame_rate(self.fps)
-        command = [_ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24",
+        command = [ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24",
                    "-s", f"{width}x{height}", "-r", str(fps), "-i", "-", "-an", "-c:v", self._codec,
                    "-pix_fmt", "yuv420p", "-crf", str(self.crf), *self._extra, str(self._tmp)]
         self._messages = tempfile.TemporaryFile()

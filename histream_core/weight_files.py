@@ -116,7 +116,7 @@ def _open(path: Path, nested: Sequence[str]) -> AbstractContextManager[WeightFil
         except Exception as exc:  # header or size errors: the file is truncated or not safetensors
             if is_host_out_of_memory(exc):
                 raise  # not a bad file: the CLI gives it its own advice and exit status
-            raise _unreadable(exc) from exc
+            raise _misnamed(path) or _unreadable(exc) from exc
         return _safetensors_file(handle)
     if suffix in TORCH_SUFFIXES:
         return nullcontext(_torch_file(path, nested))
@@ -153,13 +153,15 @@ def load_torch_object(path: Path) -> Any:
     except Exception as exc:
         if is_host_out_of_memory(exc):
             raise  # not a bad file
-        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        # torch's wordings: "Unsupported global: GLOBAL x.y" and "unsupported GLOBAL x.y whose module x is blocked"
+        refused = re.search(r"unsupported global:? (?:GLOBAL )?([\w.]+)", str(exc), re.IGNORECASE)
         if refused:
             raise Unusable(f"refused to unpickle {refused[1]}: the file holds Python objects besides tensors",
                            "only plain tensor files are read (torch.load weights_only=True), so no code in a file "
                            "can run; if you trust the file, re-save its state dict with torch.save or as "
                            ".safetensors") from exc
-        raise _unreadable(exc.__context__ if isinstance(exc.__context__, Exception) else exc) from exc
+        raise _misnamed(path) or _unreadable(
+            exc.__context__ if isinstance(exc.__context__, Exception) else exc) from exc
 
 
 def _torch_file(path: Path, nested: Sequence[str]) -> WeightFile:
@@ -176,6 +178,22 @@ def _torch_file(path: Path, nested: Sequence[str]) -> WeightFile:
     if source:
         log.info("reading the tensors in the '%s' entry of %s", source, path.name)
     return WeightFile("torch", source, {key: TensorEntry.of(value) for key, value in state.items()})
+
+
+def _misnamed(path: Path) -> Unusable | None:
+    """A file whose content is the other container than its name says (a renamed download), told by its first
+    bytes: safetensors starts with its header's length (8 bytes, little-endian) and '{'; torch.save with a zip
+    ('PK') or a pickle (0x80) header."""
+    with open(path, "rb") as file:
+        head = file.read(9)
+    is_safetensors = len(head) == 9 and head[8:9] == b"{"
+    is_torch = head[:2] == b"PK" or head[:1] == b"\x80"
+    named_safetensors = path.suffix.lower() in SAFETENSORS_SUFFIXES
+    if named_safetensors and is_torch:
+        return Unusable("it is a PyTorch (torch.save) file with a .safetensors name", "rename it to .pt")
+    if not named_safetensors and is_safetensors:
+        return Unusable(f"it is a safetensors file with a {path.suffix} name", "rename it to .safetensors")
+    return None
 
 
 def _unreadable(exc: Exception) -> Unusable:

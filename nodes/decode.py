@@ -8,7 +8,6 @@ video of any length decodes at constant memory.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -24,7 +23,7 @@ from ..histream_core.vae import (NonFiniteFrames, TiledDecoder, TinyWanDecoder, 
 from ..histream_core.vae import checkpoints as vae_checkpoints
 from ..histream_core.vae.latent_format import LATENT_CHANNELS
 from ..histream_core.vae.tiling import SMALLEST_USEFUL_TILE
-from ..histream_core.video import VideoWriter, check_video_path, made_folders, remove_empty_folders
+from ..histream_core.video import VideoWriter, check_video_path, ffmpeg_exe, made_folders, remove_empty_folders
 from . import host
 from .errors import input_error, out_of_memory_advice
 
@@ -116,6 +115,18 @@ def check_tile_size(node: str, name: str, tile_size: int) -> None:
                           f"least {MIN_TILE_PX} px; 512 fits a 1080p decode in about 4 GiB")
 
 
+def _check_ffmpeg() -> None:
+    try:
+        ffmpeg_exe()
+    except ImportError:
+        raise input_error(NODE, "save_mp4", "writing mp4 needs the imageio-ffmpeg package: run pip install -r "
+                          "requirements.txt in this node pack's folder (ComfyUI-Manager does it on install), or "
+                          "turn save_mp4 off and save with Create Video + Save Video") from None
+    except FileNotFoundError as exc:
+        raise input_error(NODE, "save_mp4", f"{exc}; or turn save_mp4 off and save with Create Video + Save "
+                          "Video") from None
+
+
 def mp4_path(prefix: str, width: int, height: int, fps: float, crf: int) -> tuple[Path, str, list[Path]]:
     """The numbered mp4 path under the output folder for ``prefix`` (checked), its subfolder, and the folders ComfyUI
     made for it (to go again if the mp4 is not written)."""
@@ -202,10 +213,8 @@ class HiStreamVAEChunkDecode:
                               f"{tile_overlap // 8 * 8} or {tile_overlap // 8 * 8 + 8}")
         if tile_size and tile_overlap >= tile_size:
             raise input_error(NODE, "tile_overlap", f"{tile_overlap} must be smaller than tile_size {tile_size}")
-        if save_mp4 and importlib.util.find_spec("imageio_ffmpeg") is None:
-            raise input_error(NODE, "save_mp4", "writing mp4 needs the imageio-ffmpeg package: run pip install -r "
-                              "requirements.txt in this node pack's folder (ComfyUI-Manager does it on install), or "
-                              "turn save_mp4 off and save with Create Video + Save Video")
+        if save_mp4:
+            _check_ffmpeg()
         if save_mp4 and latents.shape[0] != 1:
             raise input_error(NODE, "save_mp4", f"an mp4 holds one video, the latents hold {latents.shape[0]}; "
                               "decode without save_mp4 or split the batch")

@@ -333,6 +333,14 @@ def test_config_that_does_not_fit(model, tmp_path):
 def test_head_dim_that_does_not_divide(model, tmp_path):
     message = refused(write(wan_state(model), tmp_path / "m.safetensors"), head_dim=128)
     assert "not a multiple of head_dim 128" in message
+    assert "head_dim must be a positive number of channels, got 0" in refused(tmp_path / "m.safetensors", head_dim=0)
+
+
+def test_a_dit_of_other_latents_than_the_wan21_vaes_is_refused_at_load(tmp_path):
+    """Wan2.2 TI2V-5B reads 48-channel latents: it used to denoise a whole video and then fail in the VAE."""
+    state = wan_state(tiny_model(cfg=MODEL_PRESETS["tiny"].with_(in_dim=48, out_dim=48)))
+    assert "it reads 48- and writes 48-channel latents, and the Wan2.1 VAE's have 16" in refused(
+        write(state, tmp_path / "wan22_ti2v.safetensors"))
 
 
 def test_image_to_video_checkpoint(model, tmp_path):
@@ -349,21 +357,34 @@ def test_scaled_fp8_scale_of_a_wrong_shape(model, tmp_path):
 
 
 class Payload:
-    """Unpickling this would create ``marker``: proves weights_only refused it before running anything."""
+    """Unpickling this would create ``marker``: proves weights_only refused it before running anything. With
+    ``shell``, through os.system, whose module torch names as blocked (another wording of the refusal)."""
 
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
+    def __init__(self, marker: Path, shell: bool = False) -> None:
+        self.marker, self.shell = marker, shell
 
     def __reduce__(self):
-        return open, (str(self.marker), "w")
+        return (os.system, (f"touch {self.marker}",)) if self.shell else (open, (str(self.marker), "w"))
 
 
-def test_pickle_with_an_arbitrary_object_is_refused(model, tmp_path):
+@pytest.mark.parametrize("shell, refused_name", [(False, "io.open"), (True, "posix.system")])
+def test_pickle_with_an_arbitrary_object_is_refused(model, tmp_path, shell, refused_name):
     marker = tmp_path / "pwned"
-    evil = {"generator_ema": prefixed(wan_state(model), "model."), "extra": Payload(marker)}
+    evil = {"generator_ema": prefixed(wan_state(model), "model."), "extra": Payload(marker, shell)}
     path = write(evil, tmp_path / "evil.pt")
     message = refused(path)
-    assert "refused to unpickle" in message and not marker.exists()
+    assert f"refused to unpickle {refused_name}" in message and "download it again" not in message
+    assert not marker.exists()
+
+
+def test_a_file_named_as_the_other_container_is_told_to_be_renamed(model, tmp_path):
+    """A renamed download used to be called truncated or corrupt ("download it again")."""
+    torch_file = write(wan_state(model), tmp_path / "m.pt").rename(tmp_path / "torch.safetensors")
+    safetensors_file = write(wan_state(model), tmp_path / "m.safetensors").rename(tmp_path / "safetensors.pt")
+    message = refused(torch_file)
+    assert "a PyTorch (torch.save) file with a .safetensors name" in message and "rename it to .pt" in message
+    message = refused(safetensors_file)
+    assert "a safetensors file with a .pt name" in message and "rename it to .safetensors" in message
 
 
 def test_dict_of_non_tensors(tmp_path):

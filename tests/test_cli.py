@@ -86,7 +86,8 @@ def test_user_files_end_to_end(user_files, tmp_path, capsys):
 def test_user_files_with_fp8_matmul(user_files, tmp_path, capsys):
     args = ["generate", *SMALL[:-1], "bf16", "--checkpoint", str(user_files / "dit.safetensors"), "--vae",
             str(user_files / "vae.safetensors"), "--text-encoder", str(user_files / "umt5.pth"), "--tokenizer",
-            str(user_files / "tokenizer.json"), "--text-cache", str(tmp_path / "cache"), "--fp8-matmul"]
+            str(user_files / "tokenizer.json"), "--text-cache", str(tmp_path / "cache"), "--prompt", "a fox",
+            "--fp8-matmul"]
     assert main([*args, "--out", str(tmp_path / "fast.mp4")]) == 0
     assert sum(1 for _ in iio.imiter(tmp_path / "fast.mp4")) == 9
     assert main([*args[:-1], "--dtype", "fp32", "--fp8-matmul", "--out", str(tmp_path / "no.mp4")]) == 2
@@ -139,7 +140,7 @@ def test_wrong_files_name_the_file_and_what_was_expected(user_files, tmp_path, c
     files["checkpoint" if swap == "checkpoint" else "vae"] = files["vae" if swap == "checkpoint" else "checkpoint"]
     args = ["generate", *SMALL, "--checkpoint", str(files["checkpoint"]), "--vae", str(files["vae"]),
             "--text-encoder", str(user_files / "umt5.pth"), "--tokenizer", str(user_files / "tokenizer.json"),
-            "--text-cache", str(tmp_path), "--out", str(tmp_path / "x.mp4")]
+            "--text-cache", str(tmp_path), "--prompt", "a fox", "--out", str(tmp_path / "x.mp4")]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert expect in err and str(files[swap]) in err
@@ -424,6 +425,25 @@ def test_options_that_would_be_ignored_or_cannot_run_are_refused(tmp_path, capsy
     assert list(tmp_path.iterdir()) == []
 
 
+def test_prompts_that_would_be_ignored_or_are_empty_are_refused(user_files, tmp_path, capsys):
+    """--text-embeds holds the prompt's states: a --prompt (or an encoder) beside it used to be ignored silently,
+    giving a video of another prompt; an empty prompt (an unset shell variable) an unconditioned video."""
+    embeds = tmp_path / "states.safetensors"
+    save_file({"context": torch.randn(1, 4, 32)}, str(embeds))
+    out = ["--out", str(tmp_path / "x.mp4")]
+    assert main(["generate", *SMALL, "--text-embeds", str(embeds), "--prompt", "a corgi", *out]) == 2
+    assert "--text-embeds already holds the prompt's states, so --prompt would be ignored" in capsys.readouterr().err
+    dit = ["--checkpoint", str(user_files / "dit.safetensors"), "--vae", str(user_files / "vae.safetensors")]
+    assert main(["generate", *SMALL, *dit, "--text-embeds", str(embeds), "--text-encoder",
+                 str(user_files / "umt5.pth"), "--tokenizer", str(user_files / "tokenizer.json"), *out]) == 2
+    assert "so --text-encoder, --tokenizer would be ignored" in capsys.readouterr().err
+    assert main(["generate", *SMALL, *dit, "--text-encoder", str(user_files / "umt5.pth"), *out]) == 2
+    assert "with --checkpoint pass --text-encoder (umt5_xxl_fp16.safetensors) and --prompt" in capsys.readouterr().err
+    assert main(["generate", *SMALL, "--prompt", "  ", *out]) == 2
+    assert "--prompt is empty" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["states.safetensors"]
+
+
 def test_config_file_values_are_checked_like_options(tmp_path, capsys):
     config = tmp_path / "run.json"
     for values, expected in [({"kv_cache_fp8": "false"}, "kv_cache_fp8 takes true or false"),
@@ -564,23 +584,37 @@ def test_interrupted_runs_exit_130_and_leave_nothing(tmp_path, capsys, monkeypat
     assert "interrupted: nothing was saved" in capsys.readouterr().err
 
 
-def test_sigterm_stops_a_run_without_leaving_a_partial_file(tmp_path):
-    """Job schedulers and `timeout` stop programs with SIGTERM; it must unwind like Ctrl-C (the partial file goes)."""
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGHUP"])
+def test_stop_signals_end_a_run_without_leaving_a_partial_file(tmp_path, signal_name):
+    """Job schedulers and `timeout` stop programs with SIGTERM, a closed terminal or ssh session with SIGHUP; both
+    must unwind like Ctrl-C: the hidden partial file and the folder made for the video go."""
     import signal
     import subprocess
     import sys
     import time
-    out = tmp_path / "long.mp4"
+    out = tmp_path / "new" / "long.mp4"
     run = subprocess.Popen([sys.executable, "-m", "histream_core", "generate", "--width", "64", "--height", "64",
                             "--frames", "401", "--device", "cpu", "--dtype", "fp32", "--decode-order", "interleaved",
                             "--out", str(out)], stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while not list(tmp_path.glob(".long.*.partial.mp4")) and time.monotonic() < deadline and run.poll() is None:
+    while not list(tmp_path.glob("new/.long.*.partial.mp4")) and time.monotonic() < deadline and run.poll() is None:
         time.sleep(0.05)
-    run.send_signal(signal.SIGTERM)
+    run.send_signal(getattr(signal, signal_name))
     _, err = run.communicate(timeout=60)
     assert run.returncode == 130, err[-2000:]
     assert "interrupted: nothing was saved" in err and list(tmp_path.iterdir()) == []
+
+
+def test_a_path_the_terminal_cannot_encode_does_not_fail_a_saved_video(tmp_path):
+    """With an ASCII stdout the summary's path is escaped; the video is saved, so the exit status is 0 (it was 2)."""
+    import os
+    import subprocess
+    import sys
+    out = tmp_path / "renard_ünï.mp4"
+    run = subprocess.run([sys.executable, "-m", "histream_core", "generate", *SMALL, "--out", str(out)],
+                         capture_output=True, env={**os.environ, "PYTHONIOENCODING": "ascii"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert b"renard_\\xfcn\\xef.mp4" in run.stdout and out.is_file()
 
 
 def test_python_api_refuses_bad_arguments_with_the_fix(user_files, tmp_path):

@@ -3,7 +3,6 @@ and the errors users see. The host modules are stubbed (comfy_stubs); the pack i
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import logging
 import math
@@ -474,9 +473,15 @@ def test_decode_to_mp4_refuses_a_batch_and_a_missing_ffmpeg(comfy_host, stock_va
         decode(torch.zeros(2, 16, 1, 8, 8), stock_vae, save_mp4=True)
     images = decode(torch.zeros(2, 16, 1, 8, 8), stock_vae)["result"][0]  # without save_mp4 a batch decodes
     assert images.shape == (2, 64, 64, 3)
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "imageio_ffmpeg"
-                        else find_spec(name, *a))
+    monkeypatch.setenv("IMAGEIO_FFMPEG_EXE", "/nowhere/ffmpeg")
+    with pytest.raises(ValueError, match="input 'save_mp4': cannot run ffmpeg at /nowhere/ffmpeg \\(set by "
+                                         "IMAGEIO_FFMPEG_EXE\\)"):
+        decode(torch.zeros(1, 16, 1, 8, 8), stock_vae, save_mp4=True)
+
+    def not_installed():
+        raise ImportError("No module named 'imageio_ffmpeg'")
+
+    monkeypatch.setattr(pack_module("nodes.decode"), "ffmpeg_exe", not_installed)
     with pytest.raises(ValueError, match="input 'save_mp4': writing mp4 needs the imageio-ffmpeg package"):
         decode(torch.zeros(1, 16, 1, 8, 8), stock_vae, save_mp4=True)
     assert files_under(comfy_host.output) == []

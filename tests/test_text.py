@@ -309,6 +309,16 @@ def test_cache_skips_the_encoder(hf_file, tmp_path, monkeypatch):
     assert TextEncoder(hf_file, tmp_path / "tok2", cache_dir=cache).cache_key("a cat runs") != key
 
 
+def test_an_unwritable_cache_is_said_and_the_run_goes_on(hf_file, tmp_path, caplog):
+    """The cache only saves time: a folder that cannot be made (here a file is in the way) must not end the run
+    after the encoder has run (it used to, with a bare [Errno 17])."""
+    folder, blocked = word_tokenizer(tmp_path / "tok"), tmp_path / "a_file"
+    blocked.write_text("")
+    with caplog.at_level(logging.WARNING):
+        states = TextEncoder(hf_file, folder, cache_dir=blocked / "cache").encode("a cat runs")
+    assert states.shape[0] == 1 and "cannot write the prompt cache in" in caplog.text and "--text-cache" in caplog.text
+
+
 def test_a_damaged_cache_file_is_encoded_again_and_replaced(hf_file, tmp_path, caplog):
     """An interrupted run or a full disk leaves a cut cache file: it is re-encoded and overwritten, never fatal."""
     folder, cache = word_tokenizer(tmp_path / "tok"), tmp_path / "cache"

@@ -402,6 +402,11 @@ def test_wrong_kind_of_checkpoint(tmp_path) -> None:
     assert "not a Wan2.1 VAE" in msg
     torch.save({"foo": torch.zeros(2)}, tmp_path / "random.pt")
     _expect_error(tmp_path / "random.pt", "not a Wan2.1 VAE", "foo")
+    # Wan's own umT5 file has blocks.N keys too (blocks.0.attn.q): it is the text encoder, not a DiT
+    umt5 = {"token_embedding.weight": torch.zeros(8, 4), "blocks.0.attn.q.weight": torch.zeros(4, 4)}
+    torch.save(umt5, tmp_path / "models_t5_umt5-xxl-enc-bf16.pth")
+    msg = _expect_error(tmp_path / "models_t5_umt5-xxl-enc-bf16.pth", "looks like a text encoder checkpoint")
+    assert "diffusion model" not in msg
 
 
 def test_wan22_and_text_encoder_files_given_as_the_vae_are_named(tmp_path) -> None:

@@ -96,7 +96,7 @@ def test_an_ffmpeg_failure_is_an_error_and_saves_nothing(tmp_path, monkeypatch) 
     fake = tmp_path / "ffmpeg"
     fake.write_text(FAILING_FFMPEG)
     fake.chmod(0o755)
-    monkeypatch.setattr(video, "_ffmpeg_exe", lambda: str(fake))
+    monkeypatch.setattr(video, "ffmpeg_exe", lambda: str(fake))
     out = tmp_path / "out"
     out.mkdir()
     (out / "clip.mp4").write_bytes(b"previous video")
@@ -117,7 +117,7 @@ def test_ffmpeg_quitting_mid_stream_is_an_error_and_saves_nothing(tmp_path, monk
     fake = tmp_path / "ffmpeg"
     fake.write_text(QUITTING_FFMPEG)
     fake.chmod(0o755)
-    monkeypatch.setattr(video, "_ffmpeg_exe", lambda: str(fake))
+    monkeypatch.setattr(video, "ffmpeg_exe", lambda: str(fake))
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(VideoWriteError, match="Unknown encoder 'libx264'.*nothing was saved"):
@@ -161,6 +161,18 @@ def test_the_output_path_is_checked_before_any_work(tmp_path) -> None:
     assert check_video_path(tmp_path / "a" / "b" / "clip.mp4", folder_may_be_missing=True).name == "clip.mp4"
     assert check_video_path(tmp_path / "clip.webm", fps=23.976) == tmp_path / "clip.webm"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "taken.mp4"]  # the probe file is gone
+    with pytest.raises(ValueError, match="has no file name; give one such as .*/video.mp4"):
+        check_video_path(tmp_path / ".mp4")  # '.mp4' alone is a name without a suffix
+    with pytest.raises(ValueError, match="as a file name \\(File name too long\\): shorten it"):
+        check_video_path(tmp_path / ("a" * 300 + ".mp4"))
+
+
+def test_a_missing_ffmpeg_is_found_before_any_work(tmp_path, monkeypatch) -> None:
+    """IMAGEIO_FFMPEG_EXE pointing nowhere used to fail with a bare [Errno 2] after the whole video was made."""
+    monkeypatch.setenv("IMAGEIO_FFMPEG_EXE", str(tmp_path / "no" / "ffmpeg"))
+    with pytest.raises(FileNotFoundError, match="cannot run ffmpeg at .*/no/ffmpeg \\(set by IMAGEIO_FFMPEG_EXE\\): "
+                                                "unset IMAGEIO_FFMPEG_EXE"):
+        check_video_path(tmp_path / "clip.mp4")
 
 
 def test_made_folders_go_again_when_the_run_fails(tmp_path) -> None:

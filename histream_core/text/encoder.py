@@ -186,8 +186,14 @@ class TextEncoder:
             return
         from safetensors.torch import save_file
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        except OSError as exc:  # the cache only saves time: the run goes on without it
+            log.warning("cannot write the prompt cache in %s (%s): the prompt will be encoded again next time; "
+                        "choose a writable folder (CLI --text-cache DIR, Python cache_dir=)", path.parent,
+                        exc.strerror or exc)
+            return
         os.close(handle)
         try:  # write then rename, so that a crash never leaves a half-written file under the key
             save_file({"context": encoded.states.contiguous()}, temporary,

@@ -97,11 +97,15 @@ def _detect(state_dict: Mapping[str, torch.Tensor]) -> tuple[str, dict[str, torc
 
 
 def _hint(keys: list[str]) -> str:
-    if any(k.startswith(("blocks.", "model.diffusion_model.", "patch_embedding")) for k in keys):
+    """What else the file looks like. The text encoder is tested first: Wan's own umT5 file also has blocks.N keys
+    (blocks.N.attn.q), where the DiT's are blocks.N.self_attn / attn1."""
+    if any("text_model" in k or "token_embedding" in k or ".attn.q." in k or k.startswith(("encoder.block.", "shared."))
+           for k in keys):
+        return " It looks like a text encoder checkpoint (ComfyUI: CLIPLoader type wan; CLI: --text-encoder)."
+    if any("patch_embedding" in k or "self_attn" in k or ".attn1." in k or k.startswith("model.diffusion_model.")
+           for k in keys):
         return (" It looks like a Wan diffusion model (DiT) checkpoint: give it as the model (ComfyUI: HiStream "
                 "Loader, models/diffusion_models; CLI: --checkpoint).")
-    if any("text_model" in k or k.startswith(("encoder.block.", "shared.")) for k in keys):
-        return " It looks like a text encoder checkpoint (ComfyUI: CLIPLoader type wan; CLI: --text-encoder)."
     return ""
 
 
