@@ -22,7 +22,6 @@ which Appendix A.2 lists as increments over the tuning settings (shift 5 -> 7, N
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import replace
 from types import MappingProxyType
@@ -61,6 +60,10 @@ UNUSED_BECAUSE = {
     "ntk_factor_high": "it runs without HD tech (plain RoPE and attention)",
     "first_chunk_attn_coef": "it runs without HD tech (plain RoPE and attention)",
 }
+# Each number knob's range: beyond it the run degenerates without failing (a shift of 1e308 puts every step at
+# t = 1000, a scale of 1e-9 makes a 0x0 low-res pass, an attention coefficient below 1/N0 flips the logits' sign)
+KNOB_RANGES = {"low_res_scale": (0.1, 1.0), "shift": (0.1, 100.0), "ntk_factor_high": (0.1, 100.0),
+               "ntk_factor_low": (0.1, 100.0), "first_chunk_attn_coef": (0.1, 100.0)}
 STEPS_EXAMPLE = "'1000,750|500,250' (low-res steps | high-res steps) or '1000,750,500,250' (full resolution only)"
 
 
@@ -84,11 +87,20 @@ def parse_steps(knob: str, text: str) -> ChunkSteps:
     """A knob string ("1000,750|500,250", or "1000,750,500,250" at full resolution only) as ChunkSteps."""
     low_text, _, high_text = text.strip().rpartition("|")
     try:
-        low, high = (tuple(float(t) for t in part.split(",") if t.strip()) for part in (low_text, high_text))
+        low, high = (_numbers(part) for part in (low_text, high_text))
         return ChunkSteps(low=low, high=high)
     except ValueError as exc:
         raise KnobError(knob, f"cannot use {text!r} ({exc}); write base timesteps (0, 1000] from noise to clean, "
                         f"e.g. {STEPS_EXAMPLE}") from None
+
+
+def _numbers(text: str) -> tuple[float, ...]:
+    """'1000,750' -> (1000.0, 750.0); an empty list is (), and one trailing comma is allowed, but an empty item
+    inside (1000,,750: a deleted number) is an error."""
+    items = [item.strip() for item in text.strip().removesuffix(",").split(",")] if text.strip() else []
+    if "" in items:
+        raise ValueError("an empty item between commas")
+    return tuple(float(item) for item in items)
 
 
 def knob_values(cfg: SamplerConfig) -> dict[str, float | str | None]:
@@ -120,13 +132,12 @@ def with_knobs(mode: str, **knobs: float | str) -> SamplerConfig:
                             "value or pick a mode that uses it")
     for knob in FLOAT_KNOBS:
         if knob in knobs:
-            value, scale = knobs[knob], knob == "low_res_scale"
+            value, (low, high) = knobs[knob], KNOB_RANGES[knob]
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise KnobError(knob, f"{value!r} is not a number (the mode's value is {current[knob]:g})")
-            if not (0 < value <= 1 if scale else 0 < value < math.inf):
-                wanted = "a number in (0, 1]" if scale else "a positive finite number"
-                raise KnobError(knob, f"{value:g} is out of range: use {wanted} (the mode's value is "
-                                f"{current[knob]:g})")
+            if not low <= value <= high:  # NaN too
+                raise KnobError(knob, f"{value:g} is out of range: use a number in [{low:g}, {high:g}] (the mode's "
+                                f"value is {current[knob]:g})")
     steps = {knob: parse_steps(knob, knobs[knob]) for knob in STEP_KNOBS if knob in knobs}
     for knob, parsed in steps.items():
         if parsed.low and not cfg.drc:

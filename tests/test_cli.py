@@ -362,8 +362,12 @@ def test_requests_are_checked_before_the_model_files_are_loaded(tmp_path, capsys
         (["--out", str(tmp_path / "new" / "x.avi")], "unknown container '.avi'"),
         (["--fps", "inf"], "fps must be between"),
         (["--tile", "4"], "--tile must be at least 8 latent pixels"),
-        (["--shift", "nan"], "--shift: nan is out of range: use a positive finite number"),
-        (["--shift", "inf"], "--shift: inf is out of range: use a positive finite number"),
+        (["--shift", "nan"], "--shift: nan is out of range: use a number in [0.1, 100]"),
+        (["--shift", "1e308"], "--shift: 1e+308 is out of range: use a number in [0.1, 100] (the mode's value is 7)"),
+        (["--low-res-scale", "1e-9"], "--low-res-scale: 1e-09 is out of range: use a number in [0.1, 1]"),
+        (["--first-chunk-attn-coef", "1e-9"], "--first-chunk-attn-coef: 1e-09 is out of range"),
+        (["--first-chunk-steps", "1000,,750|500"], "--first-chunk-steps: cannot use '1000,,750|500' (an empty item "
+                                                   "between commas)"),
         (["--mode", "no-drc", "--ntk-factor-low", "5"], "--ntk-factor-low: mode 'no-drc' does not use it"),
         (["--first-chunk-steps", "500|1000"], "--first-chunk-steps: cannot use '500|1000' (steps must strictly"),
         (["--mode", "self-forcing", "--later-chunk-steps", "1000|500"], "--later-chunk-steps: mode 'self-forcing' "

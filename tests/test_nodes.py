@@ -328,7 +328,7 @@ def test_sampler_checks_for_an_interrupt_before_each_model_call(comfy_host, load
     (dict(width=1000), "input 'width': width 1000 does not fit the latent grid .* use 992 or 1024"),
     (dict(length=10), "input 'length': frames must be 4k\\+1 .* use 9 or 13"),
     (dict(mode="self-forcing", ntk_factor_high=3.0), "input 'ntk_factor_high': mode 'self-forcing' does not use it"),
-    (dict(shift=0.0), "input 'shift': 0 is out of range: use a positive finite number \\(the mode's value is 7\\); "
+    (dict(shift=0.0), "input 'shift': 0 is out of range: use a number in \\[0.1, 100\\] \\(the mode's value is 7\\); "
      "-1 takes the mode's value"),
     (dict(first_chunk_steps="1000,abc|500"), "input 'first_chunk_steps': cannot use '1000,abc\\|500'"),
     (dict(later_chunk_steps="500|1000"), "input 'later_chunk_steps': .*strictly decrease"),
