@@ -42,13 +42,13 @@ from .weight_files import (DROPPED_SUFFIXES, FP8_DTYPES, TensorEntry, Unusable, 
 
 log = logging.getLogger(__name__)
 
-PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.", "")
+PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.", "transformer.", "")  # transformer.: diffusers
 WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 GENERATOR_KEYS = ("generator_ema", "generator")
 LAYOUTS_TRIED = (
     "wan (original Wan2.1 keys, blocks.0.self_attn.q.weight)",
     "wan under a 'model.diffusion_model.', 'diffusion_model.' or 'model.' prefix (ComfyUI)",
-    "diffusers (blocks.0.attn1.to_q.weight), with or without those prefixes",
+    "diffusers (blocks.0.attn1.to_q.weight), with or without those prefixes or a 'transformer.' one",
     "Self-Forcing .pt dict holding 'generator_ema' or 'generator'",
 )
 WHAT_TO_DO = ("pick a Wan2.1 text-to-video diffusion model (DiT) such as self_forcing_dmd.pt or "
@@ -213,6 +213,8 @@ def _strip_wrappers(key: str) -> str:
 
 
 def _detect_layout(keys: set[str]) -> tuple[str, str]:
+    if not keys:
+        raise Unusable("the file holds no tensors", WHAT_TO_DO)
     for prefix in PREFIXES:
         for layout, signature in _SIGNATURES.items():
             if any(prefix + key in keys for key in signature):

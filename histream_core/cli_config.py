@@ -54,6 +54,8 @@ def _given(args: list[str], action: argparse.Action) -> bool:
 
 
 def _read_config(path: Path) -> dict:
+    if path.is_dir():
+        raise IsADirectoryError(f"config file {path} is a folder; give the .json file inside it")
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
     try:

@@ -101,6 +101,9 @@ def untrained_positions(geometry: VideoGeometry, cfg: SamplerConfig) -> str | No
 
 def video_geometry(width: int, height: int, frames: int, cfg: SamplerConfig, patch: int = 2) -> VideoGeometry:
     """Validate a request and derive its latent grids; errors say what to change."""
+    if not isinstance(cfg, SamplerConfig):
+        raise ValueError(f"the sampler config must be a SamplerConfig, got {cfg!r}: modes.mode_config(name) gives a "
+                         "mode's (HiStreamPipeline.generate takes a mode's name as mode=)")
     limits = (("width", width, MAX_SIDE), ("height", height, MAX_SIDE), ("frames", frames, MAX_FRAMES))
     for name, value, limit in limits:
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):

@@ -78,6 +78,7 @@ LAYOUTS = {
     "model.diffusion_model.": lambda s: prefixed(s, "model.diffusion_model."),
     "diffusers": diffusers_state,
     "diffusers under model.diffusion_model.": lambda s: prefixed(diffusers_state(s), "model.diffusion_model."),
+    "diffusers under transformer.": lambda s: prefixed(diffusers_state(s), "transformer."),
     "fsdp + compile wrappers": lambda s: {k.replace("blocks.", "_orig_mod.blocks._fsdp_wrapped_module.")
                                           .replace("self_attn.", "_checkpoint_wrapped_module.self_attn."): v
                                           for k, v in prefixed(s, "model.").items()},
@@ -385,6 +386,10 @@ def test_a_file_named_as_the_other_container_is_told_to_be_renamed(model, tmp_pa
     assert "a PyTorch (torch.save) file with a .safetensors name" in message and "rename it to .pt" in message
     message = refused(safetensors_file)
     assert "a safetensors file with a .pt name" in message and "rename it to .safetensors" in message
+
+
+def test_a_file_without_tensors(tmp_path):
+    assert "the file holds no tensors" in refused(write({}, tmp_path / "empty.pt"))
 
 
 def test_dict_of_non_tensors(tmp_path):

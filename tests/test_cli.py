@@ -121,6 +121,9 @@ def test_unknown_config_option_is_named(tmp_path, capsys):
 def test_config_file_that_is_missing_or_not_an_object_is_refused_and_null_is_the_default(tmp_path, capsys):
     assert main(["generate", "--config", str(tmp_path / "absent.json")]) == 2
     assert "config file" in (err := capsys.readouterr().err) and "does not exist" in err
+    (tmp_path / "run.json").mkdir()
+    assert main(["generate", "--config", str(tmp_path / "run.json")]) == 2
+    assert "run.json is a folder; give the .json file inside it" in capsys.readouterr().err
     (tmp_path / "list.json").write_text(json.dumps(["--mode", "histream+"]))  # argv copied into a file
     assert main(["generate", "--config", str(tmp_path / "list.json")]) == 2
     assert "must hold a JSON object of generate options" in capsys.readouterr().err
@@ -499,7 +502,8 @@ def test_text_embeds_that_cannot_be_used_are_refused_before_any_model_loads(user
              "batch.safetensors": ({"context": torch.randn(2, 4, text_dim)}, "(one prompt), got (2, 4, 32)"),
              "nan.safetensors": ({"context": torch.full((1, 4, text_dim), float("nan"))}, "are not finite floats"),
              "two.safetensors": ({"a": torch.randn(1, 4, text_dim), "b": torch.randn(1, 4, text_dim)},
-                                 "holds several tensors ['a', 'b']; name the text states 'context'")}
+                                 "holds 2 tensors (a, b), not one: text states are a single tensor (name it "
+                                 "'context'); a model's weights go to --checkpoint")}
     for name, (tensors, message) in cases.items():
         save_file(tensors, str(tmp_path / name))
         assert main(["generate", *SMALL, *dit, "--text-embeds", str(tmp_path / name),
@@ -635,6 +639,8 @@ def test_python_api_refuses_bad_arguments_with_the_fix(user_files, tmp_path):
         pipe.generate(None, width=64, height=64, frames=5, out=tmp_path / "x.mp4")
     with pytest.raises(ValueError, match="width must be a whole number"):
         pipe.generate(states, width=64.0, height=64, frames=5, out=tmp_path / "x.mp4")
+    with pytest.raises(ValueError, match="must be a SamplerConfig, got 'histream\\+'.*takes a mode's name as mode="):
+        pipe.generate(states, width=64, height=64, frames=5, config="histream+", out=tmp_path / "x.mp4")
     (tmp_path / "taken.mp4").mkdir()
     with pytest.raises(IsADirectoryError, match="is a folder"):
         pipe.generate(states, width=64, height=64, frames=5, out=tmp_path / "taken.mp4")

@@ -82,6 +82,11 @@ def test_loads_taew2_1_layout_and_explains_bad_files(decoder: TinyWanDecoder, la
         load_tiny_decoder(tmp_path / "taew2_2.safetensors")
     with pytest.raises(ValueError, match="taew2_1"):
         load_tiny_decoder(tmp_path / "missing.safetensors")
+    from histream_core.vae import WanVAE, WanVAEConfig
+    save_file(WanVAE(WanVAEConfig(base_dim=8)).state_dict(), str(tmp_path / "wan_2.1_vae.safetensors"))
+    with pytest.raises(ValueError, match="(?s)it is the Wan VAE .*not the tiny decoder.*give it as the VAE "
+                                         "\\(CLI: --vae"):
+        load_tiny_decoder(tmp_path / "wan_2.1_vae.safetensors")
 
 
 def test_mem_block_and_soft_clamp_follow_taehv() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..weight_files import SAFETENSORS_SUFFIXES, Unusable, is_host_out_of_memory, load_torch_object
+from ..weight_files import SAFETENSORS_SUFFIXES, Unusable, few, is_host_out_of_memory, load_torch_object
 
 
 def load_text_embeddings(path: str | Path) -> torch.Tensor:
@@ -38,7 +38,9 @@ def load_text_embeddings(path: str | Path) -> torch.Tensor:
     elif len(tensors) == 1:
         states = next(iter(tensors.values()))
     else:
-        raise ValueError(f"{path} holds several tensors {sorted(tensors)[:5]}; name the text states 'context'")
+        raise ValueError(f"{path} holds {len(tensors)} tensors ({few(sorted(tensors))}), not one: text states are a "
+                         "single tensor (name it 'context'); a model's weights go to --checkpoint, --vae or "
+                         "--text-encoder")
     if not isinstance(states, torch.Tensor) or states.ndim not in (2, 3) or (states.ndim == 3 and states.shape[0] != 1):
         shape = tuple(states.shape) if isinstance(states, torch.Tensor) else type(states).__name__
         raise ValueError(f"text states in {path} must be a [tokens, dim] or [1, tokens, dim] tensor (one prompt), got "

@@ -158,6 +158,9 @@ def load_tiny_decoder(path: str | Path, device: torch.device | str = "cpu", dtyp
     model = TinyWanDecoder(preview)
     expected = model.state_dict()
     with open_weight_file(path, advice=EXPECTED_FILE, error=error) as weights:
+        if "decoder.conv1.weight" in weights.entries or "decoder.conv_in.weight" in weights.entries:
+            raise error(Unusable("it is the Wan VAE (its decoder's conv1 / conv_in), not the tiny decoder",
+                                 "give it as the VAE (CLI: --vae; ComfyUI: Load VAE)"))
         state = {key: entry.load() for key, entry in weights.entries.items() if key.startswith("decoder.")}
     if not state:
         raise error(Unusable(f"it has no 'decoder.' tensors, only {len(weights.entries)} others"))
