@@ -133,6 +133,9 @@ def _checked_request(args) -> _Request:
         (args.width, args.height, args.frames), EMBEDDED_SIZE if args.checkpoint is None else CHECKPOINT_SIZE))
     cfg = _sampler_config(args)
     geometry = video_geometry(width, height, frames, cfg)
+    if args.later_chunk_steps is not None and geometry.num_chunks(cfg.stream.chunk_frames) == 1:
+        log.warning("--later-chunk-steps is unused: this %d-frame video is one chunk (the first chunk's steps are "
+                    "--first-chunk-steps)", frames)
     if args.tile and args.tiny_decoder:
         raise ValueError(f"{TILES_ARE_FOR_THE_VAE} (drop --tile)")
     _check_tile(args.tile)

@@ -432,6 +432,11 @@ def test_options_that_would_be_ignored_or_cannot_run_are_refused(tmp_path, capsy
     assert list(tmp_path.iterdir()) == []
 
 
+def test_later_chunk_steps_on_a_one_chunk_video_are_said_to_be_unused(tmp_path, capsys):
+    assert main(["generate", *SMALL, "--later-chunk-steps", "1000|250", "--out", str(tmp_path / "x.mp4")]) == 0
+    assert "--later-chunk-steps is unused: this 9-frame video is one chunk" in capsys.readouterr().err
+
+
 def test_prompts_that_would_be_ignored_or_are_empty_are_refused(user_files, tmp_path, capsys):
     """--text-embeds holds the prompt's states: a --prompt (or an encoder) beside it used to be ignored silently,
     giving a video of another prompt; an empty prompt (an unset shell variable) an unconditioned video."""

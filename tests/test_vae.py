@@ -417,6 +417,10 @@ def test_wan22_and_text_encoder_files_given_as_the_vae_are_named(tmp_path) -> No
     _expect_error(tmp_path / "wan2.2_vae.safetensors", "Wan2.2's 48-channel VAE is not supported")
     save_file({"shared.weight": torch.zeros(8, 4)}, str(tmp_path / "umt5.safetensors"))
     _expect_error(tmp_path / "umt5.safetensors", "looks like a text encoder checkpoint")
+    cut = {"encoder.conv1.weight": torch.zeros(8, 3, 3, 3, 3)}  # a Wan2.1 VAE without its conv2
+    save_file(cut, str(tmp_path / "cut_vae.safetensors"))
+    msg = _expect_error(tmp_path / "cut_vae.safetensors", "'conv2.weight', which gives the latent channels, is missing")
+    assert "Wan2.2" not in msg
 
 
 def test_incomplete_vae_lists_keys(vae: WanVAE, tmp_path) -> None:

@@ -137,11 +137,14 @@ def vae_from_state_dict(state_dict: Mapping[str, torch.Tensor], source: str = "s
     layout, state_dict = found
     conv_in = state_dict["encoder.conv1.weight" if layout == "wan" else "encoder.conv_in.weight"]
     z_key = "conv2.weight" if layout == "wan" else "post_quant_conv.weight"
-    if conv_in.ndim != 5 or conv_in.shape[1] != 3 or z_key not in state_dict:
+    if conv_in.ndim != 5 or conv_in.shape[1] != 3:
         raise VAECheckpointError(
-            f"{source}: {layout} layout, but not a Wan2.1 VAE ('encoder' input of shape {tuple(conv_in.shape)}, "
-            f"'{z_key}' {'present' if z_key in state_dict else 'missing'}; Wan2.2's 48-channel VAE is not "
-            f"supported). {EXPECTED_FILE}")
+            f"{source}: {layout} layout, but not a Wan2.1 VAE (its encoder reads {tuple(conv_in.shape)}-shaped "
+            f"weights, not RGB frames; Wan2.2's 48-channel VAE is not supported). {EXPECTED_FILE}")
+    if z_key not in state_dict:
+        raise VAECheckpointError(
+            f"{source}: {layout} layout, but '{z_key}', which gives the latent channels, is missing: the file is "
+            f"incomplete (download it again). {EXPECTED_FILE}")
     config = WanVAEConfig(base_dim=conv_in.shape[0], z_dim=state_dict[z_key].shape[0])
     if layout == "diffusers":
         state_dict = wan_state_dict_from_diffusers(state_dict, config.num_res_blocks)
