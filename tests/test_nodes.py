@@ -457,7 +457,8 @@ class OtherModel(torch.nn.Module):
 
 
 @pytest.mark.parametrize("model, message", [
-    (SDVAE(), "diffusers layout, but not a Wan2.1 VAE \\('encoder' input of shape \\(8, 3, 3, 3\\)"),
+    (SDVAE(), "diffusers layout, but not a Wan2.1 VAE \\(its encoder's input conv has weights of shape "
+              "\\(8, 3, 3, 3\\)"),
     (OtherModel(), "not a Wan2.1 VAE: none of the layouts tried matched"),
 ])
 def test_decode_refuses_a_vae_that_is_not_wan21(comfy_host, model, message):

@@ -139,8 +139,9 @@ def vae_from_state_dict(state_dict: Mapping[str, torch.Tensor], source: str = "s
     z_key = "conv2.weight" if layout == "wan" else "post_quant_conv.weight"
     if conv_in.ndim != 5 or conv_in.shape[1] != 3:
         raise VAECheckpointError(
-            f"{source}: {layout} layout, but not a Wan2.1 VAE (its encoder reads {tuple(conv_in.shape)}-shaped "
-            f"weights, not RGB frames; Wan2.2's 48-channel VAE is not supported). {EXPECTED_FILE}")
+            f"{source}: {layout} layout, but not a Wan2.1 VAE (its encoder's input conv has weights of shape "
+            f"{tuple(conv_in.shape)}, where Wan2.1's is a 3D conv over RGB frames, [C, 3, 3, 3, 3]; Wan2.2's "
+            f"48-channel VAE is not supported). {EXPECTED_FILE}")
     if z_key not in state_dict:
         raise VAECheckpointError(
             f"{source}: {layout} layout, but '{z_key}', which gives the latent channels, is missing: the file is "
