@@ -154,6 +154,26 @@ def test_window_rope_policy_keeps_positions_inside_the_window(model, context):
     assert not torch.equal(absolute[:, :, 6:], windowed[:, :, 6:])
 
 
+def test_rope_tables_are_reused_within_a_chunk_and_go_with_the_model(context):
+    """A chunk's calls share their cos/sin tables; at most 8 are kept, on the model, so unloading it frees them."""
+    import gc
+    import weakref
+    from histream_core.model.rope import rope_angles, rope_cos_sin
+    model = tiny_model(seed=3)
+    first = model._rope_tables((3, 4, 6), 0, (1.0, 2.0, 2.0), torch.device("cpu"))
+    assert model._rope_tables((3, 4, 6), 0, (1.0, 2.0, 2.0), torch.device("cpu")) is first
+    expected = rope_cos_sin(rope_angles((3, 4, 6), model.cfg.rope_split, 0, model.cfg.rope_theta, (1.0, 2.0, 2.0),
+                                        torch.device("cpu")), torch.float32)
+    assert all(torch.equal(a, b) for a, b in zip(first, expected))
+    for start in range(1, 9):  # 8 newer grids push the first out
+        model._rope_tables((3, 4, 6), start, (1.0, 2.0, 2.0), torch.device("cpu"))
+    assert model._rope_tables((3, 4, 6), 0, (1.0, 2.0, 2.0), torch.device("cpu")) is not first
+    table = weakref.ref(first[0])
+    del model, first, expected
+    gc.collect()
+    assert table() is None
+
+
 def test_interrupt_stops_between_model_calls(model, context):
     calls = []
     with pytest.raises(GenerationInterrupted, match="chunk 2"):
