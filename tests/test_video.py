@@ -90,15 +90,21 @@ exit 1
 """
 
 
-def test_an_ffmpeg_failure_is_an_error_and_saves_nothing(tmp_path, monkeypatch) -> None:
-    """ffmpeg that fails at the end (a full disk when it writes the trailer) leaves a non-empty file: its exit status,
-    not the file's size, says whether the video is whole."""
+def with_fake_ffmpeg(tmp_path, monkeypatch, script: str) -> Path:
+    """Make the writer run ``script`` as its ffmpeg; returns an empty folder to write into."""
     fake = tmp_path / "ffmpeg"
-    fake.write_text(FAILING_FFMPEG)
+    fake.write_text(script)
     fake.chmod(0o755)
     monkeypatch.setattr(video, "ffmpeg_exe", lambda: str(fake))
     out = tmp_path / "out"
     out.mkdir()
+    return out
+
+
+def test_an_ffmpeg_failure_is_an_error_and_saves_nothing(tmp_path, monkeypatch) -> None:
+    """ffmpeg that fails at the end (a full disk when it writes the trailer) leaves a non-empty file: its exit status,
+    not the file's size, says whether the video is whole."""
+    out = with_fake_ffmpeg(tmp_path, monkeypatch, FAILING_FFMPEG)
     (out / "clip.mp4").write_bytes(b"previous video")
     with pytest.raises(VideoWriteError, match="No space left on device.*nothing was saved"):
         write_video(out / "clip.mp4", gradient_frames(3))
@@ -114,12 +120,7 @@ exit 1
 def test_ffmpeg_quitting_mid_stream_is_an_error_and_saves_nothing(tmp_path, monkeypatch) -> None:
     """ffmpeg that quits before reading (a build without the codec, a crash) breaks the pipe while frames are written:
     the write raises ffmpeg's own message and nothing is left, not even the partial file."""
-    fake = tmp_path / "ffmpeg"
-    fake.write_text(QUITTING_FFMPEG)
-    fake.chmod(0o755)
-    monkeypatch.setattr(video, "ffmpeg_exe", lambda: str(fake))
-    out = tmp_path / "out"
-    out.mkdir()
+    out = with_fake_ffmpeg(tmp_path, monkeypatch, QUITTING_FFMPEG)
     with pytest.raises(VideoWriteError, match="Unknown encoder 'libx264'.*nothing was saved"):
         with VideoWriter(out / "clip.mp4") as writer:
             for _ in range(20):  # far more than a pipe buffer holds: a write meets the closed pipe
