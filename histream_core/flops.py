@@ -93,12 +93,16 @@ def flops_table(model_cfg: ModelConfig, width: int, height: int, frames: int,
     return [run_flops(model_cfg, cfg, width, height, frames, name) for name, cfg in (modes or MODES).items()]
 
 
+def flop_unit(largest_tflop: float) -> tuple[str, float, str]:
+    """The unit a table shows FLOPs in, so that small runs (the tiny model) do not read 0.0: (TFLOP, GFLOP or MFLOP,
+    the factor from TFLOP to it, the time unit of its floor at a TFLOP/s rate: ms, us or ns)."""
+    return next((u, k, t) for u, k, t in (("TFLOP", 1.0, "ms"), ("GFLOP", 1e3, "us"), ("MFLOP", 1e6, "ns"))
+                if largest_tflop * k >= 1 or u == "MFLOP")
+
+
 def format_table(rows: list[RunFlops], rate_tflops: float | None = None) -> str:
-    """Plain-text table; with a matmul rate (TFLOP/s) it adds the compute floor per frame. Small runs (the tiny model)
-    are shown in GFLOP or MFLOP and their floor in us or ns, so no column reads 0.0."""
-    largest = max(r.tflop_total for r in rows)
-    unit, scale, floor_unit = next((u, k, t) for u, k, t in (("TFLOP", 1.0, "ms"), ("GFLOP", 1e3, "us"),
-                                                             ("MFLOP", 1e6, "ns")) if largest * k >= 1 or u == "MFLOP")
+    """Plain-text table; with a matmul rate (TFLOP/s) it adds the compute floor per frame (see :func:`flop_unit`)."""
+    unit, scale, floor_unit = flop_unit(max(r.tflop_total for r in rows))
     floor_scale = 1e3 * scale
     header = f"{'mode':<14}{'model calls':>12}{unit + ' total':>14}{unit + '/frame':>13}"
     if rate_tflops:
@@ -113,4 +117,4 @@ def format_table(rows: list[RunFlops], rate_tflops: float | None = None) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["H100_BF16_TFLOPS", "call_flops", "text_flops", "RunFlops", "run_flops", "flops_table", "format_table"]
+__all__ = ["H100_BF16_TFLOPS", "flop_unit", "call_flops", "text_flops", "RunFlops", "run_flops", "flops_table", "format_table"]

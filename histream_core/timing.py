@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .config import SamplerConfig
-from .flops import H100_BF16_TFLOPS, run_flops
+from .flops import H100_BF16_TFLOPS, flop_unit, run_flops
 from .memory import GIB
 from .sampler import stream_video
 
@@ -114,14 +114,18 @@ def chunk_drift(chunk_s: list[float]) -> float | None:
 
 
 def format_timings(rows: list[ModeTiming]) -> str:
-    header = (f"{'mode':<14}{'s/frame':>9}{'TFLOP':>9}{'TFLOP/s':>9}{'of floor':>9}{'calls':>7}{'peak GiB':>10}"
+    """Plain-text table; small runs (the tiny model) in GFLOP or MFLOP and a floor fraction below 1% with its
+    digits, so no column reads 0."""
+    unit, scale, _ = flop_unit(max(r.tflop_total for r in rows))
+    header = (f"{'mode':<14}{'s/frame':>9}{unit:>9}{unit + '/s':>10}{'of floor':>10}{'calls':>7}{'peak GiB':>10}"
               f"{'drift':>8}  per-chunk s")
     lines = [header, "-" * len(header)]
     for r in rows:
         peak = f"{r.peak_gib:.2f}" if r.peak_gib is not None else "-"
         drift = f"{r.drift:+.1%}" if r.drift is not None else "-"
-        lines.append(f"{r.mode:<14}{r.s_per_frame:>9.4f}{r.tflop_total:>9,.1f}{r.achieved_tflops:>9.1f}"
-                     f"{r.floor_fraction:>9.0%}{r.model_calls:>7}{peak:>10}{drift:>8}  "
+        floor = f"{r.floor_fraction:.0%}" if r.floor_fraction >= 0.01 else f"{100 * r.floor_fraction:.2g}%"
+        lines.append(f"{r.mode:<14}{r.s_per_frame:>9.4f}{scale * r.tflop_total:>9,.1f}"
+                     f"{scale * r.achieved_tflops:>10,.1f}{floor:>10}{r.model_calls:>7}{peak:>10}{drift:>8}  "
                      + " ".join(f"{s:.3f}" for s in r.chunk_s))
     return "\n".join(lines)
 

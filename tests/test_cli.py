@@ -295,6 +295,11 @@ def test_bench_times_each_mode_with_its_exact_flops(capsys):
     assert main(args[:-4] + ["--repeats", "1", "--warmup", "0"]) == 0
     table = capsys.readouterr().out
     assert "tiny (random weights), 64x64, 17 frames" in table and "self-forcing" in table
+    header, _, *rows = table.splitlines()[1:]
+    assert header.split()[2:4] == ["MFLOP", "MFLOP/s"]  # the tiny model's ~30 MFLOP did not read 0.0 TFLOP
+    for row, flops in zip(rows, (report["modes"][i]["tflop_total"] for i in range(3))):
+        total, rate = (float(cell.replace(",", "")) for cell in row.split()[2:4])
+        assert total == pytest.approx(flops * 1e6, abs=0.05) and rate > 0
 
 
 def test_bench_times_random_weights_stored_in_fp8(capsys, monkeypatch):
