@@ -117,4 +117,5 @@ def format_table(rows: list[RunFlops], rate_tflops: float | None = None) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["H100_BF16_TFLOPS", "flop_unit", "call_flops", "text_flops", "RunFlops", "run_flops", "flops_table", "format_table"]
+__all__ = ["H100_BF16_TFLOPS", "flop_unit", "call_flops", "text_flops", "RunFlops", "run_flops", "flops_table",
+           "format_table"]
