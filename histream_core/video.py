@@ -66,12 +66,8 @@ def check_video_path(path: str | os.PathLike[str], fps: float = WAN_FPS, crf: in
     if suffix not in _CONTAINERS:
         raise ValueError(f"unknown container {suffix or '(no suffix)'!r} for {path}; "
                          f"use one of {sorted(_CONTAINERS)} (.mp4: H.264, .webm: VP9)")
-    if isinstance(fps, bool) or not isinstance(fps, numbers.Real) or not FPS_RANGE[0] <= fps <= FPS_RANGE[1]:
-        raise ValueError(f"fps must be between {FPS_RANGE[0]:g} and {FPS_RANGE[1]:g} (Wan's is {WAN_FPS:g}), "
-                         f"got {fps!r}")
-    _, default_crf, max_crf, _ = _CONTAINERS[suffix]
-    if crf is not None and not 0 <= crf <= max_crf:
-        raise ValueError(f"crf for {suffix} must be in [0, {max_crf}] (lower is better quality), got {crf}")
+    check_fps(fps)
+    check_crf(crf, suffix)
     existing = next(folder for folder in (path.parent, *path.parent.parents) if folder.exists())
     if not existing.is_dir():
         raise NotADirectoryError(f"{existing} is a file, so it cannot hold {path}; choose another place")
@@ -85,6 +81,20 @@ def check_video_path(path: str | os.PathLike[str], fps: float = WAN_FPS, crf: in
                               f"{path.name}") from None
     ffmpeg_exe()  # a missing ffmpeg is found now, not after the video is made
     return path
+
+
+def check_fps(fps: float) -> None:
+    if isinstance(fps, bool) or not isinstance(fps, numbers.Real) or not FPS_RANGE[0] <= fps <= FPS_RANGE[1]:
+        raise ValueError(f"fps must be between {FPS_RANGE[0]:g} and {FPS_RANGE[1]:g} (Wan's is {WAN_FPS:g}), "
+                         f"got {fps!r}")
+
+
+def check_crf(crf: int | None, suffix: str = ".mp4") -> None:
+    """None takes the container's default."""
+    max_crf = _CONTAINERS[suffix][2]
+    if crf is not None and (isinstance(crf, bool) or not isinstance(crf, numbers.Integral) or not 0 <= crf <= max_crf):
+        raise ValueError(f"crf for {suffix} must be a whole number in [0, {max_crf}] (lower is better quality), got "
+                         f"{crf!r}")
 
 
 @contextmanager

@@ -23,7 +23,8 @@ from ..histream_core.vae import (NonFiniteFrames, TiledDecoder, TinyWanDecoder, 
 from ..histream_core.vae import checkpoints as vae_checkpoints
 from ..histream_core.vae.latent_format import LATENT_CHANNELS
 from ..histream_core.vae.tiling import SMALLEST_USEFUL_TILE
-from ..histream_core.video import VideoWriter, check_video_path, ffmpeg_exe, made_folders, remove_empty_folders
+from ..histream_core.video import (VideoWriter, check_crf, check_fps, check_video_path, ffmpeg_exe, made_folders,
+                                   remove_empty_folders)
 from . import host
 from .errors import input_error, out_of_memory_advice
 
@@ -132,6 +133,13 @@ def mp4_path(prefix: str, width: int, height: int, fps: float, crf: int) -> tupl
     made for it (to go again if the mp4 is not written)."""
     if not prefix.strip():
         raise input_error(NODE, "filename_prefix", "empty: give a name such as HiStream/video")
+    if "\0" in prefix:
+        raise input_error(NODE, "filename_prefix", "it holds a NUL character, which no file name can: remove it")
+    for name, check in (("fps", lambda: check_fps(fps)), ("crf", lambda: check_crf(crf))):
+        try:
+            check()
+        except ValueError as exc:
+            raise input_error(NODE, name, str(exc)) from None
     made = []
     try:
         path, subfolder, made = host.new_output_file(prefix, width, height, ".mp4")

@@ -3,6 +3,8 @@ request also its predicted peak GPU memory (the request run on PyTorch's meta de
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..histream_core.config import MODEL_PRESETS
@@ -11,6 +13,7 @@ from ..histream_core.memory import GIB, predict_memory
 from ..histream_core.modes import MODES
 from ..histream_core.vae import WanVAEConfig
 from .decode import check_tile_size
+from .errors import input_error
 from .sampler import build_config, request_geometry
 
 NODE = "HiStream Cost Readout"
@@ -36,6 +39,9 @@ def memory_text(mode: str, width: int, height: int, length: int, model_cfg, wind
 
 def cost_text(mode: str, width: int, height: int, length: int, model_name: str, model_cfg, window=None,
               tflops: float = H100_BF16_TFLOPS) -> str:
+    if not 0 < tflops < math.inf:  # NaN too (the widget's minimum does not stop an API prompt)
+        raise input_error(NODE, "tflops", f"{tflops!r} is not a matmul rate: give your GPU's TFLOP/s (H100 bf16: "
+                          f"{H100_BF16_TFLOPS:g})")
     cfg = build_config(mode, window)
     request_geometry(NODE, width, height, length, cfg, model_cfg.patch_size[1])
     run = run_flops(model_cfg, cfg, width, height, length, mode)

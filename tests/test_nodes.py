@@ -428,7 +428,9 @@ def importlib_available(name: str) -> bool:
     (dict(save_mp4=True, filename_prefix="../../elsewhere/video"),
      "input 'filename_prefix': '../../elsewhere/video' cannot name a file in the output folder \\(Saving image "
      "outside the output folder is not allowed.\\)"),
-    (dict(save_mp4=True, fps=0.0), "input 'filename_prefix': .*fps"),
+    (dict(save_mp4=True, fps=float("nan")), "input 'fps': fps must be between 1 and 240"),  # NaN passes the widget
+    (dict(save_mp4=True, crf=99), "input 'crf': crf for .mp4 must be a whole number in \\[0, 51\\]"),
+    (dict(save_mp4=True, filename_prefix="HiStream/a\0b"), "input 'filename_prefix': it holds a NUL character"),
     (dict(vae="not a vae"), "input 'vae': expected a ComfyUI VAE"),
     (dict(samples=torch.zeros(1, 16, 8, 8)), "input 'samples': expected Wan video latents"),
     (dict(samples=torch.full((1, 16, 1, 8, 8), float("inf"))), "input 'samples': the latents hold NaN or inf"),
@@ -594,6 +596,8 @@ def test_cost_readout_predicts_memory_on_request(comfy_host):
     assert line.startswith("predicted peak GPU memory (bfloat16") and "VAE decode (tiles 64)" in line
     sampler_gib = float(line.split("sampler ")[1].split(" GiB")[0])
     assert 2.6 < sampler_gib < 5  # 2.64 GiB of 1.3B bf16 weights, small caches at 128x96
+    with pytest.raises(ValueError, match="HiStream Cost Readout, input 'tflops': nan is not a matmul rate"):
+        readout.report("histream+", 128, 96, 17, "wan2.1-1.3b", float("nan"))  # NaN passes the widget's minimum
     with pytest.raises(ValueError, match="HiStream Cost Readout, input 'decode_tile_size': 20 is not a tile size"):
         readout.report("histream+", 128, 96, 17, "wan2.1-1.3b", 798.0, predict_memory=True, decode_tile_size=20)
 
