@@ -8,7 +8,7 @@ import math
 import torch
 
 from ..histream_core.config import MODEL_PRESETS
-from ..histream_core.flops import H100_BF16_TFLOPS, run_flops
+from ..histream_core.flops import H100_BF16_TFLOPS, flop_unit, run_flops
 from ..histream_core.memory import GIB, predict_memory
 from ..histream_core.modes import MODES
 from ..histream_core.vae import WanVAEConfig
@@ -45,12 +45,14 @@ def cost_text(mode: str, width: int, height: int, length: int, model_name: str, 
     cfg = build_config(mode, window)
     request_geometry(NODE, width, height, length, cfg, model_cfg.patch_size[1])
     run = run_flops(model_cfg, cfg, width, height, length, mode)
-    floor_ms = 1000 * run.tflop_per_frame / tflops
+    unit, scale, floor_unit = flop_unit(run.tflop_total)  # small runs in GFLOP or MFLOP, so nothing reads 0
+    floor = 1000 * scale * run.tflop_per_frame / tflops
     return "\n".join([
         f"{mode} · {width}x{height} · {length} frames · {model_name}",
         f"model calls: {run.model_calls} in {len(run.per_chunk)} chunks",
-        f"compute: {run.tflop_total:,.0f} TFLOP total, {run.tflop_per_frame:,.1f} TFLOP/frame",
-        f"floor at {tflops:g} TFLOP/s: {floor_ms:,.1f} ms/frame, {floor_ms * length / 1000:,.2f} s for the video",
+        f"compute: {scale * run.tflop_total:,.0f} {unit} total, {scale * run.tflop_per_frame:,.1f} {unit}/frame",
+        f"floor at {tflops:g} TFLOP/s: {floor:,.1f} {floor_unit}/frame, {run.tflop_total / tflops:,.3g} s for the "
+        "video",
     ])
 
 

@@ -122,15 +122,18 @@ def scheduled_text(schedule: HiStreamPrompts, first: torch.Tensor, cfg: SamplerC
     try:
         starts = schedule.chunk_starts(cfg.stream.chunk_frames)
     except StoryError as exc:
+        fix = (f"start the later one at frame {exc.earliest_frame} or later" if exc.chunk + 1 < num_chunks else
+               "this video has no later chunk for it: raise length or disconnect one of them")
         raise input_error(NODE, "prompt_schedule", f"{schedule.start_input(exc.index - 1)} and "
                           f"{schedule.start_input(exc.index)} of {SCHEDULE_NODE} both fall in chunk {exc.chunk + 1}: "
-                          f"start the later one at frame {exc.earliest_frame} or later") from None
+                          f"{fix}") from None
     entries, notes = [(0, first)], []
     for start, conditioning, number in starts:
         if start >= num_chunks:  # a note, not an error: a short test render keeps the schedule attached
             last = chunk_start_frame(num_chunks - 1, cfg.stream.chunk_frames)
-            note = (f"a scheduled prompt (chunk {start + 1}) starts after this {geometry.frames}-frame video's last "
-                    f"chunk (frame {last}) and is unused: lower its start_frame or raise length")
+            note = (f"{SCHEDULE_NODE}'s positive_{number} (start_frame_{number}, chunk {start + 1}) starts after this "
+                    f"{geometry.frames}-frame video's last chunk (frame {last}) and is unused: lower start_frame_"
+                    f"{number} or raise length")
             log.warning("%s: %s", NODE, note)
             notes.append(note)
             continue

@@ -207,10 +207,10 @@ def test_tiled_decode_gives_the_same_frames_count(comfy_host, stock_vae):
 def test_tiled_decode_uses_the_tile_and_overlap_asked_for(comfy_host, stock_vae):
     """tile_size and tile_overlap are pixels: the node's frames are the core's tiled decode at size // 8 latent px."""
     latents = torch.randn(1, 16, 2, 16, 8, generator=torch.Generator().manual_seed(2))
-    images = decode(latents, stock_vae, tile_size=64, tile_overlap=48)["result"][0]  # 16 rows: 5 tiles (3 at overlap 3)
+    images = decode(latents, stock_vae, tile_size=64, tile_overlap=24)["result"][0]  # 16 latent rows, overlap 3
     vae = pack_module("histream_core.vae")
     model = pack_module("nodes.decode").streaming_vae(stock_vae)
-    expected = vae.frames_to_images(vae.TiledDecoder(model, tile=8, overlap=6).decode(latents))
+    expected = vae.frames_to_images(vae.TiledDecoder(model, tile=8, overlap=3).decode(latents))
     torch.testing.assert_close(images, expected)
 
 
@@ -420,7 +420,9 @@ def importlib_available(name: str) -> bool:
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(tile_size=256, tile_overlap=256), "input 'tile_overlap': 256 must be smaller than tile_size 256"),
+    (dict(tile_size=256, tile_overlap=256), "input 'tile_overlap': 256 is more than half of tile_size 256: .* use at "
+                                            "most 128"),
+    (dict(tile_size=512, tile_overlap=480), "input 'tile_overlap': 480 is more than half of tile_size 512"),
     (dict(tile_size=8, tile_overlap=0), "input 'tile_size': 8 is not a tile size: use 0 .* at least 64 px"),
     (dict(tile_size=100), "input 'tile_size': 100 is not a tile size"),
     (dict(tile_size=256, tile_overlap=20), "input 'tile_overlap': 20 is not a multiple of 8 .* use 16 or 24"),
@@ -546,6 +548,8 @@ def test_cost_readout_matches_the_flop_count(comfy_host):
     # The design's hand count, 53.3, counts the last chunk's cache passes, which nothing reads (3.9 TFLOP/frame)
     assert math.isclose(flops.tflop_per_frame, 53.3 - 3.9, rel_tol=0.02)
     assert f"{1000 * flops.tflop_per_frame / 798:,.1f} ms/frame" in text
+    small = nodes()["HiStreamCostReadout"]().report("histream+", 64, 64, 9, "wan2.1-1.3b", 798.0)["result"][0]
+    assert "GFLOP total" in small and "us/frame" in small and " 0 TFLOP" not in small  # it read 0 TFLOP, 0.0 ms
 
 
 # -- prompt schedule ----------------------------------------------------------------------------------------------------
@@ -577,13 +581,16 @@ def test_prompt_schedule_bad_inputs(comfy_host, loaded):
                                          "HiStream Prompt Schedule both fall in chunk 6: start the later one at frame "
                                          "58 or later"):
         sample(loaded, length=81, prompt_schedule=clash)
+    with pytest.raises(ValueError, match="both fall in chunk 6: this video has no later chunk for it: raise length"):
+        sample(loaded, length=69, prompt_schedule=clash)  # 6 chunks: frame 58 would be past the end
     clip_l = node.build(True, True, positive_2=wan_conditioning(4), start_frame_2=13,
                         positive_3=wan_conditioning(4, width=768), start_frame_3=25)[0]
     with pytest.raises(ValueError, match="HiStream Prompt Schedule, input 'positive_3': .* CLIP-L"):
         sample(loaded, length=37, prompt_schedule=clip_l)  # the schedule's input is named, not the sampler's
     late = node.build(True, True, positive_2=wan_conditioning(4), start_frame_2=500)[0]
     notes = sample(loaded, length=13, prompt_schedule=late)["ui"]["text"]
-    assert any("starts after this 13-frame video's last chunk (frame 9) and is unused" in note for note in notes)
+    assert any("positive_2 (start_frame_2, chunk 43) starts after this 13-frame video's last chunk (frame 9) and is "
+               "unused: lower start_frame_2" in note for note in notes)
 
 
 def test_cost_readout_predicts_memory_on_request(comfy_host):

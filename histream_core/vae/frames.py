@@ -23,8 +23,9 @@ class NonFiniteFrames(ValueError):
 def check_finite_frames(frames: torch.Tensor, chunk: int) -> torch.Tensor:
     """Return ``frames`` if every value is finite, else raise :class:`NonFiniteFrames` (``chunk`` counts from 1)."""
     if not bool(torch.isfinite(frames).all()):
-        raise NonFiniteFrames(f"the decoded frames of chunk {chunk} are NaN/inf: check that the VAE file's weights "
-                              "are finite; with fp16, try bf16 or fp32 (fp16 can overflow in the VAE)")
+        raise NonFiniteFrames(f"the decoded frames of chunk {chunk} are NaN/inf: check that the decoder's file (the "
+                              "VAE, or the tiny decoder if one is used) holds finite weights; with fp16, try bf16 or "
+                              "fp32 (fp16 can overflow in the VAE)")
     return frames
 
 
