@@ -177,7 +177,8 @@ class HiStreamVAEChunkDecode:
                 "save_mp4": ("BOOLEAN", {"default": False, "label_on": "stream to mp4", "label_off": "return frames",
                                          "tooltip": (
                     "Write the frames straight into an mp4 in ComfyUI's output folder as they are decoded (constant "
-                    "memory for any length) and return only a small preview.")}),
+                    "memory for any length) and return only a small preview (every preview_every-th frame, at most "
+                    "512 px): not a video to save again with Save Video.")}),
                 "filename_prefix": ("STRING", {"default": "HiStream/video", "tooltip": (
                     "mp4 name under the output folder (with save_mp4).")}),
                 "fps": ("FLOAT", {"default": 16.0, "min": 1.0, "max": 120.0, "step": 1.0, "tooltip": (
