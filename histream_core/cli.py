@@ -4,6 +4,8 @@
 it works on any fresh machine; with `--checkpoint`, `--vae` and `--text-embeds` it runs the user's own files.
 `bench` times the denoising of each mode (the paper's per-frame latency) on a checkpoint or on random weights of a
 preset: compute does not depend on the weights.
+The generate request's checks (before any model file is read) are in ``cli_request``, ``--config`` files in
+``cli_config``; this module holds the commands, the parser and the exit statuses.
 """
 
 from __future__ import annotations
@@ -15,86 +17,30 @@ import math
 import signal
 import sys
 import threading
-from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 
 from .cli_config import config_file_args
-from .config import MODEL_PRESETS, ModelConfig, SamplerConfig
+from .cli_request import (DTYPES, EMBEDDED_PROMPT, Request, check_fp8_matmul_flag, check_tile, checked_request,
+                          checked_text_embeds, sampler_config)
+from .config import MODEL_PRESETS
 from .flops import H100_BF16_TFLOPS, flops_table, format_table
 from .model import BACKENDS, AttentionBackendError, CausalWanModel
 from .model.attention import check_backend_runs
-from .model.layers import check_fp8_matmul
-from .modes import KNOBS, MODES, STEPS_EXAMPLE, KnobError, with_knobs
-from .pipeline import (DECODE_ORDERS, EMBEDDED_VAE, TILES_ARE_FOR_THE_VAE, HiStreamPipeline, checked_device,
-                       embedded_default, generate_to_file, random_text_embedding)
-from .sampler import VideoGeometry, check_prompt_starts, chunk_start_frame, story_chunks, video_geometry
-from .vae.tiling import SMALLEST_USEFUL_TILE
-from .video import check_video_path, made_folders
+from .modes import MODES, STEPS_EXAMPLE
+from .pipeline import (DECODE_ORDERS, EMBEDDED_VAE, HiStreamPipeline, checked_device, embedded_default,
+                       generate_to_file, random_text_embedding)
+from .sampler import video_geometry
+from .video import made_folders
 from .weight_files import is_host_out_of_memory
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-
-def _flag(knob: str) -> str:
-    return "--" + knob.replace("_", "-")
-
-
-def _sampler_config(args, mode: str | None = None):
-    """The mode's configuration with the command line's knobs and switches applied (KnobError names the flag)."""
-    mode = mode or args.mode
-    knobs = {knob: value for knob in KNOBS if (value := getattr(args, knob, None)) is not None}
-    try:
-        cfg = with_knobs(mode, **knobs)
-    except KnobError as exc:
-        raise ValueError(f"{_flag(exc.knob)}: {exc}") from None
-    changes = {}
-    if args.rope_positions is not None:
-        changes["rope_positions"] = args.rope_positions
-    if args.attention is not None:
-        changes["attention_backend"] = args.attention
-    if args.kv_cache_fp8:
-        changes["kv_cache_fp8"] = True
-    window = {name: value for name in ("chunk_frames", "anchor_frames", "local_frames")
-              if (value := getattr(args, name, None)) is not None}
-    if args.no_window:
-        window["window"] = False
-    if window:
-        try:
-            changes["stream"] = replace(cfg.stream, **window)
-        except ValueError as exc:
-            raise ValueError(f"{', '.join(_flag(name) for name in window if name != 'window')}: {exc}") from None
-        sizes = [_flag(name) for name in ("anchor_frames", "local_frames") if name in window]
-        if sizes and not changes["stream"].window:
-            why = "--no-window is given" if args.no_window else f"mode '{mode}' keeps every past frame (no AGSW)"
-            raise ValueError(f"{', '.join(sizes)}: the sliding window is off ({why}), so the cache keeps every frame; "
-                             "drop the flag or use a mode with the window")
-    return cfg.with_(**changes)
-
-
-EMBEDDED_SIZE = (256, 160, 33)   # width, height, frames of the embedded default
-EMBEDDED_PROMPT = "a red fox running through snow, cinematic"
-CHECKPOINT_SIZE = (1920, 1088, 81)
-
-
-@dataclass(frozen=True)
-class _Request:
-    """A generate request that passed every check that needs no model file."""
-
-    device: torch.device
-    dtype: torch.dtype
-    geometry: VideoGeometry
-    cfg: SamplerConfig
-    starts: list[tuple[int, str]]  # later prompts: (first chunk, prompt)
-    out: Path
-    text_embeds: torch.Tensor | None  # --text-embeds, read and checked against the model
 
 
 def cmd_generate(args) -> int:
-    request = _checked_request(args)
+    request = checked_request(args)
     pipe, context = _pipeline_and_text(args, request)
     if request.starts:
         encode = pipe.encode if pipe.text_encoder is not None else (
@@ -108,69 +54,7 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _check_tile(tile: int | None) -> None:
-    if tile and tile < SMALLEST_USEFUL_TILE:
-        raise ValueError(f"--tile must be at least {SMALLEST_USEFUL_TILE} latent pixels (smaller tiles lose too much "
-                         f"context at their edges), got {tile}; 64 (512 px) decodes 1080p in about 4 GiB")
-
-
-def _check_fp8_matmul_flag(args, device: torch.device | None) -> None:
-    """--fp8-matmul needs bf16 activations, and (when ``device`` is given) a device that multiplies fp8 per row."""
-    if not args.fp8_matmul:
-        return
-    if args.dtype != "bf16":
-        raise ValueError(f"--fp8-matmul quantizes bf16 activations, and this run computes in {args.dtype}: add "
-                         "--dtype bf16 (the default on CUDA)")
-    if device is not None:
-        check_fp8_matmul(device)
-
-
-def _checked_request(args) -> _Request:
-    """Everything that can be checked without the model files, checked first: loading them takes minutes."""
-    device = checked_device(args.device)
-    dtype = DTYPES[args.dtype]
-    width, height, frames = (given if given is not None else default for given, default in zip(
-        (args.width, args.height, args.frames), EMBEDDED_SIZE if args.checkpoint is None else CHECKPOINT_SIZE))
-    cfg = _sampler_config(args)
-    geometry = video_geometry(width, height, frames, cfg)
-    if args.later_chunk_steps is not None and geometry.num_chunks(cfg.stream.chunk_frames) == 1:
-        log.warning("--later-chunk-steps is unused: this %d-frame video is one chunk (the first chunk's steps are "
-                    "--first-chunk-steps)", frames)
-    if args.tile and args.tiny_decoder:
-        raise ValueError(f"{TILES_ARE_FOR_THE_VAE} (drop --tile)")
-    _check_tile(args.tile)
-    _check_fp8_matmul_flag(args, device)
-    starts = _schedule_starts(args, geometry, cfg.stream.chunk_frames)
-    out = check_video_path(args.out, args.fps, folder_may_be_missing=True)
-    _check_files(args)
-    if args.attention:
-        check_backend_runs(args.attention, device, dtype)
-    text_embeds = _checked_text_embeds(args.text_embeds, args.checkpoint, MODEL_PRESETS["tiny"])
-    return _Request(device, dtype, geometry, cfg, starts, out, text_embeds)
-
-
-def _checked_text_embeds(path: str | None, checkpoint: str | None, default: ModelConfig) -> torch.Tensor | None:
-    """--text-embeds, read and held against the model's text width and length before any model file loads (a
-    checkpoint takes minutes): the checkpoint's header tells them, or ``default`` (the built-in model's config)."""
-    if path is None:
-        return None
-    from .checkpoints import inspect_checkpoint
-    from .text import load_text_embeddings
-
-    states = load_text_embeddings(path)
-    model = default if checkpoint is None else inspect_checkpoint(checkpoint)["config"]
-    reader = "the built-in model" if checkpoint is None else f"--checkpoint {Path(checkpoint).name}"
-    if states.shape[-1] != model.text_dim:
-        raise ValueError(f"--text-embeds {path} holds {states.shape[-1]}-wide text states, and {reader} reads "
-                         f"{model.text_dim}-wide ones: save the states of the text encoder it was trained with "
-                         "(umT5-XXL for Wan2.1)")
-    if states.shape[1] > model.text_len:
-        raise ValueError(f"--text-embeds {path} holds {states.shape[1]} tokens, and {reader} reads at most "
-                         f"{model.text_len}: keep the first {model.text_len} (umT5 encoders cut prompts there)")
-    return states
-
-
-def _pipeline_and_text(args, request: _Request) -> tuple[HiStreamPipeline, torch.Tensor]:
+def _pipeline_and_text(args, request: Request) -> tuple[HiStreamPipeline, torch.Tensor]:
     """The user's files (or the embedded default) loaded, and the first prompt's states."""
     from .vae import load_tiny_decoder
 
@@ -196,63 +80,6 @@ def _pipeline_and_text(args, request: _Request) -> tuple[HiStreamPipeline, torch
     return HiStreamPipeline(model, vae), context
 
 
-def _check_files(args) -> None:
-    """Which files a run needs, that they are there, and options that would be silently ignored."""
-    if args.prompt is not None and not args.prompt.strip():
-        raise ValueError("--prompt is empty: give the text the video should follow")
-    if args.text_embeds is not None:
-        ignored = [f"--{name.replace('_', '-')}" for name in ("prompt", "text_encoder", "tokenizer", "text_cache")
-                   if getattr(args, name) is not None]
-        if ignored:
-            raise ValueError(f"--text-embeds already holds the prompt's states, so {', '.join(ignored)} would be "
-                             "ignored: drop them, or drop --text-embeds to encode a --prompt")
-    if args.checkpoint is None:
-        ignored = [f"--{name.replace('_', '-')}" for name in ("vae", "text_encoder", "tokenizer", "text_cache")
-                   if getattr(args, name) is not None]
-        if ignored:
-            raise ValueError(f"{', '.join(ignored)} {'needs' if len(ignored) == 1 else 'need'} --checkpoint: the "
-                             "embedded default has its own random VAE and stand-in text states (pass --checkpoint "
-                             "with them, or drop them)")
-    else:
-        if args.vae is None and args.tiny_decoder is None:
-            raise ValueError("with --checkpoint also pass --vae (wan_2.1_vae.safetensors), or --tiny-decoder "
-                             "(taew2_1.safetensors) for fast drafts")
-        if args.vae is not None and args.tiny_decoder is not None:
-            raise ValueError("pass --vae or --tiny-decoder, not both: one of them decodes the video")
-        if args.text_embeds is None and (args.text_encoder is None or args.prompt is None):
-            raise ValueError("with --checkpoint pass --text-encoder (umt5_xxl_fp16.safetensors) and --prompt, "
-                             "or --text-embeds (precomputed umT5 states)")
-        if args.schedule and args.text_encoder is None:
-            raise ValueError("--schedule needs --text-encoder (and --tokenizer) to encode its prompts; with "
-                             "--text-embeds alone only the first prompt is known")
-    for name in ("checkpoint", "vae", "tiny_decoder", "text_encoder", "text_embeds", "tokenizer"):
-        given = getattr(args, name)
-        if given is not None and not Path(given).is_file() and not (name == "tokenizer" and Path(given).is_dir()):
-            what = "is a folder; give the file inside it" if Path(given).is_dir() else "does not exist"
-            raise FileNotFoundError(f"--{name.replace('_', '-')} {given} {what}")
-
-
-def _schedule_starts(args, geometry, chunk_frames: int) -> list[tuple[int, str]]:
-    """--schedule FRAME:PROMPT ... -> [(first chunk, prompt)] after the --prompt, checked against the video."""
-    frames, prompts = [], []
-    for item in args.schedule or ():
-        frame, sep, prompt = item.partition(":")
-        if not sep or not frame.strip().isdigit() or not prompt.strip():
-            raise ValueError(f"--schedule {item!r}: write FRAME:PROMPT, e.g. --schedule '48:the fox jumps'")
-        if int(frame) == 0:
-            raise ValueError(f"--schedule {item!r}: frame 0 belongs to --prompt (the video starts with it); give that "
-                             f"prompt with --prompt, and later ones at later frames (the next chunk starts at frame "
-                             f"{chunk_start_frame(1, chunk_frames)})")
-        frames.append(int(frame))
-        prompts.append(prompt)
-    try:
-        starts = story_chunks([0, *frames], chunk_frames)[1:]  # the --prompt's at frame 0, then these in order
-        check_prompt_starts(starts, geometry, chunk_frames)
-    except ValueError as exc:  # a RequestError too
-        raise ValueError(f"--schedule: {exc}") from None
-    return list(zip(starts, prompts))
-
-
 def cmd_bench(args) -> int:
     from .checkpoints import load_wan_model
     from .timing import format_timings, time_mode
@@ -265,11 +92,11 @@ def cmd_bench(args) -> int:
         raise ValueError(f"--repeats must be at least 1 and --warmup at least 0, got {args.repeats} and {args.warmup}")
     device, dtype = checked_device(args.device), DTYPES[args.dtype]
     for mode in modes:  # the request first: building the model takes a while
-        video_geometry(args.width, args.height, args.frames, _sampler_config(args, mode))
+        video_geometry(args.width, args.height, args.frames, sampler_config(args, mode))
     if args.attention:
         check_backend_runs(args.attention, device, dtype)
-    _check_fp8_matmul_flag(args, device)
-    text = _checked_text_embeds(args.text_embeds, args.checkpoint, MODEL_PRESETS[args.model])
+    check_fp8_matmul_flag(args, device)
+    text = checked_text_embeds(args.text_embeds, args.checkpoint, MODEL_PRESETS[args.model])
     if args.checkpoint:
         model = load_wan_model(args.checkpoint, weight_dtype=torch.float8_e4m3fn if args.fp8_weights else None,
                                compute_dtype=dtype, device=device)
@@ -288,7 +115,7 @@ def cmd_bench(args) -> int:
     text = (text if text is not None else
             torch.randn(1, model.cfg.text_len, model.cfg.text_dim, generator=torch.Generator().manual_seed(0)))
     with torch.no_grad():
-        rows = [time_mode(model, text.to(device), mode, _sampler_config(args, mode), args.width, args.height,
+        rows = [time_mode(model, text.to(device), mode, sampler_config(args, mode), args.width, args.height,
                           args.frames, device=device, warmup=args.warmup, repeats=args.repeats, rate_tflops=args.rate)
                 for mode in modes]
     source = args.checkpoint or f"{args.model} (random weights)"
@@ -323,11 +150,11 @@ def cmd_flops(args) -> int:
 def cmd_memory(args) -> int:
     from .memory import predict_memory
     from .vae import WanVAEConfig
-    _check_fp8_matmul_flag(args, None)  # a prediction needs no fp8 hardware
-    _check_tile(args.tile)
+    check_fp8_matmul_flag(args, None)  # a prediction needs no fp8 hardware
+    check_tile(args.tile)
     vae = EMBEDDED_VAE if args.model == "tiny" else WanVAEConfig()
     prediction = predict_memory(MODEL_PRESETS[args.model], vae, args.width, args.height, args.frames,
-                                _sampler_config(args), DTYPES[args.dtype], tile=args.tile,
+                                sampler_config(args), DTYPES[args.dtype], tile=args.tile,
                                 fp8_weights=args.fp8_weights, fp8_matmul=args.fp8_matmul)
     if args.json:
         print(json.dumps({"model": args.model, "mode": args.mode, "dtype": args.dtype, "width": args.width,

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import needs_fp8_matmul, randomize_, tiny_model
-from histream_core.cli import _sampler_config, build_parser, main
+from histream_core.cli import build_parser, main
+from histream_core.cli_request import sampler_config
 from histream_core.config import ChunkSteps
 from histream_core.modes import MODES
 from histream_core.pipeline import HiStreamPipeline
@@ -411,13 +412,13 @@ def test_the_papers_readings_are_flags_on_top_of_the_mode():
     args = build_parser().parse_args(["generate", "--mode", "histream+", "--ntk-factor-low", "5", "--ntk-factor-high",
                                       "4", "--first-chunk-attn-coef", "1", "--later-chunk-steps", "1000|250",
                                       "--chunk-frames", "4", "--local-frames", "3", "--shift", "6"])
-    cfg = _sampler_config(args)
+    cfg = sampler_config(args)
     assert cfg.hd.rope_factors_low == (1.0, 5.0, 5.0) and cfg.hd.rope_factors_high == (1.0, 4.0, 4.0)
     assert cfg.hd.first_chunk_attn_coef == 1.0 and cfg.shift == 6.0
     assert cfg.later_chunks == ChunkSteps(low=(1000.0,), high=(250.0,))
     assert cfg.first_chunk == MODES["histream+"].first_chunk
     assert (cfg.stream.chunk_frames, cfg.stream.anchor_frames, cfg.stream.local_frames) == (4, 1, 3)
-    assert _sampler_config(build_parser().parse_args(["generate", "--mode", "no-hd"])) == MODES["no-hd"]
+    assert sampler_config(build_parser().parse_args(["generate", "--mode", "no-hd"])) == MODES["no-hd"]
 
 
 def test_options_that_would_be_ignored_or_cannot_run_are_refused(tmp_path, capsys):

@@ -158,7 +158,7 @@ def vae_from_state_dict(state_dict: Mapping[str, torch.Tensor], source: str = "s
     except Unusable as problem:
         raise VAECheckpointError(
             f"{source}: read as the {layout} layout with base_dim={config.base_dim}, z_dim={config.z_dim}, but "
-            f"{problem.problem}. Layouts known: {'; '.join(LAYOUTS)}. {problem.hint or EXPECTED_FILE}") from None
+            f"{problem.problem}. Layouts known: {'; '.join(LAYOUTS)}. {EXPECTED_FILE}") from None
     model.load_state_dict(state_dict, assign=True)
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     log.info("loaded Wan2.1 VAE from %s (%s layout, base_dim %d, z_dim %d, %s on %s)",
