@@ -74,3 +74,17 @@ def test_missing_flash_attn_names_the_packages_and_a_later_install_is_found(monk
     monkeypatch.setattr(attn.importlib, "import_module", found_import)  # installed since: the failure was not kept
     q, k, v = qkv(2)
     torch.testing.assert_close(attn.attention(q, k, v, "flash_attn"), reference(q, k, v, 1.0))
+
+
+
+def test_a_backend_whose_kernel_fails_is_named_before_the_model_loads(monkeypatch):
+    """A kernel that cannot run on the device raises torch's plain RuntimeError (here FlashAttention on a GPU older
+    than Ampere): it is reported as the backend's problem with the fix, not left to end the run as a bug would."""
+    def old_gpu(q, k, v, scale):
+        raise RuntimeError("FlashAttention only supports Ampere GPUs or newer.\nException raised from mha_fwd")
+
+    monkeypatch.setitem(attn._IMPLEMENTATIONS, "flash_attn", old_gpu)
+    with pytest.raises(attn.AttentionBackendError, match="attention backend flash_attn cannot run on cpu in "
+                                                         "torch.float32 \\(FlashAttention only supports Ampere GPUs "
+                                                         "or newer.\\); choose sdpa"):
+        attn.check_backend_runs("flash_attn", torch.device("cpu"), torch.float32)

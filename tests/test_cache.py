@@ -233,3 +233,13 @@ def test_an_anchor_longer_than_the_frames_held_keeps_what_there_is():
         held.append(list(cache.positions))
     assert held == [[0, 1, 2], [0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 7, 8]]
     assert cache.keys[0].shape[1] == 6 * 4
+
+
+def test_keeping_a_negative_index_is_refused():
+    """keep() takes indices into ``positions``: -1 is refused by keep's own check, with its message, before the
+    cache is touched (past the check, index_select fails with a bare RuntimeError, which the CLI reports as a bug)."""
+    cache = KVCache(num_layers=1)
+    cache.write([kv(2)], [0, 1], tokens_per_frame=4)
+    with pytest.raises(IndexError, match=r"cannot keep frames \[-1\]: the cache holds 2"):
+        cache.keep([-1])
+    assert cache.positions == [0, 1] and cache.keys[0].shape[1] == 8

@@ -407,3 +407,20 @@ def test_fp8_file_asked_for_fp8_is_used_as_stored(model, inputs, tmp_path):
     assert torch.equal(q.weight.view(torch.uint8), fp8_state["blocks.0.self_attn.q.weight"].view(torch.uint8))
     assert q.weight_scale is None
     assert torch.equal(forward(asked, inputs), forward(load_wan_model(path, **TINY), inputs))
+
+
+def test_a_legacy_pickle_torch_file_with_a_safetensors_name_is_told_to_be_renamed(model, tmp_path):
+    """torch.save's pre-1.6 format is a bare pickle (first byte 0x80, no 'PK' zip header): renamed to .safetensors it
+    is a torch file too, not a truncated one."""
+    path = tmp_path / "legacy.safetensors"
+    torch.save(wan_state(model), path, _use_new_zipfile_serialization=False)
+    assert path.read_bytes()[:1] == b"\x80"
+    message = refused(path)
+    assert "a PyTorch (torch.save) file with a .safetensors name" in message and "rename it to .pt" in message
+
+
+def test_a_dit_that_reads_wan21_latents_but_writes_others_is_refused(tmp_path):
+    """The latent check holds both ends: the input conv can be Wan2.1's while the head writes another latent size
+    (its output would fail only in the VAE, after a whole video); the message names each count."""
+    state = wan_state(tiny_model(cfg=MODEL_PRESETS["tiny"].with_(in_dim=16, out_dim=48)))
+    assert "it reads 16- and writes 48-channel latents" in refused(write(state, tmp_path / "odd_head.safetensors"))

@@ -782,3 +782,71 @@ def test_step_strings_read_and_write_as_the_help_shows():
     for bad in ("1000|750|500", "1000|1000,500", "1000,750,750"):
         with pytest.raises(KnobError):
             parse_steps("k", bad)
+
+
+def test_step_strings_allow_one_trailing_comma_but_no_empty_item():
+    """A trailing comma (a list copied from code) is not a deleted number; an empty item anywhere else is."""
+    from histream_core.modes import KnobError, parse_steps
+    assert parse_steps("k", "1000,750,|500,250,") == ChunkSteps(low=(1000.0, 750.0), high=(500.0, 250.0))
+    assert parse_steps("k", "1000,750,500,250,") == ChunkSteps(low=(), high=(1000.0, 750.0, 500.0, 250.0))
+    for bad in ("1000,,750|500", "1000,750,,|500", ",1000|500", "1000|500,,"):
+        with pytest.raises(KnobError, match="an empty item between commas"):
+            parse_steps("k", bad)
+
+
+def test_text_embeds_of_exactly_the_models_text_length_are_used(tmp_path):
+    """text_len is the most tokens the model reads, so a file of exactly that many (a prompt padded to it, as umT5
+    pads to 512) runs; one more is refused (test_text_embeds_that_cannot_be_used_are_refused...)."""
+    save_file({"context": torch.randn(1, 16, 32)}, str(tmp_path / "full.safetensors"))  # the built-in model: 16 x 32
+    assert main(["generate", *SMALL, "--text-embeds", str(tmp_path / "full.safetensors"),
+                 "--out", str(tmp_path / "x.mp4")]) == 0
+    assert (tmp_path / "x.mp4").is_file()
+
+
+def test_a_text_cache_beside_text_embeds_is_refused(user_files, tmp_path, capsys):
+    """--text-cache only stores encoded prompts: with --text-embeds nothing is encoded, so it would be ignored."""
+    embeds = tmp_path / "states.safetensors"
+    save_file({"context": torch.randn(1, 4, 32)}, str(embeds))
+    dit = ["--checkpoint", str(user_files / "dit.safetensors"), "--vae", str(user_files / "vae.safetensors")]
+    assert main(["generate", *SMALL, *dit, "--text-embeds", str(embeds), "--text-cache", str(tmp_path / "cache"),
+                 "--out", str(tmp_path / "x.mp4")]) == 2
+    err = capsys.readouterr().err
+    assert "--text-embeds already holds the prompt's states, so --text-cache would be ignored" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["states.safetensors"]
+
+
+def test_main_gives_back_the_signal_handlers_it_replaced(tmp_path):
+    """main() turns SIGTERM/SIGHUP into KeyboardInterrupt only while it runs: a program calling it keeps its own."""
+    import signal
+
+    from histream_core.cli import STOP_SIGNALS
+
+    def mine(signum, frame):
+        pass
+
+    before = {s: signal.signal(s, mine) for s in STOP_SIGNALS}
+    try:
+        assert main(["generate", *SMALL, "--width", "80", "--out", str(tmp_path / "x.mp4")]) == 2
+        assert all(signal.getsignal(s) is mine for s in STOP_SIGNALS)
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+
+
+def test_bench_holds_text_embeds_against_the_preset_it_times(tmp_path, capsys, monkeypatch):
+    """bench --model names the model the states go to: the tiny model's 32-wide states do not fit Wan2.1-1.3B's
+    4096-wide text input, and that is said before the 1.3B model is built."""
+    import histream_core.cli as cli
+    monkeypatch.setattr(cli, "CausalWanModel", lambda *a, **k: pytest.fail("the model was built first"))
+    save_file({"context": torch.randn(1, 4, 32)}, str(tmp_path / "tiny_states.safetensors"))
+    assert main(["bench", "--model", "wan2.1-1.3b", "--width", "64", "--height", "64", "--frames", "9", "--device",
+                 "cpu", "--modes", "histream", "--text-embeds", str(tmp_path / "tiny_states.safetensors")]) == 2
+    assert "holds 32-wide text states, and the built-in model reads 4096-wide ones" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("chunk_frames, next_chunk", [(3, 9), (4, 13)])
+def test_a_schedule_at_frame_0_says_where_the_next_chunk_starts(tmp_path, capsys, chunk_frames, next_chunk):
+    """Frame 0 belongs to --prompt; the message gives the first frame a later prompt can take over at."""
+    assert main(["generate", *SMALL, "--frames", "33", "--chunk-frames", str(chunk_frames), "--schedule", "0:first",
+                 "--out", str(tmp_path / "x.mp4")]) == 2
+    assert f"(the next chunk starts at frame {next_chunk})" in capsys.readouterr().err

@@ -86,3 +86,30 @@ def test_table_units_follow_the_size_of_the_run():
     assert total > 1 and floor == pytest.approx(per_frame / 798.0 * 1e3, abs=0.06)  # MFLOP / (TFLOP/s) = ns * 1e3
     full = format_table(flops_table(MODEL_PRESETS["wan2.1-1.3b"], 1920, 1088, 81), 798.0).splitlines()
     assert "TFLOP total" in full[0] and "floor ms/frame" in full[0]
+
+
+def test_flop_units_switch_at_one_of_the_larger_unit():
+    """A table shows FLOPs in the largest unit in which its largest run reads at least 1, with the floor's time unit
+    that goes with it (TFLOP at TFLOP/s: ms per 1e3; GFLOP: us; MFLOP: ns), and MFLOP below that."""
+    from histream_core.flops import flop_unit
+    assert flop_unit(1234.0) == flop_unit(1.0) == ("TFLOP", 1.0, "ms")
+    assert flop_unit(0.999) == flop_unit(1e-3) == ("GFLOP", 1e3, "us")
+    assert flop_unit(0.999e-3) == flop_unit(1e-6) == ("MFLOP", 1e6, "ns")
+    assert flop_unit(1e-9) == ("MFLOP", 1e6, "ns")  # under one MFLOP still has a unit
+    assert flop_unit(0.0) == ("MFLOP", 1e6, "ns")
+
+
+def test_timing_table_floor_fractions_keep_their_digits_below_one_percent():
+    """The bench table's 'of floor' column: whole percents from 1% up, two significant digits below (the tiny model
+    runs at a fraction of a percent of the H100 floor, which read 0%); FLOPs and rates in the table's unit."""
+    from histream_core.timing import ModeTiming, format_timings
+
+    def row(mode, floor_fraction, tflop):
+        return ModeTiming(mode, 0.5, 8.5, tflop, 2 * tflop, floor_fraction, 6, [1.0], None, None, None)
+
+    table = format_timings([row("a", 0.5, 2e-3), row("b", 0.0123, 1e-3), row("c", 0.004, 1e-3),
+                            row("d", 0.01, 1e-3)]).splitlines()
+    assert table[0].split()[2:6] == ["GFLOP", "GFLOP/s", "of", "floor"]
+    cells = {line.split()[0]: line.split()[2:5] for line in table[2:]}
+    assert cells == {"a": ["2.0", "4.0", "50%"], "b": ["1.0", "2.0", "1%"], "c": ["1.0", "2.0", "0.4%"],
+                     "d": ["1.0", "2.0", "1%"]}

@@ -693,3 +693,13 @@ def test_decode_to_mp4_takes_its_fps_and_crf(comfy_host, stock_vae):
     assert next(imageio_ffmpeg.read_frames(paths[0]))["fps"] == 24
     sizes = [os.path.getsize(path) for path in paths]
     assert sizes[0] > 4 * sizes[1], sizes  # measured: 29.7 vs 1.8 kB
+
+
+def test_loader_fp8_fast_refuses_fp16_compute_too_before_reading_the_checkpoint(comfy_host, checkpoint, monkeypatch):
+    """fp8_e4m3fn_fast multiplies bf16 activations only: fp16 is refused as fp32 is, before the checkpoint is read
+    (the model's own check would come after minutes of loading, without naming the node's input)."""
+    loader = pack_module("nodes.loader")
+    monkeypatch.setattr(loader, "load_wan_model", lambda *a, **k: pytest.fail("the checkpoint was read first"))
+    with pytest.raises(ValueError, match="HiStream Loader, input 'weight_dtype': fp8_e4m3fn_fast multiplies bf16 "
+                                         "activations in fp8, and compute_dtype is fp16: set compute_dtype to bf16"):
+        nodes()["HiStreamLoader"]().load(checkpoint, "fp8_e4m3fn_fast", "fp16", "sdpa", "cpu")

@@ -570,3 +570,141 @@ def test_config_sequences_are_stored_as_float_tuples():
     steps = ChunkSteps(low=[1000], high=[500])
     assert steps == ChunkSteps(low=(1000.0,), high=(500.0,)) and isinstance(steps.low, tuple)
     assert hash(SamplerConfig().with_(first_chunk=steps, hd=HDConfig(rope_factors_high=[1, 5, 5])))
+
+
+@pytest.mark.parametrize("knob, low, high", [("low_res_scale", 0.1, 1.0), ("shift", 0.1, 100.0),
+                                              ("ntk_factor_high", 0.1, 100.0), ("ntk_factor_low", 0.1, 100.0),
+                                              ("first_chunk_attn_coef", 0.1, 100.0)])
+def test_number_knobs_take_both_ends_of_their_range_and_nothing_beyond(knob, low, high):
+    """KNOB_RANGES are closed intervals: each end is a value the mode runs with, the next float out is refused with
+    the range in the message (a wider range let degenerate values through, a narrower one refused documented ones)."""
+    from histream_core.modes import KnobError, knob_values
+    for value in (low, high):
+        assert knob_values(with_knobs("histream", **{knob: value}))[knob] == value
+    for value in (math.nextafter(low, 0.0), math.nextafter(high, math.inf)):
+        with pytest.raises(KnobError, match=re.escape(f"is out of range: use a number in [{low:g}, {high:g}]")):
+            with_knobs("histream", **{knob: value})
+
+
+def test_story_errors_name_the_prompt_the_chunk_it_would_start_in_and_the_first_frame_that_works():
+    """StoryError's fields, which the Prompt Schedule node turns into its message: ``index`` is the prompt that
+    cannot start there, ``chunk`` where it would start (its own chunk, also when it comes before the previous
+    prompt), ``earliest_frame`` the first frame after the previous prompt's chunk."""
+    from histream_core.sampler import StoryError, story_chunks
+    assert story_chunks([0, 13, 40], 3) == [0, 2, 4]
+    for frames, fields in (([0, 46, 47], (2, 5, 58)),   # both in chunk 6 (index 5)
+                           ([0, 40, 20], (2, 2, 46)),   # out of order: frame 20 is chunk 3, frame 40 chunk 5
+                           ([5, 40], (0, 0, None))):    # the first prompt not at frame 0
+        with pytest.raises(StoryError) as info:
+            story_chunks(frames, 3)
+        assert (info.value.index, info.value.chunk, info.value.earliest_frame) == fields, frames
+
+
+def test_caches_given_with_frames_in_either_resolution_are_refused(model, context):
+    """A KV_low holding frames (a DualResCache whose high cache was emptied by hand) is a used cache too."""
+    caches = DualResCache.empty(model.cfg.num_layers)
+    k = torch.zeros(1, 4, model.cfg.num_heads, model.cfg.dim // model.cfg.num_heads)
+    caches.low.write([(k, k.clone())] * model.cfg.num_layers, [0], tokens_per_frame=4)
+    with pytest.raises(ValueError, match="needs empty caches: one DualResCache per video"):
+        next(stream_video(model, context, W, H, 13, mode_config("histream"), 0, caches=caches))
+
+
+def test_caches_that_do_not_fit_are_described_as_given_and_as_needed(model, context):
+    """The message says what the caches hold and what the run needs, each with its own fp8 setting."""
+    cfg = mode_config("histream")  # full-precision K/V
+    caches = DualResCache.empty(model.cfg.num_layers + 3, fp8=True)
+    with pytest.raises(ValueError, match=f"the caches given hold {model.cfg.num_layers + 3} layers in fp8, the run "
+                                         f"needs {model.cfg.num_layers} \\(the model's layers"):
+        next(stream_video(model, context, W, H, 13, cfg, 0, caches=caches))
+
+
+def test_window_rope_policy_moves_both_resolutions_caches(model, context):
+    """With window positions KV_low is re-indexed as KV_high is: at every denoising step both hold the same frames at
+    the same window positions."""
+    cfg = mode_config("histream").with_(rope_positions="window")
+    caches = DualResCache.empty(model.cfg.num_layers)
+    seen = []
+
+    def record(progress):
+        if progress.kind in ("low", "high"):
+            seen.append((progress.chunk, list(caches.high.positions), list(caches.low.positions)))
+
+    with torch.no_grad():
+        list(stream_video(model, context, W, H, 37, cfg, 0, caches=caches, on_progress=record))
+    assert {chunk: low for chunk, _, low in seen} == {0: [], 1: [0, 1, 2], 2: [0, 1, 2], 3: [0, 1, 2]}
+    assert all(high == low for _, high, low in seen)
+
+
+def test_window_positions_turn_cached_keys_as_encoding_them_there_would(model, context):
+    """Re-indexing rotates the cached keys along time with the time axis' RoPE factor. The first block's keys depend
+    only on their frame and its position, so after the move they equal the frame encoded at its window position
+    (HD's factors scale the spatial axes only: (1, 5, 5) at high resolution)."""
+    cfg = mode_config("histream").with_(rope_positions="window")
+    caches = DualResCache.empty(model.cfg.num_layers)
+    snapshot = {}
+
+    def grab(progress):
+        if progress.chunk == 2 and progress.kind == "low" and not snapshot:
+            snapshot["keys"] = caches.high.keys[0].clone()
+            snapshot["positions"] = list(caches.high.positions)
+
+    with torch.no_grad():
+        video = torch.cat([c.latents for c in stream_video(model, context, W, H, 37, cfg, 0, caches=caches,
+                                                           on_progress=grab)], dim=2)
+        fresh = KVCache(model.cfg.num_layers)
+        settings = AttentionSettings(rope_factors=cfg.hd.rope_factors_high)
+        for frame, position in ((0, 0), (4, 1), (5, 2)):  # the anchor and the last two local frames, moved to 0-2
+            model(video[:, :, frame:frame + 1], torch.zeros(1), model.encode_text(context), cache=fresh,
+                  frame_start=position, update_cache=True, settings=settings)
+    assert snapshot["positions"] == fresh.positions == [0, 1, 2]
+    torch.testing.assert_close(snapshot["keys"], fresh.keys[0])
+
+
+def test_recached_low_res_kv_equals_encoding_the_downsampled_window_under_the_new_prompt(model, context,
+                                                                                          other_context):
+    """The recache empties KV_low too before re-encoding it run by run: a run that still saw the old prompt's later
+    frames in KV_low would attend to them (KV_high's twin: test_recached_kv_equals_encoding_the_window...)."""
+    from histream_core.sampler import resize_latents
+    caches = DualResCache.empty(model.cfg.num_layers)
+    snapshot = {}
+
+    def grab(progress):
+        if progress.chunk == 2 and progress.kind == "low" and not snapshot:
+            snapshot["keys"] = [k.clone() for k in caches.low.keys]
+            snapshot["positions"] = list(caches.low.positions)
+
+    cfg = mode_config("histream")
+    low_size = video_geometry(W, H, 37, cfg).low
+    with torch.no_grad():
+        video = torch.cat([c.latents for c in stream_video(model, [(0, context), (2, other_context)], W, H, 37, cfg, 0,
+                                                           caches=caches, on_progress=grab)], dim=2)
+        fresh = KVCache(model.cfg.num_layers)
+        text = model.encode_text(other_context)
+        settings = AttentionSettings(rope_factors=cfg.hd.rope_factors_low)
+        for first, count in ((0, 1), (4, 2)):
+            model(resize_latents(video[:, :, first:first + count], low_size, cfg.downsample), torch.zeros(1), text,
+                  cache=fresh, frame_start=first, update_cache=True, settings=settings)
+    assert snapshot["positions"] == fresh.positions == [0, 4, 5]
+    for recached, direct in zip(snapshot["keys"], fresh.keys):
+        torch.testing.assert_close(recached, direct)
+
+
+def test_rope_tables_are_kept_per_rope_factors_and_by_last_use(context):
+    """A table belongs to its grid, start and RoPE factors: one model run in another mode on the same grid (HD's
+    (1, 5, 5), then plain RoPE) must not get the first mode's tables. The 8 kept are the 8 last used."""
+    cpu = torch.device("cpu")
+    model = tiny_model(seed=3)
+    hd = model._rope_tables((3, 4, 6), 0, (1.0, 5.0, 5.0), cpu)
+    plain = model._rope_tables((3, 4, 6), 0, (1.0, 1.0, 1.0), cpu)
+    assert not torch.equal(hd[0], plain[0])
+    cfg = mode_config("self-forcing")
+    with torch.no_grad():
+        generate_video(model, context, W, H, 13, mode_config("histream"), 0)  # fills the tables with HD's factors
+        torch.testing.assert_close(generate_video(model, context, W, H, 13, cfg, 0),
+                                   generate_video(tiny_model(seed=3), context, W, H, 13, cfg, 0), rtol=0, atol=0)
+    first = model._rope_tables((3, 4, 6), 100, (1.0, 1.0, 1.0), cpu)
+    for start in range(101, 108):  # 7 more: 8 kept in all
+        model._rope_tables((3, 4, 6), start, (1.0, 1.0, 1.0), cpu)
+    assert model._rope_tables((3, 4, 6), 100, (1.0, 1.0, 1.0), cpu) is first  # used again: now the newest
+    model._rope_tables((3, 4, 6), 108, (1.0, 1.0, 1.0), cpu)  # pushes out the least recently used (101), not it
+    assert model._rope_tables((3, 4, 6), 100, (1.0, 1.0, 1.0), cpu) is first

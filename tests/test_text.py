@@ -477,3 +477,35 @@ def test_cache_is_keyed_by_the_token_limit_and_remembers_the_cut(hf_file, tmp_pa
         assert again.encode(long_prompt).shape[1] == 8 and not again.loaded  # from the cache
     assert "prompt cut to 8 tokens: its last 23 tokens were dropped" in caplog.text
     assert TextEncoder(hf_file, folder, cache_dir=cache, text_len=16).encode(long_prompt).shape[1] == 16
+
+
+def test_text_embeddings_of_integers_are_refused(tmp_path):
+    """Token ids (or quantized states) saved in place of the encoder's states would run as numbers: refused."""
+    path = tmp_path / "ids.safetensors"
+    save_file({"context": torch.arange(20).reshape(1, 5, 4)}, str(path))
+    with pytest.raises(ValueError, match="are not finite floats \\(torch.int64, NaN/inf or integers\\)"):
+        load_text_embeddings(path)
+
+
+@pytest.mark.parametrize("name", ["states.safetensors", "states.pt"])
+def test_running_out_of_host_memory_reading_text_embeddings_is_not_called_a_bad_file(tmp_path, monkeypatch, name):
+    """A full RAM is not a truncated file: the error goes up as it is (the CLI reports it as out of host memory)."""
+    path = tmp_path / name
+    torch.save(torch.zeros(5, 4), path) if name.endswith(".pt") else save_file({"context": torch.zeros(1, 5, 4)},
+                                                                                 str(path))
+
+    def full_ram(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr("safetensors.torch.load_file", full_ram)
+    monkeypatch.setattr(torch, "load", full_ram)
+    with pytest.raises(RuntimeError, match="can't allocate memory"):
+        load_text_embeddings(path)
+
+
+def test_text_embeddings_of_several_tensors_are_named_in_order(tmp_path):
+    """The message lists a file's tensors sorted, whatever order the file holds them in."""
+    path = tmp_path / "two.pt"
+    torch.save({"b_states": torch.zeros(1, 5, 4), "a_mask": torch.zeros(1, 5)}, path)
+    with pytest.raises(ValueError, match="holds 2 tensors \\(a_mask, b_states\\), not one"):
+        load_text_embeddings(path)

@@ -140,3 +140,14 @@ def test_the_pipeline_refuses_tiles_with_the_tiny_decoder(decoder: TinyWanDecode
         generate_to_file(tiny_model(), decoder, torch.zeros(1, 4, 32), tmp_path / "x.mp4", 64, 64, 9,
                          mode_config("histream"), 0, tile=8)
     assert not any(tmp_path.iterdir())
+
+
+def test_the_wan_vae_in_the_diffusers_layout_is_told_to_go_to_the_vae(tmp_path) -> None:
+    """diffusers' AutoencoderKLWan names the decoder's input conv conv_in: named as the Wan VAE too, not as a tiny
+    decoder whose tensors do not fit."""
+    state = {"decoder.conv_in.weight": torch.zeros(8, 16, 3, 3, 3),
+             "decoder.conv_out.weight": torch.zeros(3, 8, 3, 3, 3),
+             "encoder.conv_in.weight": torch.zeros(8, 3, 3, 3, 3)}
+    save_file(state, str(tmp_path / "diffusion_pytorch_model.safetensors"))
+    with pytest.raises(ValueError, match="(?s)it is the Wan VAE .*not the tiny decoder.*give it as the VAE"):
+        load_tiny_decoder(tmp_path / "diffusion_pytorch_model.safetensors")

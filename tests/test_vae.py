@@ -628,3 +628,17 @@ def test_auto_conv_impl_avoids_only_the_unreliable_cudnn_versions(monkeypatch, d
     from histream_core.vae.layers import cudnn_conv3d_unreliable
     monkeypatch.setattr(torch.backends.cudnn, "version", lambda: version)
     assert cudnn_conv3d_unreliable(device, dtype) is unreliable
+
+
+@pytest.mark.parametrize("keys, looks_like", [
+    (["blocks.0.attn.q.weight", "blocks.0.attn.k.weight"], "looks like a text encoder checkpoint"),  # Wan umT5 blocks
+    (["blocks.0.self_attn.q.weight", "blocks.0.cross_attn.q.weight"], "looks like a Wan diffusion model"),  # Wan DiT
+    (["blocks.0.attn1.to_q.weight", "blocks.0.attn2.to_q.weight"], "looks like a Wan diffusion model"),  # diffusers
+])
+def test_each_key_pattern_alone_names_the_kind_of_file(tmp_path, keys, looks_like) -> None:
+    """Each pattern of the hint is enough alone (a shard of the blocks has no embeddings): a file of only one
+    model's block keys is still named."""
+    from safetensors.torch import save_file
+
+    save_file({key: torch.zeros(4, 4) for key in keys}, str(tmp_path / "blocks_only.safetensors"))
+    _expect_error(tmp_path / "blocks_only.safetensors", looks_like)

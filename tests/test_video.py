@@ -243,3 +243,22 @@ def test_crf_sets_the_quality(tmp_path) -> None:
     noise = np.random.default_rng(0).integers(0, 256, (4, 32, 48, 3), dtype=np.uint8)
     sizes = [write_video(tmp_path / f"noise{crf}.mp4", noise, crf=crf).stat().st_size for crf in (0, 51)]
     assert sizes[0] > 4 * sizes[1]
+
+
+def test_an_ffmpeg_that_cannot_run_is_found_before_any_work(tmp_path, monkeypatch) -> None:
+    """IMAGEIO_FFMPEG_EXE naming something that exists but is not a program (a file without the execute bit, a
+    folder) fails like a missing one, before the video is made."""
+    not_executable = tmp_path / "ffmpeg"
+    not_executable.write_text("#!/bin/sh\n")
+    not_executable.chmod(0o644)
+    for exe in (not_executable, tmp_path):
+        monkeypatch.setenv("IMAGEIO_FFMPEG_EXE", str(exe))
+        with pytest.raises(FileNotFoundError, match="cannot run ffmpeg at .* \\(set by IMAGEIO_FFMPEG_EXE\\)"):
+            check_video_path(tmp_path / "clip.mp4")
+
+
+def test_a_container_suffix_alone_in_any_case_is_not_a_file_name(tmp_path) -> None:
+    """'.MP4' is a hidden name without a suffix, as '.mp4' is: the message says a file name is missing."""
+    for name in (".MP4", ".WebM"):
+        with pytest.raises(ValueError, match=f"has no file name; give one such as .*/video\\{name}"):
+            check_video_path(tmp_path / name)
